@@ -1,0 +1,65 @@
+"""The TensorBoard custom-scalars layout: pooled charts first, then one category per module.
+
+One multiline chart over hundreds of tensors is unreadable, so per-parameter charts are split by
+the module that owns the tensors (the name's leading components) and each chart holds at most
+``max_lines`` tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+from .diagnostics import DIAGNOSTICS
+
+__all__ = ["custom_scalars_layout", "module_of"]
+
+
+def module_of(name: str, depth: int) -> str:
+    """The first ``depth`` dotted components of a parameter name, without the tensor's own name."""
+    parts = name.split(".")[:-1] or [name]
+    return ".".join(parts[:depth])
+
+
+def _module_groups(names: list[str], max_lines: int) -> "OrderedDict[str, list[str]]":
+    # Go one level deeper while a module holds more tensors than a chart shows well, and while
+    # everything sits under one root (e.g. "model."), which would make a single useless group.
+    depth = 1
+    while True:
+        groups: OrderedDict[str, list[str]] = OrderedDict()
+        for n in names:
+            groups.setdefault(module_of(n, depth), []).append(n)
+        deepest = max(len(n.split(".")) - 1 for n in names) if names else 0
+        too_big = any(len(v) > max_lines for v in groups.values())
+        if depth >= deepest or (len(groups) > 1 and not too_big):
+            return groups
+        depth += 1
+
+
+def custom_scalars_layout(
+    names_by_prefix: dict[str, list[str]], *, per_parameter: bool = True, max_lines: int = 12
+) -> dict:
+    """Layout for ``SummaryWriter.add_custom_scalars``.
+
+    ``names_by_prefix`` maps each optimizer's tag prefix (``adam`` or ``adam/<Class>[-i]``) to the
+    names of its parameters.
+    """
+    layout: dict = {}
+    pooled = {}
+    for diag in DIAGNOSTICS:
+        pooled[diag] = ["Multiline", [f"^{re.escape(prefix)}/{diag}$" for prefix in names_by_prefix]]
+    pooled["alerts (count)"] = ["Multiline", ["^adam/alerts$"]]
+    layout["adam: pooled over all tensors"] = pooled
+    if not per_parameter:
+        return layout
+    for prefix, names in names_by_prefix.items():
+        for module, members in _module_groups(list(dict.fromkeys(names)), max_lines).items():
+            charts = {}
+            chunks = [members[i : i + max_lines] for i in range(0, len(members), max_lines)]
+            for diag in DIAGNOSTICS:
+                for k, chunk in enumerate(chunks):
+                    title = diag if len(chunks) == 1 else f"{diag} ({k + 1}/{len(chunks)})"
+                    charts[title] = ["Multiline", [f"^{re.escape(f'{prefix}/{diag}/{n}')}$" for n in chunk]]
+            category = f"{prefix}: {module}" if len(names_by_prefix) > 1 else f"adam: {module}"
+            layout[category] = charts
+    return layout

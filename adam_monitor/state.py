@@ -1,0 +1,199 @@
+"""Reading what an Adam-family step did from the optimizer's own state.
+
+After ``optimizer.step()`` torch Adam/AdamW hold everything the diagnostics need: the gradient the
+step used is still in ``p.grad`` (after unscaling and clipping), ``exp_avg``/``exp_avg_sq`` are
+``m_t``/``v_t``, and ``v_{t-1}`` follows exactly from ``v_t`` and ``g_t``. So a step post-hook
+computes the statistics without copying any state.
+
+Optimizers from :mod:`adam_monitor.optim` compute their statistics inside their own step (their
+direction may be clipped, LaProp or atan2, which the state alone does not tell); the reader only
+collects them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .diagnostics import NUM_STATS, adam_direction, adam_statistics
+
+__all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor"]
+
+
+class UnsupportedOptimizer(Exception):
+    """The optimizer's state cannot be read as Adam state; the message says what is missing."""
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _records_statistics(optimizer: torch.optim.Optimizer) -> bool:
+    return hasattr(optimizer, "record_statistics") and hasattr(optimizer, "last_statistics")
+
+
+def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why this optimizer cannot be monitored, or ``None`` if it can (checks the configuration only)."""
+    if _records_statistics(optimizer):
+        return None
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return (
+            f"{type(optimizer).__name__} is not torch.optim.Adam, torch.optim.AdamW or an "
+            "adam_monitor.optim optimizer, so its state is not Adam's (exp_avg, exp_avg_sq, step)"
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        missing = [k for k in ("betas", "eps") if k not in group]
+        if missing:
+            return f"param group {i} of {type(optimizer).__name__} has no {', '.join(missing)}"
+    return None
+
+
+def _as_float(x) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+class StepReader:
+    """Statistics rows for the last step of one optimizer, one row per parameter.
+
+    Rows follow :attr:`params` (all parameters of all param groups, in order); parameters that did
+    not step (frozen, no gradient this step) get a zero row, so they add nothing to any pool.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        reason = unsupported_reason(optimizer)
+        if reason is not None:
+            raise UnsupportedOptimizer(reason)
+        self.optimizer = optimizer
+        self._in_step_statistics = _records_statistics(optimizer)
+        if self._in_step_statistics:
+            optimizer.record_statistics = True
+        self._refresh_params()
+
+    def _refresh_params(self) -> None:
+        self.params: list[Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._position = {id(p): i for i, p in enumerate(self.params)}
+        self._last_step: dict[int, float] = {}
+
+    def _check_params(self) -> None:
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
+            self._refresh_params()
+
+    def _stepped(self) -> list[tuple[int, dict, Tensor, dict, float]]:
+        """(group index, group, param, state, step) of the params whose step count advanced."""
+        candidates = []
+        for gi, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.optimizer.state.get(p)
+                if not state or "step" not in state:
+                    continue
+                candidates.append((gi, group, p, state))
+        if not candidates:
+            return []
+        raw = [s["step"] for _, _, _, s in candidates]
+        if isinstance(raw[0], Tensor):
+            # One host read for all step counts: they live on the CPU unless fused/capturable.
+            steps = torch.stack([r.detach().reshape(()).to(raw[0].device, torch.float64) for r in raw]).tolist()
+        else:
+            steps = [float(r) for r in raw]
+        out = []
+        for (gi, group, p, state), step in zip(candidates, steps):
+            # A step skipped by a GradScaler leaves the count unchanged: not a step.
+            if self._last_step.get(id(p)) == step:
+                continue
+            self._last_step[id(p)] = step
+            out.append((gi, group, p, state, step))
+        return out
+
+    def read(self) -> tuple[Tensor, int] | None:
+        """Rows ``(len(params), NUM_STATS)`` (float64) for the step just taken and its step count.
+
+        Returns ``None`` when no parameter's step count advanced (a skipped step).
+        """
+        self._check_params()
+        stepped = self._stepped()
+        if not stepped:
+            return None
+        device = local_tensor(stepped[0][2]).device
+        rows = torch.zeros(len(self.params), NUM_STATS, dtype=torch.float64, device=device)
+        if self._in_step_statistics:
+            stats = self.optimizer.last_statistics
+            for _, _, p, _, _ in stepped:
+                row = stats.get(p)
+                if row is not None:
+                    rows[self._position[id(p)]] = row.to(device, non_blocking=True)
+        else:
+            for (positions, rows_part) in self._adam_rows(stepped):
+                rows.index_copy_(0, positions.to(device), rows_part.to(device, non_blocking=True))
+        return rows, int(max(s for *_, s in stepped))
+
+    def _adam_rows(self, stepped) -> Iterable[tuple[Tensor, Tensor]]:
+        buckets: dict[tuple, list] = defaultdict(list)
+        for gi, group, p, state, step in stepped:
+            g = local_tensor(p.grad)
+            buckets[(gi, step, g.device, g.dtype)].append((p, state))
+        for (gi, step, _, _), members in buckets.items():
+            group = self.optimizer.param_groups[gi]
+            beta1, beta2 = (_as_float(b) for b in group["betas"])
+            eps = _as_float(group["eps"])
+            amsgrad = group.get("amsgrad", False)
+            grads = [self._gradient_used(p, state, group, step) for p, state in members]
+            rows = adam_statistics(
+                grads,
+                [local_tensor(s["exp_avg"]) for _, s in members],
+                [local_tensor(s["exp_avg_sq"]) for _, s in members],
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                step=int(step),
+                max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
+            )
+            positions = torch.tensor([self._position[id(p)] for p, _ in members], dtype=torch.long)
+            yield positions, rows
+
+    def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
+        grad = local_tensor(p.grad)
+        wd = group.get("weight_decay", 0.0)
+        decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+        if not wd or decoupled:
+            return grad  # the sign flip of maximize does not change any statistic
+        # Adam's L2 decay fed g + λ·p_{t-1} into the moments; p_{t-1} = p_t + η·u_t.
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        u = self.direction(p, state, group, step)
+        param_prev = local_tensor(p.detach()) + group["lr"] * u
+        used = -grad if group.get("maximize", False) else grad
+        return used + wd * param_prev
+
+    def direction(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
+        """The Adam direction ``u_t = m̂_t / (√v̂_t + ε)`` of ``p``'s last step, rebuilt from state."""
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        return adam_direction(
+            local_tensor(state["exp_avg"]),
+            local_tensor(v),
+            bias_correction1=1 - beta1**step,
+            bias_correction2=1 - beta2**step,
+            eps=_as_float(group["eps"]),
+        )
+
+    def updates(self) -> Iterable[tuple[Tensor, Tensor]]:
+        """(param, direction) for every parameter with Adam state (for histograms)."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if not state or "exp_avg" not in state:
+                    continue
+                if self._in_step_statistics and hasattr(self.optimizer, "direction"):
+                    yield p, self.optimizer.direction(p)
+                elif not self._in_step_statistics:
+                    yield p, self.direction(p, state, group, _as_float(state["step"]))
+
+    def release(self) -> None:
+        if self._in_step_statistics:
+            self.optimizer.record_statistics = False
