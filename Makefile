@@ -1,0 +1,32 @@
+# Two commands on a fresh machine with Python >= 3.10 and pip: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: demo test test-slow test-all bench clean
+
+# (Re)install when the project's metadata or pins change. torch is pinned to the CPU build for
+# development and CI through constraints-dev.txt; users keep any torch >= 2.4.
+$(STAMP): pyproject.toml constraints-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints-dev.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/bench_optim.py
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -1,0 +1,173 @@
+"""The statistics against a float64 per-coordinate loop written straight from the definitions."""
+
+import math
+
+import pytest
+import torch
+
+from adam_monitor.diagnostics import (
+    COUNT,
+    EPS_COUNT,
+    JUMP_COUNT,
+    NUM_STATS,
+    adam_direction,
+    adam_statistics,
+    diagnostics_from_statistics,
+    pool,
+    previous_second_moment,
+    tensor_statistics,
+)
+
+
+def reference_row(g, m, v, v_prev, *, beta1, beta2, eps, t, v_den=None):
+    """Plain Python floats, one coordinate at a time (DESIGN §2)."""
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
+    c2p = 1 - beta2 ** (t - 1)
+    v_den = v if v_den is None else v_den
+    upd = stale = jump = 0.0
+    njump = neps = 0
+    for gi, mi, vi, vpi, vdi in zip(g, m, v, v_prev, v_den):
+        u = (mi / c1) / (math.sqrt(vdi / c2) + eps)
+        upd += u * u
+        stale += gi * gi / max(vi / c2, eps * eps)
+        if t > 1 and vpi > 0:
+            jump += gi * gi / max(vpi / c2p, eps * eps)
+            njump += 1
+        neps += math.sqrt(vdi / c2) <= eps
+    return [upd, stale, jump, njump, neps, len(g)]
+
+
+def run_adam(shapes, steps, *, beta1=0.9, beta2=0.99, eps=1e-8, amsgrad=False, scale=None, dtype=torch.float64):
+    """Drive torch Adam on random gradients, keeping exact float64 copies of v_{t-1}."""
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    opt = torch.optim.Adam(params, lr=1e-2, betas=(beta1, beta2), eps=eps, amsgrad=amsgrad)
+    v_prev = None
+    for t in range(1, steps + 1):
+        for p in params:
+            p.grad = torch.randn_like(p) * (scale(t) if scale else 1.0)
+        v_prev = [opt.state[p]["exp_avg_sq"].double().clone() if opt.state[p] else torch.zeros_like(p, dtype=torch.float64) for p in params]
+        opt.step()
+    return params, opt, v_prev
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_adam_statistics_match_per_coordinate_loop(amsgrad, steps):
+    scale = lambda t: 0.3 if t % 2 else 3.0  # noqa: E731 - varying scale exercises amsgrad's max
+    params, opt, v_prev = run_adam([(4, 3), (5,)], steps, amsgrad=amsgrad, scale=scale)
+    states = [opt.state[p] for p in params]
+    rows = adam_statistics(
+        [p.grad for p in params],
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        step=steps,
+        max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+    )
+    for row, p, s, vp in zip(rows, params, states, v_prev):
+        ref = reference_row(
+            p.grad.flatten().tolist(),
+            s["exp_avg"].flatten().tolist(),
+            s["exp_avg_sq"].flatten().tolist(),
+            vp.flatten().tolist(),
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            t=steps,
+            v_den=s["max_exp_avg_sq"].flatten().tolist() if amsgrad else None,
+        )
+        torch.testing.assert_close(row, torch.tensor(ref, dtype=torch.float64), rtol=1e-10, atol=0)
+
+
+def test_tensor_statistics_is_the_same_specification():
+    params, opt, v_prev = run_adam([(6, 2)], 5)
+    p, s = params[0], opt.state[params[0]]
+    c1, c2, c2p = 1 - 0.9**5, 1 - 0.99**5, 1 - 0.99**4
+    u = adam_direction(s["exp_avg"], s["exp_avg_sq"], bias_correction1=c1, bias_correction2=c2, eps=1e-8)
+    row = tensor_statistics(p.grad, u, s["exp_avg_sq"] / c2, v_prev[0] / c2p, 1e-8)
+    ref = reference_row(
+        p.grad.flatten().tolist(), s["exp_avg"].flatten().tolist(), s["exp_avg_sq"].flatten().tolist(),
+        v_prev[0].flatten().tolist(), beta1=0.9, beta2=0.99, eps=1e-8, t=5,
+    )
+    torch.testing.assert_close(row, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_previous_second_moment_is_exact_and_zero_stays_zero():
+    v_prev = torch.tensor([0.0, 1e-3, 2.0, 0.0], dtype=torch.float32)
+    g = torch.tensor([5.0, 0.1, -1.0, 0.0], dtype=torch.float32)
+    v = 0.999 * v_prev + 0.001 * g * g
+    rebuilt = previous_second_moment(v, g, 0.999)
+    assert rebuilt[0] == 0 and rebuilt[3] == 0  # never saw a gradient: no previous moment at all
+    torch.testing.assert_close(rebuilt[1:3], v_prev[1:3], rtol=1e-5, atol=0)
+
+
+def test_first_step_has_no_gradient_jump_and_fresh_coordinates_are_excluded():
+    params, opt, _ = run_adam([(8,)], 1)
+    s = opt.state[params[0]]
+    rows = adam_statistics([params[0].grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.99, eps=1e-8, step=1)
+    assert rows[0, JUMP_COUNT] == 0
+    assert math.isnan(diagnostics_from_statistics(rows[0])[2])
+    # At t = 1, v̂ = g² exactly, so staleness is exactly 1.
+    assert diagnostics_from_statistics(rows[0])[1].item() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_eps_dominance_counts_coordinates_below_eps():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = torch.optim.Adam([p], betas=(0.9, 0.99), eps=1e-8)
+    p.grad = torch.tensor([1e-12, 1e-12, 1.0, 0.0], dtype=torch.float64)
+    opt.step()
+    s = opt.state[p]
+    row = adam_statistics([p.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.99, eps=1e-8, step=1)[0]
+    assert torch.isfinite(row).all()
+    # √v̂ = |g|: 1e-12 ≤ 1e-8 twice, and the coordinate that never saw a gradient.
+    assert row[EPS_COUNT] == 3 and row[COUNT] == 4
+
+
+def test_zero_eps_is_finite_where_torch_is_and_nan_where_torch_is():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = torch.optim.Adam([p], betas=(0.9, 0.99), eps=0.0)
+    p.grad = torch.tensor([1e-12, 2.0, -1.0], dtype=torch.float64)
+    opt.step()
+    s = opt.state[p]
+    row = adam_statistics([p.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.99, eps=0.0, step=1)[0]
+    assert torch.isfinite(row).all() and row[EPS_COUNT] == 0
+    # A coordinate that never saw a gradient divides 0 by 0 in torch's own step: the parameter
+    # becomes NaN, and the statistics say so instead of hiding it.
+    p.grad = torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+    q = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = torch.optim.Adam([q], betas=(0.9, 0.99), eps=0.0)
+    q.grad = p.grad
+    opt.step()
+    s = opt.state[q]
+    row = adam_statistics([q.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.99, eps=0.0, step=1)[0]
+    assert q.isnan().any() and row[0].isnan()
+
+
+def test_pooling_is_exact_not_a_mean_of_means():
+    a = torch.tensor([4.0, 0, 0, 1, 0, 1], dtype=torch.float64)  # update_sq 4 over 1 coordinate
+    b = torch.tensor([0.0, 0, 0, 1, 0, 3], dtype=torch.float64)  # 0 over 3 coordinates
+    pooled = diagnostics_from_statistics(pool(torch.stack([a, b])))
+    assert pooled[0].item() == pytest.approx(1.0)  # sqrt(4/4), not mean(2, 0) = 1 by luck: check rms
+    assert pooled[3].item() == 0.0
+    assert pool(torch.stack([a, b])).shape == (NUM_STATS,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_tensors_agree_with_float64(dtype):
+    torch.manual_seed(1)
+    p64 = torch.nn.Parameter(torch.randn(257, dtype=torch.float64))
+    p = torch.nn.Parameter(p64.detach().to(dtype))
+    opts = [torch.optim.Adam([q], betas=(0.9, 0.95), eps=1e-8) for q in (p64, p)]
+    for _ in range(6):
+        g = torch.randn(257, dtype=torch.float64)
+        p64.grad, p.grad = g, g.to(dtype)
+        for o in opts:
+            o.step()
+    rows = []
+    for q, o in zip((p64, p), opts):
+        s = o.state[q]
+        rows.append(adam_statistics([q.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.95, eps=1e-8, step=6)[0])
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(diagnostics_from_statistics(rows[1]), diagnostics_from_statistics(rows[0]), rtol=tol, atol=0)

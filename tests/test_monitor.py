@@ -1,0 +1,153 @@
+"""Monitor in a plain PyTorch loop, read back from the event files a user opens in TensorBoard."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from adam_monitor import DIAGNOSTICS, Monitor
+from adam_monitor.events import read_scalars
+
+
+def noise_run(tmp_path, *, betas, steps, jump_at=None, every=1, size=4096, seed=0):
+    """Adam on i.i.d. N(0, 1) gradients (×10 from ``jump_at`` on), logged through a SummaryWriter."""
+    torch.manual_seed(seed)
+    p = torch.nn.Parameter(torch.zeros(size))
+    opt = torch.optim.Adam([p], lr=1e-3, betas=betas)
+    writer = SummaryWriter(str(tmp_path))
+    monitor = Monitor(opt, named_parameters=[("w", p)], writer=writer, log_every_n_steps=every)
+    for t in range(1, steps + 1):
+        p.grad = torch.randn(size) * (10.0 if jump_at and t >= jump_at else 1.0)
+        opt.step()
+    monitor.close()
+    writer.close()
+    return read_scalars(tmp_path)
+
+
+def test_tags_and_steps_are_exact(tmp_path):
+    p1, p2 = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+    model = torch.nn.Module()
+    model.lin = torch.nn.Module()
+    model.lin.weight, model.lin.bias = p1, p2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    writer = SummaryWriter(str(tmp_path))
+    monitor = Monitor(opt, named_parameters=model.named_parameters(), writer=writer, log_every_n_steps=5)
+    for _ in range(12):
+        for p in (p1, p2):
+            p.grad = torch.randn_like(p)
+        opt.step()
+    monitor.close()  # writes the 2 pending steps at step 12
+    scalars = read_scalars(tmp_path)
+    expected = {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/lin.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    assert set(scalars) == expected
+    assert [s for s, _ in scalars["adam/update_rms"]] == [5, 10, 12]
+    # The first logged gradient_jump pools steps 2..5 only: step 1 has no previous moment.
+    assert all(math.isfinite(v) for _, v in scalars["adam/gradient_jump"])
+
+
+def test_noise_level_matches_theory_at_beta2_095(tmp_path):
+    scalars = noise_run(tmp_path, betas=(0.9, 0.95), steps=1200, every=200)
+    # Steady state (after 1000 steps): the value pools steps 1001..1200.
+    (step, update_rms), = [(s, v) for s, v in scalars["adam/update_rms"] if s == 1200]
+    assert update_rms == pytest.approx(0.226, abs=0.01)  # theory √((1-β1)/(1+β1)) = 0.2294; simulated 0.226
+    assert dict(scalars["adam/staleness"])[1200] == pytest.approx(0.98, abs=0.01)
+    assert dict(scalars["adam/gradient_jump"])[1200] == pytest.approx(1.03, abs=0.015)
+    assert dict(scalars["adam/eps_dominance"])[1200] == 0.0
+
+
+def test_a_tenfold_noise_jump_shows_at_the_jump_step(tmp_path):
+    scalars = noise_run(tmp_path, betas=(0.9, 0.999), steps=1520, jump_at=1500, every=1, size=2048)
+    jump = dict(scalars["adam/gradient_jump"])
+    stale = dict(scalars["adam/staleness"])
+    rms = dict(scalars["adam/update_rms"])
+    assert jump[1499] == pytest.approx(1.0, abs=0.05)
+    assert jump[1500] == pytest.approx(10.0, rel=0.05)
+    assert stale[1500] == pytest.approx(8.94, rel=0.05)
+    # The update grows for several steps after the jump (DESIGN §3: peak ≈ 1.5 about 8 steps later).
+    peak_step = max(range(1500, 1521), key=rms.get)
+    assert 1505 <= peak_step <= 1512 and rms[peak_step] == pytest.approx(1.5, rel=0.1)
+
+
+def test_logged_values_pool_every_step_since_the_last_log(tmp_path):
+    per_step = noise_run(tmp_path / "a", betas=(0.9, 0.95), steps=20, every=1, size=64)
+    pooled = noise_run(tmp_path / "b", betas=(0.9, 0.95), steps=20, every=10, size=64)
+    # update_rms² pools as a mean of per-step mean squares (every step has the same count).
+    for end in (10, 20):
+        mean_sq = sum(v**2 for s, v in per_step["adam/update_rms"] if end - 10 < s <= end) / 10
+        assert dict(pooled["adam/update_rms"])[end] == pytest.approx(math.sqrt(mean_sq), rel=1e-5)
+
+
+def test_several_optimizers_get_learning_rate_monitor_style_prefixes(tmp_path):
+    ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opts = [torch.optim.Adam([ps[0]]), torch.optim.Adam([ps[1]]), torch.optim.AdamW([ps[2]])]
+    writer = SummaryWriter(str(tmp_path))
+    monitor = Monitor(opts, writer=writer, log_every_n_steps=2)
+    for _ in range(2):
+        for p, o in zip(ps, opts):
+            p.grad = torch.randn(4)
+            o.step()
+    monitor.close()
+    tags = set(read_scalars(tmp_path))
+    assert {"adam/Adam/update_rms", "adam/Adam-1/update_rms", "adam/AdamW/update_rms"} <= tags
+    assert "adam/Adam/update_rms/group0.param0" in tags
+
+
+def test_compiled_model_names_have_no_wrapper_prefix():
+    model = torch.nn.Linear(2, 2)
+    compiled = torch.compile(model)
+    opt = torch.optim.Adam(compiled.parameters())
+    monitor = Monitor(opt, named_parameters=compiled.named_parameters(), log_every_n_steps=None)
+    model.weight.grad, model.bias.grad = torch.ones(2, 2), torch.ones(2)
+    opt.step()
+    assert {k.split("/", 2)[-1] for k in monitor.compute() if k.count("/") == 2} == {"weight", "bias"}
+    monitor.close()
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(split):
+        torch.manual_seed(3)
+        p = torch.nn.Parameter(torch.zeros(16))
+        opt = torch.optim.Adam([p], betas=(0.9, 0.95))
+        monitor = Monitor(opt, log_every_n_steps=None)
+        grads = [torch.randn(16) for _ in range(10)]
+        for t, g in enumerate(grads, 1):
+            if t == split:
+                saved_opt, saved_mon = opt.state_dict(), monitor.state_dict()
+                monitor.close()
+                opt = torch.optim.Adam([p], betas=(0.9, 0.95))
+                opt.load_state_dict(saved_opt)
+                monitor = Monitor(opt, log_every_n_steps=None)
+                monitor.load_state_dict(saved_mon)
+            p.grad = g
+            opt.step()
+        return monitor.compute()
+
+    assert run(split=6) == pytest.approx(run(split=None))
+
+
+def test_histograms_and_layout_are_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, TENSORS, EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.Adam(model.parameters())
+    writer = SummaryWriter(str(tmp_path))
+    monitor = Monitor(opt, named_parameters=model.named_parameters(), writer=writer, log_every_n_steps=2, histograms=True)
+    for _ in range(4):
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    monitor.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={HISTOGRAMS: 0, TENSORS: 0})
+    acc.Reload()
+    assert "adam/update/0.weight" in acc.Tags()["histograms"]
+    assert [e.step for e in acc.Histograms("adam/update/1.bias")] == [2, 4]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(tensor_util.make_ndarray(acc.Tensors("custom_scalars__config__")[0].tensor_proto).item())
+    titles = [c.title for c in layout.category]
+    assert titles[0] == "adam: pooled over all tensors"
+    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+    assert charts["update_rms"] == ["^adam/update_rms$"]
+    assert len(titles) == 3  # pooled, then one category per module: "0", "1"
