@@ -1,0 +1,160 @@
+"""AdamMonitor under Lightning: what lands in TensorBoard, on which step, in which set-up."""
+
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from adam_monitor import DIAGNOSTICS, AdamMonitor
+from adam_monitor.events import read_scalars
+
+
+class AdamBoring(BoringModel):
+    def __init__(self, betas=(0.9, 0.95)):
+        super().__init__()
+        self.betas = betas
+
+    def training_step(self, batch, batch_idx):
+        loss = self.step(batch)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, betas=self.betas)
+
+    def train_dataloader(self):
+        # Fixed data, 6 batches an epoch: a run resumed at step 6 starts a fresh epoch on the same data.
+        data = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(data, batch_size=1)
+
+
+def fit(tmp_path, model, *, callbacks=None, max_steps=10, name="run", ckpt_path=None, **trainer_kwargs):
+    callbacks = callbacks if callbacks is not None else [AdamMonitor()]
+    trainer_kwargs.setdefault("log_every_n_steps", 5)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path, name=name, version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer, read_scalars(trainer.logger.log_dir)
+
+
+def test_exact_tags_on_lightnings_own_step_axis(tmp_path):
+    trainer, scalars = fit(tmp_path, AdamBoring())
+    expected = {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/layer.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    assert expected <= set(scalars)
+    assert set(scalars) - expected == {"loss", "epoch"}
+    # The same x values as the loss logged by the module: steps 4 and 9 for log_every_n_steps=5.
+    assert [s for s, _ in scalars["adam/update_rms"]] == [s for s, _ in scalars["loss"]] == [4, 9]
+    assert all(math.isfinite(v) for _, v in scalars["adam/staleness"])
+
+
+def test_log_every_n_steps_can_be_overridden(tmp_path):
+    _, scalars = fit(tmp_path, AdamBoring(), callbacks=[AdamMonitor(log_every_n_steps=2, per_parameter=False)])
+    assert [s for s, _ in scalars["adam/update_rms"]] == [1, 3, 5, 7, 9]
+    assert not any(tag.startswith("adam/update_rms/") for tag in scalars)
+
+
+def test_gradient_accumulation_gives_one_record_per_optimizer_step(tmp_path):
+    trainer, scalars = fit(tmp_path, AdamBoring(), max_steps=6, accumulate_grad_batches=4, log_every_n_steps=1)
+    assert trainer.global_step == 6
+    assert [s for s, _ in scalars["adam/update_rms"]] == [0, 1, 2, 3, 4, 5]
+
+
+class TwoOptimizers(BoringModel):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.head = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        opt_a, opt_b = self.optimizers()
+        loss = self.head(self(batch)).pow(2).mean()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        opt_a.step()
+        opt_b.step()
+        self.log("loss", loss)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.layer.parameters(), betas=(0.9, 0.95)), torch.optim.AdamW(self.head.parameters())
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    _, scalars = fit(tmp_path, TwoOptimizers(), max_steps=12, log_every_n_steps=3)
+    assert {"adam/Adam/update_rms", "adam/AdamW/update_rms", "adam/Adam/update_rms/layer.weight", "adam/AdamW/staleness/head.bias"} <= set(scalars)
+    assert not any(tag in scalars for tag in ("adam/update_rms", "adam/staleness"))
+    # 12 optimizer steps in all, 6 batches: Lightning's axis counts batches.
+    assert [s for s, _ in scalars["adam/Adam/update_rms"]] == [s for s, _ in scalars["loss"]] == [2, 5]
+
+
+def test_bf16_mixed_precision(tmp_path):
+    _, scalars = fit(tmp_path, AdamBoring(), precision="bf16-mixed")
+    assert all(math.isfinite(v) for tag in ("adam/update_rms", "adam/staleness") for _, v in scalars[tag])
+
+
+class CompiledBoring(AdamBoring):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.compile(torch.nn.Linear(32, 2))
+
+
+@pytest.mark.slow
+def test_compiled_submodule_names(tmp_path):
+    _, scalars = fit(tmp_path, CompiledBoring(), max_steps=5)
+    assert "adam/update_rms/layer.weight" in scalars
+    assert not any("_orig_mod" in tag for tag in scalars)
+
+
+def test_hooks_are_removed_at_teardown(tmp_path):
+    trainer, _ = fit(tmp_path, AdamBoring(), max_steps=2)
+    assert not trainer.optimizers[0]._optimizer_step_post_hooks
+
+
+def test_sgd_is_reported_once_and_training_goes_on(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, scalars = fit(tmp_path, BoringModel(), max_steps=4)
+    assert trainer.global_step == 4
+    assert not any(tag.startswith("adam/") for tag in scalars)
+    assert len([w for w in caught if "adam-monitor is not monitoring SGD" in str(w.message)]) == 1
+
+
+def test_resume_from_checkpoint_logs_what_an_uninterrupted_run_logs(tmp_path):
+    # log every 4 steps, checkpoint after step 6: two steps are pending in the monitor's state.
+    L.seed_everything(0)
+    _, full = fit(tmp_path / "full", AdamBoring(), max_steps=12, log_every_n_steps=4)
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    fit(tmp_path / "part", AdamBoring(), callbacks=[AdamMonitor(), ckpt], max_steps=6, log_every_n_steps=4)
+    assert "AdamMonitor" in torch.load(tmp_path / "ckpt" / "epoch=0-step=6.ckpt", weights_only=False)["callbacks"]
+    _, resumed = fit(
+        tmp_path / "part", AdamBoring(), max_steps=12, log_every_n_steps=4, name="resumed",
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"),
+    )
+    assert [s for s, _ in resumed["adam/update_rms"]] == [7, 11]
+    for tag in ("adam/update_rms", "adam/staleness", "adam/gradient_jump", "adam/update_rms/layer.weight"):
+        assert dict(resumed[tag])[7] == pytest.approx(dict(full[tag])[7], rel=1e-6)
+        assert dict(resumed[tag])[11] == pytest.approx(dict(full[tag])[11], rel=1e-6)
+
+
+def test_the_callback_state_round_trips():
+    cb = AdamMonitor()
+    assert cb.state_key == "AdamMonitor"
+    state = {"version": 1, "optimizers": []}
+    cb.load_state_dict(state)
+    assert cb._loaded_state == state
