@@ -1,11 +1,13 @@
 """adam-monitor: observe and guard Adam-family training runs."""
 
+from .alert_log import InstabilityError, InstabilityWarning
+from .alerts import Alert, Thresholds
 from .diagnostics import DIAGNOSTICS
 from .monitor import Monitor
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamMonitor", "Monitor", "DIAGNOSTICS", "__version__"]
+__all__ = ["AdamMonitor", "Alert", "DIAGNOSTICS", "InstabilityError", "InstabilityWarning", "Monitor", "Thresholds", "__version__"]
 
 
 def __getattr__(name):

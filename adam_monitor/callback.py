@@ -8,7 +8,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .monitor import Monitor
+from .alert_log import InstabilityError
+from .alerts import Alert, Thresholds
+from .monitor import Monitor, _is_rank_zero
 
 __all__ = ["AdamMonitor"]
 
@@ -30,6 +32,16 @@ class AdamMonitor(Callback):
             optimizer step is measured; a written value pools all steps since the previous write.
         per_parameter: also write one scalar per parameter tensor and diagnostic.
         histograms: also write a histogram of each tensor's update direction (TensorBoard only).
+        on_alert: ``"warn"`` (a Python warning, the run goes on), ``"raise"`` (``InstabilityError``
+            at the step of the alert, on every rank, after the alert is written) or ``"stop"``
+            (a graceful stop: the current batch ends, checkpoints and logs are written, then ``fit``
+            ends in ``InstabilityError`` so the script exits non-zero).
+        fail_on: the lowest severity that ``"raise"``/``"stop"`` act on: ``"error"`` (default) or
+            ``"warning"``. Lower-severity alerts are still written and warned about.
+        thresholds: the step rules' thresholds (:class:`adam_monitor.alerts.Thresholds`).
+
+    Every alert is appended to ``<log_dir>/adam_monitor/alerts.jsonl`` and written to TensorBoard
+    as text; ``alerts`` lists them.
     """
 
     def __init__(
@@ -38,6 +50,9 @@ class AdamMonitor(Callback):
         log_every_n_steps: int | None = None,
         per_parameter: bool = True,
         histograms: bool = False,
+        on_alert: str = "warn",
+        fail_on: str = "error",
+        thresholds: Thresholds | None = None,
     ):
         super().__init__()
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
@@ -45,7 +60,15 @@ class AdamMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.per_parameter = per_parameter
         self.histograms = histograms
+        self.on_alert = on_alert
+        self.fail_on = fail_on
+        self.thresholds = thresholds
+        if on_alert not in ("warn", "raise", "stop"):
+            raise ValueError(f"AdamMonitor(on_alert=...) must be 'warn', 'raise' or 'stop', got {on_alert!r}")
+        if fail_on not in ("warning", "error"):
+            raise ValueError(f"AdamMonitor(fail_on=...) must be 'warning' or 'error', got {fail_on!r}")
         self.monitor: Monitor | None = None
+        self._alerts: list[Alert] = []
         self._loaded_state: dict | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -69,11 +92,24 @@ class AdamMonitor(Callback):
             log_every_n_steps=None,
             per_parameter=self.per_parameter,
             histograms=self.histograms,
+            log_dir=trainer.log_dir,
+            on_alert=self.on_alert,
+            fail_on=self.fail_on,
+            thresholds=self.thresholds,
             scalar_sink=self._log_scalars,
+            step_axis=lambda: _lightning_step(trainer),
         )
+        self._alerts = self.monitor.alerts
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state)
+            self._alerts = self.monitor.alerts
             self._loaded_state = None
+        self.monitor.check_configuration()
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert raised so far in this fit (kept after it ends)."""
+        return self.monitor.alerts if self.monitor is not None else self._alerts
 
     def _log_scalars(self, metrics: dict[str, float], step: int) -> None:
         # One batch to the loggers: a `pl_module.log` call per scalar costs ~1 ms each.
@@ -87,7 +123,11 @@ class AdamMonitor(Callback):
         return (_lightning_step(trainer) + 1) % every == 0 or trainer.should_stop
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.monitor is not None and self._should_log(trainer):
+        if self.monitor is None:
+            return
+        if self.monitor.should_stop:
+            trainer.should_stop = True  # identical on every rank: the alerts come from identical state
+        if self._should_log(trainer):
             self.monitor.flush(step=_lightning_step(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -95,9 +135,17 @@ class AdamMonitor(Callback):
             self.monitor.flush(step=_lightning_step(trainer))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
+        if self.monitor is None:
+            return
+        monitor, self.monitor = self.monitor, None
+        self._alerts = monitor.alerts
+        stop = list(monitor.stop_alerts)
+        monitor.close(raise_on_stop=False)
+        if _is_rank_zero() and stage == "fit":
+            print(monitor.summary())
+        if stop:
+            # Last of all: checkpoints, logs and the alert file are written by now.
+            raise InstabilityError(stop, where=str(monitor._alert_log.path) if monitor._alert_log.path else None)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ of counts), so no step between two log points is lost from the record.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -18,12 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .alert_log import AlertLog, InstabilityError, InstabilityWarning, summary_table
+from .alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts
 from .diagnostics import DIAGNOSTICS, NUM_STATS, diagnostics_from_statistics
 from .state import StepReader, UnsupportedOptimizer
 
 __all__ = ["Monitor", "clean_parameter_name"]
 
 ScalarSink = Callable[[dict[str, float], int], None]
+ON_ALERT = ("warn", "raise", "stop")
 
 
 def clean_parameter_name(name: str) -> str:
@@ -37,9 +39,9 @@ def _is_rank_zero() -> bool:
     )
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, category: type[Warning] = UserWarning) -> None:
     if _is_rank_zero():
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warnings.warn(message, category, stacklevel=3)
 
 
 def optimizer_prefixes(optimizers: Sequence[torch.optim.Optimizer], root: str = "adam") -> list[str]:
@@ -62,7 +64,10 @@ class _Tracked:
     optimizer: torch.optim.Optimizer
     reader: StepReader
     prefix: str
+    label: str
     names: list[str] = field(default_factory=list)
+    rules: AlertRules | None = None
+    betas: list[tuple[float, float]] | None = None
     sums: Tensor | None = None
     pending_steps: int = 0
     step: int = 0
@@ -103,7 +108,12 @@ class Monitor:
         log_every_n_steps: int | None = 50,
         per_parameter: bool = True,
         histograms: bool = False,
+        log_dir: str | None = None,
+        on_alert: str = "warn",
+        fail_on: str = "error",
+        thresholds: Thresholds | None = None,
         scalar_sink: ScalarSink | None = None,
+        step_axis: Callable[[], int] | None = None,
     ):
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
         if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
@@ -113,6 +123,10 @@ class Monitor:
             )
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}")
+        if on_alert not in ON_ALERT:
+            raise ValueError(f"on_alert must be one of {', '.join(map(repr, ON_ALERT))}, got {on_alert!r}")
+        if fail_on not in SEVERITY_ORDER:
+            raise ValueError(f"fail_on must be one of {', '.join(map(repr, SEVERITY_ORDER))}, got {fail_on!r}")
         if named_parameters is None:
             self._named: dict[int, str] = {}
         else:
@@ -123,6 +137,19 @@ class Monitor:
         self.per_parameter = per_parameter
         self.histograms = histograms
         self._scalar_sink = scalar_sink
+        self._step_axis = step_axis
+        self.on_alert = on_alert
+        self.fail_on = fail_on
+        self.thresholds = thresholds if thresholds is not None else Thresholds()
+        #: Every alert raised so far, in order.
+        self.alerts: list[Alert] = []
+        #: Alerts that asked the run to stop (``on_alert="stop"``).
+        self.stop_alerts: list[Alert] = []
+        self._config_seen: set[str] = set()
+        if log_dir is None and writer is not None:
+            log_dir = getattr(writer, "log_dir", None) or (writer.get_logdir() if hasattr(writer, "get_logdir") else None)
+        self.log_dir = log_dir
+        self._alert_log = AlertLog(log_dir, writer=writer, enabled=_is_rank_zero())
         self._layout_written = False
         self._tracked: list[_Tracked] = []
         for opt, prefix in zip(optimizers, optimizer_prefixes(optimizers)):
@@ -131,7 +158,8 @@ class Monitor:
             except UnsupportedOptimizer as err:
                 _warn(f"adam-monitor is not monitoring {type(opt).__name__}: {err}. Training goes on; nothing is logged for it.")
                 continue
-            tracked = _Tracked(opt, reader, prefix)
+            label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
+            tracked = _Tracked(opt, reader, prefix, label)
             tracked.hook = opt.register_step_post_hook(self._make_hook(tracked))
             self._tracked.append(tracked)
 
@@ -147,13 +175,76 @@ class Monitor:
         if result is None:
             return  # skipped step (GradScaler): the optimizer's step count did not move
         rows, step = result
+        self._check_configuration(tracked, step)
+        if tracked.rules is None or len(tracked.rules.names) != rows.shape[0]:
+            tracked.rules = self._make_rules(tracked)
+        alerts = tracked.rules.observe(step, rows)
         if tracked.sums is None or tracked.sums.shape != rows.shape:
             tracked.sums = torch.zeros_like(rows) if tracked.sums is None else self._resize(tracked.sums, rows)
         tracked.sums.add_(rows)
         tracked.pending_steps += 1
         tracked.step = step
+        if alerts:
+            self._handle(alerts, step)
         if self.log_every_n_steps is not None and step % self.log_every_n_steps == 0:
             self._flush_one(tracked, step)
+
+    # ------------------------------------------------------------------ alerts
+    def _group_betas(self, tracked: _Tracked) -> list[tuple[float, float]]:
+        return [tuple(float(b) for b in g["betas"]) for g in tracked.optimizer.param_groups]
+
+    def _make_rules(self, tracked: _Tracked) -> AlertRules:
+        per_tensor = [tuple(float(b) for b in g["betas"]) for g in tracked.optimizer.param_groups for _ in g["params"]]
+        return AlertRules(self._parameter_names(tracked), optimizer=tracked.label, betas=per_tensor, thresholds=self.thresholds)
+
+    def check_configuration(self) -> list[Alert]:
+        """Run the configuration rules (β1² ≥ β2, β1 ≥ β2) now; they also run at the first step."""
+        found = []
+        for tracked in self._tracked:
+            found += self._check_configuration(tracked, tracked.step + 1)
+        return found
+
+    def _check_configuration(self, tracked: _Tracked, step: int) -> list[Alert]:
+        betas = self._group_betas(tracked)
+        if betas == tracked.betas:
+            return []
+        if tracked.betas is not None:
+            tracked.rules = None  # betas changed mid-run: the rules' constants depend on them
+        tracked.betas = betas
+        fresh = []
+        for alert in configuration_alerts(betas, optimizer=tracked.label, step=step):
+            key = f"{alert.optimizer}|{alert.rule}|{alert.message}"
+            if key not in self._config_seen:  # a resumed run does not repeat what it said already
+                self._config_seen.add(key)
+                fresh.append(alert)
+        self._handle(fresh, step)
+        return fresh
+
+    def _handle(self, alerts: list[Alert], step: int) -> None:
+        if not alerts:
+            return
+        self.alerts.extend(alerts)
+        x = self._step_axis() if self._step_axis is not None else step
+        self._alert_log.record(alerts, x)  # on disk before anything acts on it
+        acting = [a for a in alerts if SEVERITY_ORDER[a.severity] >= SEVERITY_ORDER[self.fail_on]]
+        for a in alerts:
+            if self.on_alert == "warn" or a not in acting:
+                _warn(f"adam-monitor [{a.severity}] {a.rule} at step {a.step}: {a.message}", InstabilityWarning)
+        if not acting or self.on_alert == "warn":
+            return
+        if self.on_alert == "raise":
+            self._flush_writer()
+            raise InstabilityError(acting, where=str(self._alert_log.path) if self._alert_log.path else None)
+        self.stop_alerts.extend(acting)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an alert at or above ``fail_on`` fired under ``on_alert="stop"``."""
+        return bool(self.stop_alerts)
+
+    def summary(self) -> str:
+        """A table of every alert so far."""
+        return summary_table(self.alerts)
 
     @staticmethod
     def _resize(sums: Tensor, rows: Tensor) -> Tensor:
@@ -193,6 +284,7 @@ class Monitor:
         packed = torch.cat([pooled, per_param.reshape(-1)]) if self.per_parameter else pooled
         values = packed.tolist()  # the one host transfer of this log point
         metrics = {f"{tracked.prefix}/{d}": v for d, v in zip(DIAGNOSTICS, values[:4]) if v == v}
+        metrics["adam/alerts"] = float(len(self.alerts))
         if self.per_parameter:
             names = self._parameter_names(tracked)
             for i, name in enumerate(names):
@@ -246,23 +338,33 @@ class Monitor:
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [t.optimizer for t in self._tracked]
 
-    def close(self) -> None:
-        """Write what is pending, remove the hooks, flush the writer. Idempotent."""
+    def close(self, *, raise_on_stop: bool = True) -> None:
+        """Write what is pending, remove the hooks, flush the writer. Idempotent.
+
+        Under ``on_alert="stop"``, raises :class:`InstabilityError` after everything is written if
+        an alert asked the run to stop, so a script ends with a non-zero exit status.
+        """
         for tracked in self._tracked:
             if tracked.pending_steps:
-                self._flush_one(tracked, None if self._scalar_sink is None else tracked.step)
+                self._flush_one(tracked, None)
             if tracked.hook is not None:
                 tracked.hook.remove()
                 tracked.hook = None
             tracked.reader.release()
+        self._flush_writer()
+        if raise_on_stop and self.stop_alerts:
+            stop, self.stop_alerts = self.stop_alerts, []
+            raise InstabilityError(stop, where=str(self._alert_log.path) if self._alert_log.path else None)
+
+    def _flush_writer(self) -> None:
         if self.writer is not None and hasattr(self.writer, "flush"):
             self.writer.flush()
 
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(raise_on_stop=exc_type is None)
 
     def state_dict(self) -> dict:
         """Accumulated sums and step counts, so a resumed run logs what an uninterrupted one would."""
@@ -274,9 +376,12 @@ class Monitor:
                     "sums": None if t.sums is None else t.sums.detach().cpu().clone(),
                     "pending_steps": t.pending_steps,
                     "step": t.step,
+                    "rules": None if t.rules is None else t.rules.state_dict(),
                 }
                 for t in self._tracked
             ],
+            "alerts": [a.to_dict() for a in self.alerts],
+            "configuration_seen": sorted(self._config_seen),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -291,3 +396,9 @@ class Monitor:
                 tracked.sums = sums.to(device=device, dtype=torch.float64).reshape(-1, NUM_STATS)
             tracked.pending_steps = int(entry["pending_steps"])
             tracked.step = int(entry["step"])
+            if entry.get("rules") is not None:
+                tracked.rules = self._make_rules(tracked)
+                tracked.rules.load_state_dict(entry["rules"])
+        self.alerts = [Alert.from_dict(d) for d in state.get("alerts", [])]
+        self._alert_log.count = len(self.alerts)
+        self._config_seen = set(state.get("configuration_seen", []))

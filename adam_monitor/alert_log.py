@@ -1,0 +1,108 @@
+"""Where alerts go: ``alerts.jsonl`` (flushed line by line), TensorBoard text, warnings, the error.
+
+An alert is on disk before anything acts on it, so a run that is killed, or that raises
+``InstabilityError`` a moment later, still leaves every alert readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .alerts import SEVERITY_ORDER, Alert
+
+__all__ = ["InstabilityError", "InstabilityWarning", "AlertLog", "read_alerts", "alerts_path", "summary_table", "ALERTS_FILE"]
+
+ALERTS_FILE = Path("adam_monitor") / "alerts.jsonl"
+
+
+class InstabilityWarning(UserWarning):
+    """An alert under ``on_alert="warn"`` (or below ``fail_on``): the run goes on."""
+
+
+class InstabilityError(RuntimeError):
+    """Training was stopped by an instability alert; ``alerts`` holds the alerts that acted."""
+
+    def __init__(self, alerts: Sequence[Alert], where: str | None = None):
+        self.alerts = list(alerts)
+        lines = [f"[{a.severity}] {a.rule} at step {a.step}: {a.message}" for a in self.alerts]
+        tail = f"\nAll alerts of the run: {where}" if where else ""
+        super().__init__("adam-monitor stopped the run:\n" + "\n".join(lines) + tail)
+
+
+def alerts_path(log_dir: str | os.PathLike) -> Path:
+    return Path(log_dir) / ALERTS_FILE
+
+
+class AlertLog:
+    """Appends alerts to ``<log_dir>/adam_monitor/alerts.jsonl`` and to a TensorBoard writer.
+
+    The file is created at start (empty), so ``adam-monitor check`` can tell a clean run from a run
+    that was never monitored. Only one process writes (``enabled=False`` on the others).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike | None, *, writer=None, enabled: bool = True):
+        self.path = alerts_path(log_dir) if (log_dir is not None and enabled) else None
+        self.writer = writer if enabled else None
+        self.count = 0
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+
+    def record(self, alerts: Iterable[Alert], x_step: int) -> None:
+        alerts = list(alerts)
+        if not alerts:
+            return
+        self.count += len(alerts)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                for a in alerts:
+                    f.write(json.dumps(a.to_dict()) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if self.writer is not None:
+            for a in alerts:
+                where = f" / `{a.parameter}`" if a.parameter else ""
+                self.writer.add_text(
+                    "adam/alert",
+                    f"**{a.severity}** `{a.rule}` at optimizer step {a.step} ({a.optimizer}{where}): "
+                    f"value {a.value:.4g}, threshold {a.threshold:.4g}. {a.message}",
+                    x_step,
+                )
+            self.writer.add_scalar("adam/alerts", self.count, x_step)
+            self.writer.flush()
+
+
+def read_alerts(path: str | os.PathLike) -> list[Alert]:
+    """Alerts from an ``alerts.jsonl``; a last line cut short by a kill is ignored."""
+    alerts = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            alerts.append(Alert.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if i == len(lines) - 1:
+                break  # the write in progress when the process died
+            raise ValueError(f"{path}:{i + 1} is not an alert record: {line[:120]!r}") from None
+    return alerts
+
+
+def summary_table(alerts: Sequence[Alert]) -> str:
+    """One line per (rule, optimizer, parameter): count, first step, worst value."""
+    if not alerts:
+        return "adam-monitor: no alerts."
+    groups: dict[tuple, list[Alert]] = {}
+    for a in alerts:
+        groups.setdefault((a.severity, a.rule, a.optimizer, a.parameter or "-"), []).append(a)
+    rows = [("severity", "rule", "optimizer", "parameter", "alerts", "first step", "worst value", "threshold")]
+    for (sev, rule, opt, param), group in sorted(groups.items(), key=lambda kv: (-SEVERITY_ORDER[kv[0][0]], kv[1][0].step)):
+        worst = max(group, key=lambda a: a.value if a.value == a.value else float("inf"))
+        rows.append((sev, rule, opt, param, str(len(group)), str(group[0].step), f"{worst.value:.4g}", f"{worst.threshold:.4g}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"adam-monitor: {len(alerts)} alert(s)\n" + "\n".join(lines)

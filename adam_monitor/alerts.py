@@ -1,0 +1,517 @@
+"""Alert rules: from the per-step statistics rows of one optimizer to :class:`Alert` records.
+
+Pure torch + stdlib. :class:`AlertRules` keeps its running baselines as tensors on the rows' device
+and moves one small vector to the host per optimizer step; :func:`configuration_alerts` checks the
+betas. Rules (severity):
+
+* ``beta_coupling`` (error): β1² ≥ β2. With γ = β1²/β2 ≥ 1 the worst-case update bound
+  B_t = (1-β1)/√(1-β2) · √(1-β2^t)/(1-β1^t) · √(Σ_{k<t} γ^k) grows without limit.
+* ``beta_order`` (warning): β1 ≥ β2 > β1²: momentum outlives the second moment.
+* ``nonfinite`` (error): a NaN/Inf in any statistic (it propagates from gradient, state or update).
+* ``stale_second_moment`` (warning): the gradient outran the second moment by a factor a, and the
+  jump formula predicts the update will overshoot to ``peak`` × its steady size while v̂ catches up.
+* ``update_rms_spike`` (warning): update RMS far above its own recent level, or above B_t.
+* ``eps_dominance`` (warning): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row.
+
+Every rule alerts once per episode: a condition that persists does not alert again until it has
+cleared (per rule and tensor; ``nonfinite`` once per optimizer, since a NaN spreads to all
+tensors within a step or two). Thresholds and how they were measured: tests/benchmarks/CALIBRATION.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from .diagnostics import COUNT, EPS_COUNT, NUM_STATS, STALENESS_SQ, UPDATE_SQ
+from .theory import asymptotic_bound, worst_case_bound
+
+__all__ = ["Alert", "SEVERITY_ORDER", "Thresholds", "AlertRules", "configuration_alerts", "RULES"]
+
+SEVERITY_ORDER = {"warning": 0, "error": 1}
+RULES = (
+    "beta_coupling",
+    "beta_order",
+    "nonfinite",
+    "stale_second_moment",
+    "update_rms_spike",
+    "eps_dominance",
+)
+
+
+def _json_float(x: float) -> float | str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return float(x)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert. ``step`` is the 1-based optimizer step; ``parameter`` is ``None`` for the optimizer."""
+
+    rule: str
+    severity: str
+    step: int
+    message: str
+    optimizer: str
+    parameter: str | None
+    value: float
+    threshold: float
+
+    def __post_init__(self):
+        if self.severity not in SEVERITY_ORDER:
+            raise ValueError(f"Alert.severity must be one of {sorted(SEVERITY_ORDER)}, got {self.severity!r}")
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict: non-finite ``value``/``threshold`` become the strings "nan", "inf", "-inf"."""
+        d = asdict(self)
+        d["value"] = _json_float(self.value)
+        d["threshold"] = _json_float(self.threshold)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Alert:
+        kwargs = {f.name: d[f.name] for f in fields(cls)}
+        kwargs["step"] = int(kwargs["step"])
+        kwargs["value"] = float(kwargs["value"])  # float("nan"), float("inf") parse the strings
+        kwargs["threshold"] = float(kwargs["threshold"])
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+def configuration_alerts(
+    betas_by_group: Sequence[tuple[float, float]], *, optimizer: str, step: int
+) -> list[Alert]:
+    """``beta_coupling`` (β1² ≥ β2) and ``beta_order`` (β1 ≥ β2 > β1²) alerts, one per offending group."""
+    alerts = []
+    for gi, (beta1, beta2) in enumerate(betas_by_group):
+        beta1, beta2 = float(beta1), float(beta2)
+        gamma = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
+        if beta1 * beta1 >= beta2:
+            bounds = ", ".join(f"B_{t} = {worst_case_bound(beta1, beta2, t):.3g}" for t in (10, 100, 1000))
+            alerts.append(
+                Alert(
+                    rule="beta_coupling",
+                    severity="error",
+                    step=step,
+                    message=(
+                        f"param group {gi}: betas=({beta1:g}, {beta2:g}) have beta1^2 >= beta2 "
+                        f"(gamma = beta1^2/beta2 = {gamma:.4g}), so the largest possible update/lr grows "
+                        f"without limit ({bounds}); once gradients shrink each update can grow by "
+                        f"beta1/sqrt(beta2) = {beta1 / math.sqrt(beta2):.4g} per step. Raise beta2 above "
+                        f"beta1^2 = {beta1 * beta1:.4g} (e.g. beta2 >= 0.95 with beta1 = 0.9) or lower beta1."
+                    ),
+                    optimizer=optimizer,
+                    parameter=None,
+                    value=gamma,
+                    threshold=1.0,
+                )
+            )
+        elif beta1 >= beta2:
+            alerts.append(
+                Alert(
+                    rule="beta_order",
+                    severity="warning",
+                    step=step,
+                    message=(
+                        f"param group {gi}: betas=({beta1:g}, {beta2:g}) have beta1 >= beta2: momentum "
+                        f"remembers gradients longer than the second moment that scales them, so a "
+                        f"shrinking gradient can inflate updates up to B_inf = "
+                        f"{asymptotic_bound(beta1, beta2):.3g} x lr. Use beta2 > beta1 "
+                        f"(e.g. beta2 = 0.95 or 0.999 with beta1 = 0.9)."
+                    ),
+                    optimizer=optimizer,
+                    parameter=None,
+                    value=beta1,
+                    threshold=beta2,
+                )
+            )
+    return alerts
+
+
+# ----------------------------------------------------------------------------------------------
+# step rules
+
+
+@dataclass
+class Thresholds:
+    """Rule thresholds. Defaults come from tests/benchmarks/CALIBRATION.md (measured there).
+
+    Attributes:
+        stale_peak: ``stale_second_moment`` fires when the update predicted by the jump formula
+            peaks above this multiple of its steady size. Unreachable when B_∞ < stale_peak
+            (β2 = 0.95 with β1 = 0.9: B_∞ = 1.165): there a stale v̂ cannot inflate updates.
+        stale_clear: the episode ends once the predicted peak falls below this.
+        spike_ratio: ``update_rms_spike`` fires when update RMS exceeds this multiple of its own
+            running mean (EMA with ``spike_decay``) ...
+        spike_floor: ... and this absolute level (1 is the RMS of a steady signal; noise gives 0.23).
+        spike_decay: decay of the update-RMS baseline EMA (timescale 1/(1-decay) steps); the
+            relative test starts after that many observed steps.
+        bound_factor: ``update_rms_spike`` also fires when update RMS > bound_factor · B_t (torch
+            Adam cannot exceed B_t; use ``math.inf`` for directions not bounded by B_t, e.g. LaProp).
+        eps_fraction: ``eps_dominance`` counts a step when more than this fraction of a tensor's
+            coordinates have √v̂ ≤ ε ...
+        eps_steps: ... and fires after this many such steps in a row.
+        eps_clear: the episode ends once the fraction falls to this or below.
+        min_numel: tensors with fewer elements are judged pooled with the other small tensors of
+            the same betas (a mean over a handful of coordinates is too noisy to judge alone).
+    """
+
+    stale_peak: float = 2.0
+    stale_clear: float = 1.25
+    spike_ratio: float = 3.0
+    spike_floor: float = 1.0
+    spike_decay: float = 0.95
+    bound_factor: float = 1.0
+    eps_fraction: float = 0.5
+    eps_steps: int = 20
+    eps_clear: float = 0.25
+    min_numel: int = 256
+
+    def __post_init__(self):
+        def check(name: str, ok: bool, what: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not ok:
+                raise ValueError(f"Thresholds.{name} must be {what}, got {value!r}")
+
+        check("stale_peak", self.stale_peak > 1, "a number > 1 (1 is the steady update)")
+        check("stale_clear", 0 < self.stale_clear <= self.stale_peak, "in (0, stale_peak]")
+        check("spike_ratio", self.spike_ratio > 1, "a number > 1")
+        check("spike_floor", self.spike_floor >= 0, "a number >= 0")
+        check("spike_decay", 0 < self.spike_decay < 1, "in (0, 1)")
+        check("bound_factor", self.bound_factor > 0, "a number > 0 (math.inf disables the bound test)")
+        check("eps_fraction", 0 <= self.eps_fraction < 1, "in [0, 1)")
+        check("eps_clear", 0 <= self.eps_clear <= self.eps_fraction, "in [0, eps_fraction]")
+        check("eps_steps", isinstance(self.eps_steps, int) and self.eps_steps >= 1, "an int >= 1")
+        check("min_numel", isinstance(self.min_numel, int) and self.min_numel >= 1, "an int >= 1")
+
+
+def _jump_grid(max_k: int = 2000, ratio: float = 1.25) -> list[int]:
+    """Steps after a jump at which the predicted update is evaluated (geometric, 1 … max_k)."""
+    ks, x = set(), 1.0
+    while x <= max_k:
+        ks.add(int(round(x)))
+        x *= ratio
+    return sorted(ks)
+
+
+def _is_pair(betas) -> bool:
+    return len(betas) == 2 and all(isinstance(b, Real) for b in betas)
+
+
+# Positions in the vector observe() moves to the host.
+(
+    _NF_NEW, _NF_IDX, _NF_VAL,
+    _ST_NEW, _ST_IDX, _ST_PEAK, _ST_JUMP, _ST_STALE, _ST_MEMBER,
+    _SP_NEW, _SP_IDX, _SP_VAL, _SP_THR, _SP_BASE, _SP_BOUND, _SP_MEMBER,
+    _EPS_NEW, _EPS_IDX, _EPS_VAL,
+    _VEC_LEN,
+) = range(20)
+
+
+class AlertRules:
+    """The step rules for one optimizer.
+
+    Call :meth:`observe` once per applied optimizer step with that step's statistics rows
+    (``StepReader.read()``). Subjects are the tensors with at least ``min_numel`` elements and,
+    per distinct (β1, β2), the pool of the smaller tensors.
+
+    ``stale_second_moment``: with bias corrections c_i(t) = 1-β_i^t, the staleness row gives
+    S = mean(g_t²/v̂_t); per coordinate g_t²/v̂_t = x·c2(t)/(β2·c2(t-1) + (1-β2)·x) with
+    x = g_t²/v̂_{t-1}, so the jump factor is a = √x, x = β2·c2(t-1)·S / (c2(t) - (1-β2)·S).
+    Inverting the mean of this bounded function (each coordinate adds at most c2(t)/(1-β2)) is
+    robust to a few dead coordinates whose v̂_{t-1} ≈ 0, unlike the unbounded mean of x. If the
+    step-(t-1) state held m̂ = G, v̂ = G² and the gradient stays aG, then k steps later
+
+        u_k = (w1 + (1-w1)·a) / √(w2 + (1-w2)·a²),   w_i = β_i^k · c_i(t-1) / c_i(t-1+k),
+
+    (the steady-state jump formula (a + (1-a)β1^k)/√(a² + (1-a²)β2^k) with bias corrections).
+    The rule compares its peak over k with ``stale_peak``: it weighs a by how long v̂ stays stale
+    (β2) and how soon (t) — a ×10 jump peaks at 5.2 for (0.9, 0.999) and at 1.1 for (0.9, 0.95).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        optimizer: str,
+        betas: Sequence[tuple[float, float]] | tuple[float, float],
+        thresholds: Thresholds | None = None,
+    ):
+        self.names = list(names)
+        self.optimizer = optimizer
+        self.thresholds = thresholds if thresholds is not None else Thresholds()
+        n = len(self.names)
+        if _is_pair(betas):
+            pairs = [(float(betas[0]), float(betas[1]))] * n
+        else:
+            pairs = [(float(b1), float(b2)) for b1, b2 in betas]
+            if len(pairs) != n:
+                raise ValueError(
+                    f"AlertRules: got {len(pairs)} (beta1, beta2) pairs for {n} tensor names; pass one "
+                    "pair per tensor (in the optimizer's parameter order) or a single pair"
+                )
+        for name, (b1, b2) in zip(self.names, pairs):
+            if not (0 <= b1 < 1 and 0 <= b2 < 1):
+                raise ValueError(f"AlertRules: betas of {name!r} must lie in [0, 1), got ({b1}, {b2})")
+        distinct = sorted(set(pairs))
+        self._pool_betas = distinct
+        self._subject_betas = pairs + distinct
+        pool_of = [distinct.index(p) for p in pairs]
+        ks = torch.tensor(_jump_grid(), dtype=torch.float64)
+        b = torch.tensor(self._subject_betas, dtype=torch.float64).reshape(-1, 2)
+        s = n + len(distinct)
+        # Constants and running state, moved to the rows' device on first use.
+        self._t: dict[str, Tensor] = {
+            "beta1": b[:, 0].contiguous(),
+            "beta2": b[:, 1].contiguous(),
+            "beta1_k": b[:, :1] ** ks,  # [S, K]
+            "beta2_k": b[:, 1:] ** ks,
+            "pool_of": torch.tensor(pool_of, dtype=torch.long),
+            # state
+            "nonfinite_active": torch.zeros((), dtype=torch.bool),
+            "stale_active": torch.zeros(s, dtype=torch.bool),
+            "spike_active": torch.zeros(s, dtype=torch.bool),
+            "spike_ema": torch.zeros(s, dtype=torch.float64),
+            "spike_seen": torch.zeros(s, dtype=torch.float64),
+            "eps_run": torch.zeros(n, dtype=torch.float64),
+            "eps_active": torch.zeros(n, dtype=torch.bool),
+        }
+        self._state_keys = (
+            "nonfinite_active", "stale_active", "spike_active", "spike_ema", "spike_seen", "eps_run", "eps_active",
+        )
+        self._device = torch.device("cpu")
+        self.last_step = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Plain CPU tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
+        d = {k: self._t[k].detach().cpu().clone() for k in self._state_keys}
+        d["last_step"] = self.last_step
+        d["num_tensors"] = len(self.names)
+        return d
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["num_tensors"]) != len(self.names):
+            raise ValueError(
+                f"AlertRules.load_state_dict: the state is for {int(state['num_tensors'])} tensors, these "
+                f"rules watch {len(self.names)}; build the rules with the same parameters as the saved run"
+            )
+        for k in self._state_keys:
+            self._t[k] = state[k].to(self._device, self._t[k].dtype).clone()
+        self.last_step = int(state["last_step"])
+
+    def _to(self, device: torch.device) -> None:
+        if device != self._device:
+            self._t = {k: v.to(device) for k, v in self._t.items()}
+            self._device = device
+
+    # ------------------------------------------------------------------ rules
+    def observe(self, step: int, rows: Tensor) -> list[Alert]:
+        """Check one optimizer step's rows ``(len(names), NUM_STATS)``; returns the new alerts."""
+        if rows.dim() != 2 or rows.shape != (len(self.names), NUM_STATS):
+            raise ValueError(
+                f"AlertRules.observe: rows must have shape ({len(self.names)}, {NUM_STATS}) (one row per "
+                f"named tensor), got {tuple(rows.shape)}; rebuild AlertRules when parameters change"
+            )
+        step = int(step)
+        self._to(rows.device)
+        th, T = self.thresholds, self._t
+        rows = rows.double()
+        n = rows.shape[0]
+        neg_inf = torch.tensor(-math.inf, dtype=torch.float64, device=rows.device)
+
+        count = rows[:, COUNT]
+        stepped = count > 0
+        finite = torch.isfinite(rows).all(1)
+
+        # nonfinite: one episode per optimizer.
+        bad = ~finite
+        any_bad = bad.any()
+        nf_new = any_bad & ~T["nonfinite_active"]
+        T["nonfinite_active"] = any_bad
+        nf_idx = bad.to(torch.int8).argmax()  # first offending tensor
+        nf_row = rows[nf_idx]
+        nf_val = nf_row[(~torch.isfinite(nf_row)).to(torch.int8).argmax()]
+
+        # subjects: tensors, then one pool of small tensors per distinct betas.
+        small = stepped & (count < th.min_numel)
+        pools = torch.zeros(len(self._pool_betas), NUM_STATS, dtype=torch.float64, device=rows.device)
+        pools.index_add_(0, T["pool_of"], torch.where(small[:, None], rows, 0.0))
+        subj = torch.cat([rows, pools])
+        s_count = subj[:, COUNT]
+        s_stepped = s_count > 0
+        judged = torch.cat([stepped & ~small, s_count[n:] >= th.min_numel])
+        safe = torch.where(s_stepped, s_count, 1.0)
+        update_rms = (subj[:, UPDATE_SQ] / safe).sqrt()
+        stale_sq = subj[:, STALENESS_SQ] / safe
+
+        # stale_second_moment
+        peak, jump = self._predicted_peak(step, stale_sq)
+        st_cond = judged & (peak > th.stale_peak)
+        st_new = st_cond & ~T["stale_active"]
+        st_keep = T["stale_active"] & (peak > th.stale_clear)
+        T["stale_active"] = torch.where(s_stepped, st_cond | st_keep, T["stale_active"])
+        st_idx = torch.where(st_new, peak, neg_inf).argmax()
+        st_member = self._worst_member(st_idx, small, peak[:n], neg_inf)
+
+        # update_rms_spike: against the running mean, or above the worst-case bound.
+        d = th.spike_decay
+        seen = T["spike_seen"]
+        baseline = T["spike_ema"] / (1 - d ** seen.clamp_min(1))
+        relative = torch.maximum(th.spike_ratio * baseline, torch.full_like(baseline, th.spike_floor))
+        relative = torch.where(seen >= 1 / (1 - d), relative, math.inf)
+        # 1e-4: float32 sums of squares may round an update at the bound (step 1: |u| = 1) just above it.
+        bound = th.bound_factor * (1 + 1e-4) * self._bound(step)
+        sp_thr = torch.minimum(relative, bound)
+        sp_cond = judged & (update_rms > sp_thr)
+        sp_new = sp_cond & ~T["spike_active"]
+        T["spike_active"] = torch.where(s_stepped, sp_cond, T["spike_active"])
+        ok = s_stepped & torch.isfinite(update_rms)
+        T["spike_ema"] = torch.where(ok, d * T["spike_ema"] + (1 - d) * update_rms, T["spike_ema"])
+        T["spike_seen"] = torch.where(ok, seen + 1, seen)
+        sp_idx = torch.where(sp_new, update_rms / sp_thr, neg_inf).argmax()
+        sp_member = self._worst_member(sp_idx, small, update_rms[:n], neg_inf)
+
+        # eps_dominance: per tensor, a run of steps with most coordinates under ε.
+        frac = rows[:, EPS_COUNT] / safe[:n]
+        over = frac > th.eps_fraction
+        T["eps_run"] = torch.where(stepped, torch.where(over, T["eps_run"] + 1, 0.0), T["eps_run"])
+        eps_cond = T["eps_run"] >= th.eps_steps
+        eps_new = eps_cond & ~T["eps_active"]
+        eps_keep = T["eps_active"] & (frac > th.eps_clear)
+        T["eps_active"] = torch.where(stepped, eps_cond | eps_keep, T["eps_active"])
+        eps_idx = torch.where(eps_new, frac, neg_inf).argmax()
+
+        f64 = lambda x: x.to(torch.float64)  # noqa: E731
+        vec = torch.stack([
+            f64(nf_new), f64(nf_idx), nf_val,
+            f64(st_new.sum()), f64(st_idx), peak[st_idx], jump[st_idx], stale_sq[st_idx].sqrt(), f64(st_member),
+            f64(sp_new.sum()), f64(sp_idx), update_rms[sp_idx], sp_thr[sp_idx], baseline[sp_idx],
+            bound[sp_idx], f64(sp_member),
+            f64(eps_new.sum()), f64(eps_idx), frac[eps_idx],
+        ])
+        v = vec.tolist()  # the one host transfer of this step
+        self.last_step = step
+        return self._alerts(step, v)
+
+    def _predicted_peak(self, step: int, stale_sq: Tensor) -> tuple[Tensor, Tensor]:
+        """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 (no v̂_{t-1})."""
+        T = self._t
+        b1, b2 = T["beta1"], T["beta2"]
+        if step < 2:
+            return torch.zeros_like(stale_sq), torch.full_like(stale_sq, math.nan)
+        p1, p2 = b1 ** (step - 1), b2 ** (step - 1)  # β^(t-1)
+        c2 = 1 - p2 * b2  # c2(t)
+        prev = c2 - (1 - b2)  # β2·c2(t-1)
+        room = (c2 - (1 - b2) * stale_sq).clamp_min(torch.finfo(torch.float64).tiny)
+        x = (prev * stale_sq / room).clamp(0.0, 1e12)
+        a = x.sqrt()[:, None]
+        w1 = T["beta1_k"] * (1 - p1)[:, None] / (1 - p1[:, None] * T["beta1_k"])
+        w2 = T["beta2_k"] * (1 - p2)[:, None] / (1 - p2[:, None] * T["beta2_k"])
+        u = (w1 + (1 - w1) * a) / (w2 + (1 - w2) * a * a).sqrt()
+        return u.amax(1), a[:, 0]
+
+    def _bound(self, step: int) -> Tensor:
+        """B_t per subject (inf where β1² ≥ β2 makes it grow past any useful size)."""
+        b1, b2 = self._t["beta1"], self._t["beta2"]
+        gamma = b1 * b1 / b2
+        c1, c2 = 1 - b1**step, 1 - b2**step
+        geometric = torch.where(gamma < 1, (1 - gamma**step) / (1 - gamma).clamp_min(1e-300), math.inf)
+        return (1 - b1) / (1 - b2).sqrt() * c2.sqrt() / c1 * geometric.sqrt()
+
+    def _worst_member(self, idx: Tensor, small: Tensor, score: Tensor, neg_inf: Tensor) -> Tensor:
+        """For a pool subject ``idx``: the index of its worst small tensor by ``score`` (else idx)."""
+        n = small.shape[0]
+        in_pool = small & (self._t["pool_of"] == idx - n)
+        return torch.where(idx >= n, torch.where(in_pool, score, neg_inf).argmax(), idx)
+
+    # ------------------------------------------------------------------ messages
+    def _subject(self, idx: int, member: int) -> tuple[str, str]:
+        """(parameter name, how the text refers to it)."""
+        n = len(self.names)
+        if idx < n:
+            return self.names[idx], self.names[idx]
+        b1, b2 = self._pool_betas[idx - n]
+        name = self.names[member]
+        return name, (
+            f"the tensors under {self.thresholds.min_numel} elements with betas ({b1:g}, {b2:g}), "
+            f"pooled (worst: {name})"
+        )
+
+    @staticmethod
+    def _others(count: float) -> str:
+        extra = int(count) - 1
+        return f" ({extra} more subject{'s' if extra > 1 else ''} started the same episode)" if extra > 0 else ""
+
+    def _alerts(self, step: int, v: list[float]) -> list[Alert]:
+        th = self.thresholds
+        out = []
+
+        def add(rule, severity, parameter, message, value, threshold):
+            out.append(Alert(rule, severity, step, message, self.optimizer, parameter, float(value), float(threshold)))
+
+        if v[_NF_NEW]:
+            name = self.names[int(v[_NF_IDX])]
+            add(
+                "nonfinite", "error", name,
+                f"{name}: NaN/Inf in its gradient, Adam state or update at step {step} ({v[_NF_VAL]}); the "
+                "optimizer state now carries it into every later step. Restore the last good checkpoint, "
+                "then lower the learning rate, clip gradients, check the loss and data for NaN/Inf, or "
+                "use a GradScaler under fp16.",
+                v[_NF_VAL], math.inf,
+            )
+        if v[_ST_NEW]:
+            idx = int(v[_ST_IDX])
+            name, what = self._subject(idx, int(v[_ST_MEMBER]))
+            b1, b2 = self._subject_betas[idx]
+            add(
+                "stale_second_moment", "warning", name,
+                f"{what}: the gradient outran Adam's second moment about {v[_ST_JUMP]:.3g}x (staleness "
+                f"{v[_ST_STALE]:.3g}); with beta2 = {b2:g} v_hat needs ~{1 / (1 - b2):.0f} steps to catch up "
+                f"and the update is predicted to overshoot to {v[_ST_PEAK]:.3g}x its steady size (threshold "
+                f"{th.stale_peak:g}). A loss spike may follow within a few steps: lower beta2 (e.g. 0.95), "
+                "clip the update (StableAdamW / update_clip) or lower the learning rate."
+                + self._others(v[_ST_NEW]),
+                v[_ST_PEAK], th.stale_peak,
+            )
+        if v[_SP_NEW]:
+            idx = int(v[_SP_IDX])
+            name, what = self._subject(idx, int(v[_SP_MEMBER]))
+            value, thr, base, bound = v[_SP_VAL], v[_SP_THR], v[_SP_BASE], v[_SP_BOUND]
+            if value > bound:
+                why = (
+                    f"above the worst-case Adam bound B_{step} = {bound / th.bound_factor / (1 + 1e-4):.3g} (x{th.bound_factor:g}): "
+                    "this direction is not a bounded Adam update; check the optimizer's betas and update rule"
+                )
+            else:
+                why = (
+                    f"{value / base:.3g}x its recent level {base:.3g} (threshold {thr:.3g}); lower the "
+                    "learning rate or clip the update (update_clip / StableAdamW) before the loss follows"
+                )
+            add(
+                "update_rms_spike", "warning", name,
+                f"{what}: update RMS {value:.3g} is {why}." + self._others(v[_SP_NEW]),
+                value, thr,
+            )
+        if v[_EPS_NEW]:
+            name = self.names[int(v[_EPS_IDX])]
+            add(
+                "eps_dominance", "warning", name,
+                f"{name}: eps sets the step of {v[_EPS_VAL]:.0%} of its coordinates (sqrt(v_hat) <= eps) for "
+                f"{th.eps_steps} steps in a row: its gradients fell below eps, so Adam acts as SGD with lr/eps "
+                "there. Lower eps, scale the loss up, or check for gradient underflow (fp16/bf16)."
+                + self._others(v[_EPS_NEW]),
+                v[_EPS_VAL], th.eps_fraction,
+            )
+        return out

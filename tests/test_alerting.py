@@ -1,0 +1,217 @@
+"""Alerts end to end: policies, alerts.jsonl, TensorBoard, the CLI gate."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
+
+from adam_monitor import AdamMonitor, InstabilityError, InstabilityWarning, Monitor
+from adam_monitor.alert_log import alerts_path, read_alerts
+from adam_monitor.cli import main as cli
+from adam_monitor.events import read_scalars
+
+
+class BetasBoring(BoringModel):
+    def __init__(self, betas):
+        super().__init__()
+        self.betas = betas
+
+    def training_step(self, batch, batch_idx):
+        return self.step(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3, betas=self.betas)
+
+
+def trainer(tmp_path, callbacks, max_steps=8, **kwargs):
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path, name="run", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        **kwargs,
+    )
+
+
+def test_unstable_betas_in_raise_mode_fail_the_fit_and_the_alert_is_on_disk(tmp_path):
+    t = trainer(tmp_path, [AdamMonitor(on_alert="raise")], enable_checkpointing=False)
+    with pytest.raises(InstabilityError, match="beta_coupling") as err:
+        t.fit(BetasBoring((0.99, 0.95)))
+    assert t.global_step == 0  # caught at fit start, before any step
+    (alert,) = read_alerts(alerts_path(t.logger.log_dir))
+    assert (alert.rule, alert.severity, alert.step) == ("beta_coupling", "error", 1)
+    assert "beta2" in alert.message and err.value.alerts == [alert]
+
+
+def test_stop_mode_stops_gracefully_then_fails(tmp_path, capsys):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = trainer(tmp_path, [AdamMonitor(on_alert="stop", fail_on="warning"), ckpt], max_steps=50)
+    with pytest.raises(InstabilityError, match="beta_order"):
+        t.fit(BetasBoring((0.9, 0.85)))  # β1 ≥ β2 > β1²: a warning, acted on with fail_on="warning"
+    assert t.global_step == 1  # the batch in flight finished, then the loop stopped
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    assert [a.rule for a in read_alerts(alerts_path(t.logger.log_dir))] == ["beta_order"]
+    assert "beta_order" in capsys.readouterr().out  # the end-of-fit summary table
+
+
+def test_warn_mode_warns_once_and_the_run_goes_on(tmp_path):
+    cb = AdamMonitor()
+    t = trainer(tmp_path, [cb], enable_checkpointing=False)
+    with pytest.warns(InstabilityWarning, match="beta_coupling"):
+        t.fit(BetasBoring((0.99, 0.95)))
+    assert t.global_step == 8
+    assert [a.rule for a in cb.alerts] == ["beta_coupling"]
+    scalars = read_scalars(t.logger.log_dir)
+    assert scalars["adam/alerts"][-1][1] == 1.0
+
+
+def test_a_nan_at_one_step_gives_one_nonfinite_alert(tmp_path):
+    p = torch.nn.Parameter(torch.zeros(512))
+    opt = torch.optim.Adam([p], betas=(0.9, 0.95))
+    writer = SummaryWriter(str(tmp_path))
+    monitor = Monitor(opt, named_parameters=[("w", p)], writer=writer, log_every_n_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InstabilityWarning)
+        for t in range(1, 60):
+            p.grad = torch.randn(512)
+            if t == 20:
+                p.grad[7] = float("nan")  # from here on NaN lives in the optimizer state too
+            opt.step()
+    monitor.close()
+    nonfinite = [a for a in monitor.alerts if a.rule == "nonfinite"]
+    assert len(nonfinite) == 1 and nonfinite[0].step == 20 and nonfinite[0].parameter == "w"
+    assert [a.rule for a in read_alerts(alerts_path(tmp_path))].count("nonfinite") == 1
+
+
+def test_a_noise_jump_alerts_at_the_jump_step_and_stationary_noise_does_not(tmp_path):
+    def run(jump):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.zeros(2048))
+        opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
+        monitor = Monitor(opt, log_every_n_steps=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InstabilityWarning)
+            for t in range(1, 1521):
+                p.grad = torch.randn(2048) * (10.0 if jump and t >= 1500 else 1.0)
+                opt.step()
+        monitor.close()
+        return monitor.alerts
+
+    assert run(jump=False) == []
+    first = run(jump=True)[0]
+    assert (first.rule, first.step) == ("stale_second_moment", 1500)
+
+
+def test_alerts_written_before_a_kill_stay_readable(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from adam_monitor import Monitor
+        p = torch.nn.Parameter(torch.zeros(8))
+        opt = torch.optim.Adam([p], betas=(0.9, 0.85))
+        monitor = Monitor(opt, log_dir={str(tmp_path)!r}, log_every_n_steps=None)
+        p.grad = torch.ones(8)
+        opt.step()
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert [a.rule for a in read_alerts(alerts_path(tmp_path))] == ["beta_order"]
+    assert cli(["check", str(tmp_path)]) == 1
+
+
+def test_a_resumed_monitor_does_not_repeat_configuration_alerts(tmp_path):
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = torch.optim.Adam([p], betas=(0.9, 0.85))
+    with pytest.warns(InstabilityWarning):
+        monitor = Monitor(opt, log_dir=str(tmp_path), log_every_n_steps=None)
+        p.grad = torch.ones(8)
+        opt.step()
+    state = monitor.state_dict()
+    monitor.close()
+    resumed = Monitor(opt, log_dir=str(tmp_path), log_every_n_steps=None)
+    resumed.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InstabilityWarning)
+        opt.step()
+    resumed.close()
+    assert [a.rule for a in resumed.alerts] == ["beta_order"]
+    assert len(read_alerts(alerts_path(tmp_path))) == 1
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(ValueError, match="on_alert"):
+        AdamMonitor(on_alert="explode")
+    with pytest.raises(ValueError, match="fail_on"):
+        AdamMonitor(fail_on="info")
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        AdamMonitor(log_every_n_steps=0)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def make_run(root, rules):
+    path = alerts_path(root)
+    path.parent.mkdir(parents=True)
+    with open(path, "w") as f:
+        for i, (rule, severity) in enumerate(rules):
+            f.write(json.dumps(dict(rule=rule, severity=severity, step=i + 1, message="m", optimizer="Adam",
+                                    parameter=None, value=2.0, threshold=1.0)) + "\n")
+    return root
+
+
+def test_check_exit_codes(tmp_path, capsys):
+    clean = make_run(tmp_path / "clean", [])
+    warned = make_run(tmp_path / "warned", [("stale_second_moment", "warning")])
+    assert cli(["check", str(clean)]) == 0
+    assert cli(["check", str(warned)]) == 1
+    assert cli(["check", str(warned), "--fail-on", "error"]) == 0
+    assert cli(["check", str(tmp_path)]) == 1  # a folder of runs: any failing run fails
+    out = capsys.readouterr().out
+    assert "stale_second_moment" in out and "FAIL" in out
+    (tmp_path / "empty").mkdir()
+    assert cli(["check", str(tmp_path / "empty")]) == 2
+    assert "no monitor data" in capsys.readouterr().err
+    assert cli(["check", str(tmp_path / "missing")]) == 2
+    broken = make_run(tmp_path / "broken", [])
+    alerts_path(broken).write_text("not json\n{}\n")
+    assert cli(["check", str(broken)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_check_json_and_a_truncated_last_line(tmp_path, capsys):
+    run = make_run(tmp_path / "r", [("nonfinite", "error")])
+    with open(alerts_path(run), "a") as f:
+        f.write('{"rule": "nonfin')  # the write a kill interrupted
+    assert cli(["check", str(run), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["failing"] == 1 and report["runs"][0]["alerts"][0]["rule"] == "nonfinite"
+
+
+def test_check_as_an_installed_console_script(tmp_path):
+    run = make_run(tmp_path / "r", [])
+    exe = os.path.join(os.path.dirname(sys.executable), "adam-monitor")
+    assert subprocess.run([exe, "check", str(run)], capture_output=True).returncode == 0
+
+
+def test_bound_prints_the_table(capsys):
+    assert cli(["bound", "--beta1", "0.9", "--beta2", "0.999"]) == 0
+    assert "7.27" in capsys.readouterr().out
+    assert cli(["bound", "--beta1", "1.5", "--beta2", "0.999"]) == 2
+    assert "beta1" in capsys.readouterr().err
