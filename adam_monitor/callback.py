@@ -122,6 +122,11 @@ class AdamMonitor(Callback):
             return False
         return (_lightning_step(trainer) + 1) % every == 0 or trainer.should_stop
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        # Called for every attempt, also those a GradScaler then skips: the skip count needs it.
+        if self.monitor is not None:
+            self.monitor.note_step_attempt(optimizer)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.monitor is None:
             return

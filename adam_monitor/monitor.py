@@ -72,6 +72,13 @@ class _Tracked:
     pending_steps: int = 0
     step: int = 0
     hook: object | None = None
+    applied: int = 0  # steps whose statistics were recorded
+    attempts: int | None = None  # optimizer.step calls announced by the trainer, if it announces them
+    hook_skips: int = 0  # post-hooks that found the step count unchanged (fused kernels under GradScaler)
+
+    @property
+    def skipped(self) -> int:
+        return self.attempts - self.applied if self.attempts is not None else self.hook_skips
 
 
 class Monitor:
@@ -173,7 +180,9 @@ class Monitor:
     def _on_step(self, tracked: _Tracked) -> None:
         result = tracked.reader.read()
         if result is None:
-            return  # skipped step (GradScaler): the optimizer's step count did not move
+            tracked.hook_skips += 1  # skipped step (GradScaler): the optimizer's step count did not move
+            return
+        tracked.applied += 1
         rows, step = result
         self._check_configuration(tracked, step)
         if tracked.rules is None or len(tracked.rules.names) != rows.shape[0]:
@@ -188,6 +197,18 @@ class Monitor:
             self._handle(alerts, step)
         if self.log_every_n_steps is not None and step % self.log_every_n_steps == 0:
             self._flush_one(tracked, step)
+
+    def note_step_attempt(self, optimizer) -> None:
+        """Announce that ``optimizer.step`` is about to be attempted.
+
+        A GradScaler that finds inf/NaN gradients skips ``step`` without calling it, so no hook
+        sees the skip; a trainer that announces every attempt lets the monitor count those as
+        ``skipped_steps``.
+        """
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wrapper
+        for tracked in self._tracked:
+            if tracked.optimizer is optimizer:
+                tracked.attempts = (tracked.attempts or 0) + 1
 
     # ------------------------------------------------------------------ alerts
     def _group_betas(self, tracked: _Tracked) -> list[tuple[float, float]]:
@@ -284,6 +305,7 @@ class Monitor:
         packed = torch.cat([pooled, per_param.reshape(-1)]) if self.per_parameter else pooled
         values = packed.tolist()  # the one host transfer of this log point
         metrics = {f"{tracked.prefix}/{d}": v for d, v in zip(DIAGNOSTICS, values[:4]) if v == v}
+        metrics[f"{tracked.prefix}/skipped_steps"] = float(tracked.skipped)
         metrics["adam/alerts"] = float(len(self.alerts))
         if self.per_parameter:
             names = self._parameter_names(tracked)
@@ -377,6 +399,9 @@ class Monitor:
                     "pending_steps": t.pending_steps,
                     "step": t.step,
                     "rules": None if t.rules is None else t.rules.state_dict(),
+                    "applied": t.applied,
+                    "attempts": t.attempts,
+                    "hook_skips": t.hook_skips,
                 }
                 for t in self._tracked
             ],
@@ -396,6 +421,9 @@ class Monitor:
                 tracked.sums = sums.to(device=device, dtype=torch.float64).reshape(-1, NUM_STATS)
             tracked.pending_steps = int(entry["pending_steps"])
             tracked.step = int(entry["step"])
+            tracked.applied = int(entry.get("applied", 0))
+            tracked.attempts = entry.get("attempts")
+            tracked.hook_skips = int(entry.get("hook_skips", 0))
             if entry.get("rules") is not None:
                 tracked.rules = self._make_rules(tracked)
                 tracked.rules.load_state_dict(entry["rules"])

@@ -20,7 +20,12 @@ from torch import Tensor
 
 from .diagnostics import NUM_STATS, adam_direction, adam_statistics
 
-__all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor"]
+__all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "shard_group"]
+
+
+def all_reduce(tensor: Tensor, group) -> None:
+    """The one collective of a step under sharding (module-level so tests can count it)."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=group)
 
 
 class UnsupportedOptimizer(Exception):
@@ -31,6 +36,27 @@ def local_tensor(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def shard_group(p: Tensor):
+    """``(process group, rank in it)`` over which ``p`` is sharded (FSDP2 DTensor), else ``None``.
+
+    Statistics of the local shards sum to those of the whole tensor over this group only; mesh
+    dimensions on which the tensor is replicated (HSDP's replicas) must not be summed.
+    """
+    placements = getattr(p, "placements", None)
+    mesh = getattr(p, "device_mesh", None)
+    if placements is None or mesh is None:
+        return None
+    dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
+    if not dims:
+        return None
+    if len(dims) > 1:
+        raise UnsupportedOptimizer(
+            f"a parameter is sharded over {len(dims)} mesh dimensions ({placements}); adam-monitor pools "
+            "shards over one mesh dimension (FSDP2 fully_shard, HSDP)"
+        )
+    return mesh.get_group(dims[0]), mesh.get_local_rank(dims[0])
 
 
 def _records_statistics(optimizer: torch.optim.Optimizer) -> bool:
@@ -78,6 +104,17 @@ class StepReader:
         self.params: list[Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._last_step: dict[int, float] = {}
+        groups = [shard_group(p) for p in self.params]
+        sharded = [g for g in groups if g is not None]
+        self._group = None
+        if sharded:
+            self._group, rank = sharded[0]
+            if any(g[0] is not self._group for g in sharded):
+                raise UnsupportedOptimizer("parameters of one optimizer are sharded over different process groups")
+            # Whole (unsharded) tensors are the same on every rank of the group: only its first
+            # rank contributes them to the sum.
+            keep = [1.0 if (g is not None or rank == 0) else 0.0 for g in groups]
+            self._replica_weight = torch.tensor(keep, dtype=torch.float64)
 
     def _check_params(self) -> None:
         if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
@@ -104,8 +141,9 @@ class StepReader:
             steps = [float(r) for r in raw]
         out = []
         for (gi, group, p, state), step in zip(candidates, steps):
-            # A step skipped by a GradScaler leaves the count unchanged: not a step.
-            if self._last_step.get(id(p)) == step:
+            # A step skipped by a GradScaler leaves the count unchanged (at 0 when the very first
+            # step is skipped, the state having just been created): not a step.
+            if step == 0 or step == self._last_step.get(id(p)):
                 continue
             self._last_step[id(p)] = step
             out.append((gi, group, p, state, step))
@@ -131,6 +169,10 @@ class StepReader:
         else:
             for (positions, rows_part) in self._adam_rows(stepped):
                 rows.index_copy_(0, positions.to(device), rows_part.to(device, non_blocking=True))
+        if self._group is not None:
+            # Step counts advance identically on every rank, so all ranks reach this collective.
+            rows.mul_(self._replica_weight.to(device).unsqueeze(1))
+            all_reduce(rows, self._group)
         return rows, int(max(s for *_, s in stepped))
 
     def _adam_rows(self, stepped) -> Iterable[tuple[Tensor, Tensor]]:

@@ -39,7 +39,7 @@ def test_tags_and_steps_are_exact(tmp_path):
         opt.step()
     monitor.close()  # writes the 2 pending steps at step 12
     scalars = read_scalars(tmp_path)
-    expected = {"adam/alerts"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/lin.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    expected = {"adam/alerts", "adam/skipped_steps"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/lin.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
     assert set(scalars) == expected
     assert [s for s, _ in scalars["adam/update_rms"]] == [5, 10, 12]
     # The first logged gradient_jump pools steps 2..5 only: step 1 has no previous moment.

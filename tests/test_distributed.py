@@ -1,0 +1,77 @@
+"""Same numbers on one process, DDP and FSDP2; one collective per step under sharding."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_workers
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY = 40, 10
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single():
+    torch.manual_seed(0)
+    return dist_workers.train(dist_workers.make_model(), STEPS, log_every=EVERY)
+
+
+def strip_ddp_prefix(metrics):
+    return {k.replace("/module.", "/"): v for k, v in metrics.items()}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_two_processes_log_what_one_process_logs(kind, single, tmp_path):
+    mp.spawn(dist_workers.distributed_worker, args=(2, free_port(), kind, STEPS, EVERY, str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in results:
+        logged = {t: strip_ddp_prefix(m) for t, m in res["logged"].items()}
+        assert logged.keys() == single.keys()
+        for t in single:
+            assert logged[t].keys() == single[t].keys()
+            for tag, value in single[t].items():
+                assert logged[t][tag] == pytest.approx(value, rel=1e-4, abs=1e-12), (kind, t, tag)
+    if kind == "fsdp2":
+        # One packed all-reduce per optimizer step: [tensors × statistics] in one call.
+        assert [len(r["collectives"]) for r in results] == [STEPS, STEPS]
+        assert set(results[0]["collectives"]) == {6 * 6}
+    else:
+        assert results[0]["collectives"] == []  # replicas hold identical state: nothing to reduce
+
+
+@pytest.mark.timeout(240)
+def test_raise_mode_ends_every_ddp_rank_together(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from adam_monitor import AdamMonitor
+    from adam_monitor.alert_log import alerts_path, read_alerts
+
+    trainer = L.Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_steps=30,
+        callbacks=[AdamMonitor(on_alert="raise")],
+        logger=TensorBoardLogger(tmp_path, name="run", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    # A NaN gradient at step 5 on every rank: if one rank raised alone, the other would hang in
+    # the next gradient all-reduce and the test would time out.
+    with pytest.raises(Exception, match="nonfinite"):
+        trainer.fit(dist_workers.NanModel(nan_at=5))
+    alerts = read_alerts(alerts_path(tmp_path / "run" / "version_0"))
+    assert [(a.rule, a.step) for a in alerts] == [("nonfinite", 5)]
