@@ -178,7 +178,12 @@ class Monitor:
         return hook
 
     def _on_step(self, tracked: _Tracked) -> None:
-        result = tracked.reader.read()
+        try:
+            result = tracked.reader.read()
+        except UnsupportedOptimizer as err:
+            # State that does not look like Adam's only shows once stepping: stop watching it, once.
+            self._drop(tracked, str(err))
+            return
         if result is None:
             tracked.hook_skips += 1  # skipped step (GradScaler): the optimizer's step count did not move
             return
@@ -197,6 +202,13 @@ class Monitor:
             self._handle(alerts, step)
         if self.log_every_n_steps is not None and step % self.log_every_n_steps == 0:
             self._flush_one(tracked, step)
+
+    def _drop(self, tracked: _Tracked, reason: str) -> None:
+        _warn(f"adam-monitor stopped monitoring {type(tracked.optimizer).__name__}: {reason}. Training goes on; nothing more is logged for it.")
+        if tracked.hook is not None:
+            tracked.hook.remove()
+        tracked.reader.release()
+        self._tracked.remove(tracked)
 
     def note_step_attempt(self, optimizer) -> None:
         """Announce that ``optimizer.step`` is about to be attempted.

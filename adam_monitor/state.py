@@ -180,6 +180,13 @@ class StepReader:
         for gi, group, p, state, step in stepped:
             g = local_tensor(p.grad)
             buckets[(gi, step, g.device, g.dtype)].append((p, state))
+        for members in buckets.values():
+            for p, state in members:
+                missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
+                if missing:
+                    raise UnsupportedOptimizer(
+                        f"its state has no {' or '.join(missing)} (keys: {sorted(state)}), so it is not torch's Adam state"
+                    )
         for (gi, step, _, _), members in buckets.items():
             group = self.optimizer.param_groups[gi]
             beta1, beta2 = (_as_float(b) for b in group["betas"])

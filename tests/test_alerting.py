@@ -215,3 +215,38 @@ def test_bound_prints_the_table(capsys):
     assert "7.27" in capsys.readouterr().out
     assert cli(["bound", "--beta1", "1.5", "--beta2", "0.999"]) == 2
     assert "beta1" in capsys.readouterr().err
+
+
+def test_resume_mid_run_gives_the_same_alerts_as_an_uninterrupted_run():
+    def run(split=None):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.zeros(1024))
+        opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
+        monitor = Monitor(opt, log_every_n_steps=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InstabilityWarning)
+            for t in range(1, 1531):
+                if t == split:  # a checkpoint between the jump and the update's peak
+                    opt_state, mon_state = opt.state_dict(), monitor.state_dict()
+                    monitor.close()
+                    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
+                    opt.load_state_dict(opt_state)
+                    monitor = Monitor(opt, log_every_n_steps=None)
+                    monitor.load_state_dict(torch.load(_roundtrip(mon_state), weights_only=True))
+                p.grad = torch.randn(1024) * (10.0 if t >= 1500 else 1.0)
+                opt.step()
+        monitor.close()
+        return [(a.rule, a.step, a.parameter) for a in monitor.alerts]
+
+    uninterrupted = run()
+    assert uninterrupted and uninterrupted[0][:2] == ("stale_second_moment", 1500)
+    assert run(split=1501) == uninterrupted
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

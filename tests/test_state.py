@@ -116,3 +116,26 @@ def test_an_optimizer_without_adam_state_warns_once_and_training_goes_on(make, t
     assert len(messages) == 1
     assert type(opt).__name__ in messages[0] and "exp_avg" in messages[0]
     assert monitor.compute() == {} and monitor.optimizers == []
+
+
+def test_an_adam_subclass_with_other_state_keys_is_dropped_with_one_warning():
+    class RenamedState(torch.optim.Adam):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    state["step"] = state.get("step", torch.tensor(0.0)) + 1
+                    state["first_moment"] = p.grad.clone()
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = RenamedState([p])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = Monitor(opt, log_every_n_steps=1)
+        for _ in range(3):
+            p.grad = torch.randn(3)
+            opt.step()
+    messages = [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
+    assert len(messages) == 1 and "RenamedState" in messages[0] and "exp_avg" in messages[0]
+    assert monitor.optimizers == [] and not opt._optimizer_step_post_hooks
