@@ -59,7 +59,8 @@ class AlertLog:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 for a in alerts:
-                    f.write(json.dumps(a.to_dict()) + "\n")
+                    # x_step: where the alert sits on the logged charts' axis (Lightning counts batches).
+                    f.write(json.dumps({**a.to_dict(), "x_step": x_step}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         if self.writer is not None:
@@ -77,13 +78,19 @@ class AlertLog:
 
 def read_alerts(path: str | os.PathLike) -> list[Alert]:
     """Alerts from an ``alerts.jsonl``; a last line cut short by a kill is ignored."""
+    return [alert for alert, _ in read_alert_records(path)]
+
+
+def read_alert_records(path: str | os.PathLike) -> list[tuple[Alert, int]]:
+    """``(alert, x_step)`` pairs: ``x_step`` is the alert's position on the charts' step axis."""
     alerts = []
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            alerts.append(Alert.from_dict(json.loads(line)))
+            record = json.loads(line)
+            alerts.append((Alert.from_dict(record), int(record.get("x_step", record["step"]))))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             if i == len(lines) - 1:
                 break  # the write in progress when the process died

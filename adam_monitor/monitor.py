@@ -28,9 +28,20 @@ ScalarSink = Callable[[dict[str, float], int], None]
 ON_ALERT = ("warn", "raise", "stop")
 
 
+_WRAPPER_COMPONENTS = ("_orig_mod.", "_forward_module.")  # torch.compile, Lightning Fabric
+
+
 def clean_parameter_name(name: str) -> str:
-    """A parameter name as the user wrote the module: no ``torch.compile`` wrapper prefix."""
-    return name.replace("_orig_mod.", "")
+    """A parameter name as the user wrote the module: no ``torch.compile`` or Fabric wrapper prefix."""
+    for component in _WRAPPER_COMPONENTS:
+        name = name.replace(component, "")
+    return name
+
+
+def _unwrap(optimizer):
+    # Fabric's and Lightning's optimizer wrappers step the optimizer they hold: hook that one.
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
 def _is_rank_zero() -> bool:
@@ -123,6 +134,7 @@ class Monitor:
         step_axis: Callable[[], int] | None = None,
     ):
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+        optimizers = [_unwrap(o) for o in optimizers]
         if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise TypeError(
                 "Monitor(optimizer): expected a torch.optim.Optimizer or a sequence of them, "

@@ -37,6 +37,17 @@ def data(n=4096, seed=0):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
 
 
+class RegressionData(L.LightningDataModule):
+    """``data()`` as a datamodule, for LightningCLI."""
+
+    def __init__(self, n: int = 4096, seed: int = 0):
+        super().__init__()
+        self.n, self.seed = n, seed
+
+    def train_dataloader(self):
+        return data(self.n, self.seed)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300)
