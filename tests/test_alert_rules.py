@@ -1,0 +1,173 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from adam_monitor.alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts
+from adam_monitor.diagnostics import NUM_STATS
+from adam_monitor.state import StepReader
+from adam_monitor.theory import worst_case_bound
+
+
+def drive(betas, steps, scale=lambda t: 1.0, n=4096, nan_at=None, eps=1e-8, rules=None, opt_state=None, seed=0):
+    """torch Adam on i.i.d. N(0, scale(t)²) gradients for a weight of n and a bias of 64 coordinates."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.zeros(n))
+    b = torch.nn.Parameter(torch.zeros(64))
+    opt = torch.optim.Adam([w, b], lr=1e-3, betas=betas, eps=eps)
+    reader = StepReader(opt)
+    rules = rules or AlertRules(["w", "b"], optimizer="Adam", betas=betas)
+    alerts = []
+    for t in range(1, steps + 1):
+        s = scale(t)
+        w.grad = torch.randn(n, generator=gen, dtype=torch.float32) * s
+        b.grad = torch.randn(64, generator=gen, dtype=torch.float32) * s
+        if nan_at == t:
+            w.grad[7] = math.nan
+        opt.step()
+        rows, step = reader.read()
+        alerts += rules.observe(step, rows)
+    return alerts, rules
+
+
+def summary(alerts):
+    return [(a.rule, a.step, a.parameter) for a in alerts]
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.95)])
+def test_stationary_noise_raises_nothing(betas):
+    alerts, _ = drive(betas, 2000)
+    assert alerts == []
+
+
+def test_noise_jump_at_beta2_0999_alerts_at_the_jump_step():
+    alerts, _ = drive((0.9, 0.999), 1100, scale=lambda t: 10.0 if t >= 1000 else 1.0)
+    stale = [a for a in alerts if a.rule == "stale_second_moment"]
+    assert [(a.step, a.parameter) for a in stale] == [(1000, "w")]  # once, at the jump
+    assert stale[0].severity == "warning" and stale[0].value > stale[0].threshold
+    assert "beta2" in stale[0].message
+
+
+def test_noise_jump_at_beta2_095_is_harmless():
+    # Same x10 jump: the update only rises to about 0.4 and no stale alert fires.
+    alerts, _ = drive((0.9, 0.95), 1100, scale=lambda t: 10.0 if t >= 1000 else 1.0)
+    assert [a for a in alerts if a.rule == "stale_second_moment"] == []
+
+
+def test_one_nan_gives_exactly_one_nonfinite_alert():
+    alerts, _ = drive((0.9, 0.999), 60, nan_at=30)
+    assert summary(alerts) == [("nonfinite", 30, "w")]  # NaN stays in the state: still one alert
+    assert alerts[0].severity == "error" and math.isnan(alerts[0].value)
+
+
+def test_beta_coupling_and_order():
+    alerts = configuration_alerts([(0.9, 0.999), (0.99, 0.9), (0.9, 0.85)], optimizer="Adam", step=1)
+    assert [(a.rule, a.severity) for a in alerts] == [("beta_coupling", "error"), ("beta_order", "warning")]
+    coupling = alerts[0]
+    assert "param group 1" in coupling.message and coupling.parameter is None
+    assert f"{worst_case_bound(0.99, 0.9, 100):.3g}" in coupling.message
+    assert "param group 2" in alerts[1].message
+    assert configuration_alerts([(0.9, 0.95)], optimizer="Adam", step=1) == []
+
+
+def test_eps_dominance_fires_for_underflowing_gradients_only():
+    # The gradient falls from 1e-6 to 1e-11, far below eps = 1e-8: √v̂ follows at β2^(k/2).
+    tiny, _ = drive((0.9, 0.95), 300, scale=lambda t: 1e-6 if t < 50 else 1e-11)
+    assert summary(tiny)[:1] == [("eps_dominance", tiny[0].step, "w")]
+    assert {a.rule for a in tiny} == {"eps_dominance"} and len({a.parameter for a in tiny}) == len(tiny)
+    healthy, _ = drive((0.9, 0.95), 300, scale=lambda t: 1e-3)
+    assert healthy == []
+
+
+def test_update_rms_above_the_bound():
+    rules = AlertRules(["w"], optimizer="X", betas=(0.9, 0.999))
+    row = torch.tensor([[1000 * 2.0**2, 1000.0, 1000.0, 1000.0, 0.0, 1000.0]], dtype=torch.float64)
+    alerts = rules.observe(1, row)  # update RMS 2 at step 1, where B_1 = 1
+    assert summary(alerts) == [("update_rms_spike", 1, "w")] and "bound" in alerts[0].message
+
+
+def test_bound_matches_theory():
+    rules = AlertRules(["a", "b"], optimizer="X", betas=[(0.9, 0.999), (0.9, 0.95)])
+    for t in (1, 2, 10, 1000):
+        got = rules._bound(t).tolist()
+        assert got[:2] == pytest.approx([worst_case_bound(0.9, 0.999, t), worst_case_bound(0.9, 0.95, t)], rel=1e-12)
+
+
+def test_predicted_peak_matches_the_jump_formula_at_steady_state():
+    from adam_monitor.theory import jump_peak
+
+    rules = AlertRules(["w"], optimizer="X", betas=(0.9, 0.999))
+    a, t, b2 = 10.0, 100_000, 0.999
+    stale_sq = torch.tensor([a * a / (b2 + (1 - b2) * a * a)] * 2, dtype=torch.float64)  # + the pool
+    peak, jump = rules._predicted_peak(t, stale_sq)
+    assert jump[0].item() == pytest.approx(a, rel=1e-9)
+    assert peak[0].item() == pytest.approx(jump_peak(0.9, b2, a)[1], rel=2e-2)  # geometric grid of k
+
+
+def test_small_tensors_are_judged_pooled():
+    torch.manual_seed(0)
+    names = [f"bias{i}" for i in range(8)]
+    rules = AlertRules(names, optimizer="Adam", betas=(0.9, 0.999))
+    rows = torch.zeros(8, NUM_STATS, dtype=torch.float64)
+    rows[:, 5] = 10.0  # count
+    rows[:, 1] = 10.0  # staleness² sum: staleness 1
+    for t in range(2, 500):
+        assert rules.observe(t, rows) == []
+    rows[3, 1] = 10.0 * 900  # one 10-element tensor far off: the pool of 80 is under min_numel
+    assert rules.observe(500, rows) == []
+
+
+def test_state_dict_round_trip_continues_identically(tmp_path: Path):
+    scale = lambda t: 10.0 if t >= 150 else 1.0  # noqa: E731
+    thresholds = Thresholds(eps_steps=5)
+    _, first = drive((0.9, 0.99), 100, scale=scale, rules=AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.99), thresholds=thresholds))
+    torch.save(first.state_dict(), tmp_path / "rules.pt")
+    restored = AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.99), thresholds=thresholds)
+    restored.load_state_dict(torch.load(tmp_path / "rules.pt", weights_only=True))
+    for k, v in first.state_dict().items():
+        other = restored.state_dict()[k]
+        assert torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other
+    # Feeding the same rows to both continues identically.
+    rows = torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    rows[:, 0], rows[:, 1], rows[:, 5] = 4096 * 9.0, 4096 * 50.0, 4096.0
+    assert summary(first.observe(101, rows)) == summary(restored.observe(101, rows)) != []
+
+
+def test_alert_dict_round_trip_is_json_safe():
+    a = Alert("nonfinite", "error", 3, "m", "Adam", "w", math.nan, math.inf)
+    d = json.loads(json.dumps(a.to_dict(), allow_nan=False))
+    assert d["value"] == "nan" and d["threshold"] == "inf"
+    b = Alert.from_dict(d)
+    assert math.isnan(b.value) and b.threshold == math.inf and b.rule == a.rule and b.step == 3
+    assert SEVERITY_ORDER["error"] > SEVERITY_ORDER["warning"]
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match="one pair per tensor"):
+        AlertRules(["a", "b"], optimizer="X", betas=[(0.9, 0.999)])
+    with pytest.raises(ValueError, match=r"Thresholds.stale_peak"):
+        Thresholds(stale_peak=0.5)
+    rules = AlertRules(["a"], optimizer="X", betas=(0.9, 0.999))
+    with pytest.raises(ValueError, match="rebuild AlertRules"):
+        rules.observe(1, torch.zeros(2, NUM_STATS, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_quick_calibration_meets_the_goal():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    import spike_scenarios
+
+    torch.set_num_threads(1)
+    table = spike_scenarios.quick()
+    met = spike_scenarios.goal_met(table)
+    text = spike_scenarios.format_table(table)
+    # β1² > β2 is flagged at step 1; stale v̂ meets the goal. The tiny-ε family is a known gap
+    # (tests/benchmarks/CALIBRATION.md): its control's eps_dominance alerts are true but count here.
+    assert table["beta_coupling"]["monitor"].recall == 1.0, text
+    assert met["stale_v"], text
+    for name in ("stale_v", "high_lr", "beta_coupling"):
+        assert table[name]["monitor"].false_per_1000 <= 0.5, text
