@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/spike_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
