@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .alert_log import InstabilityError
 from .alerts import Alert, Thresholds
-from .monitor import Monitor, _is_rank_zero
+from .monitor import Monitor, is_rank_zero, validate_options
 
 __all__ = ["AdamMonitor"]
 
@@ -55,18 +55,13 @@ class AdamMonitor(Callback):
         thresholds: Thresholds | None = None,
     ):
         super().__init__()
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"AdamMonitor(log_every_n_steps=...) must be a positive int, got {log_every_n_steps!r}")
+        validate_options("AdamMonitor", log_every_n_steps=log_every_n_steps, on_alert=on_alert, fail_on=fail_on)
         self.log_every_n_steps = log_every_n_steps
         self.per_parameter = per_parameter
         self.histograms = histograms
         self.on_alert = on_alert
         self.fail_on = fail_on
         self.thresholds = thresholds
-        if on_alert not in ("warn", "raise", "stop"):
-            raise ValueError(f"AdamMonitor(on_alert=...) must be 'warn', 'raise' or 'stop', got {on_alert!r}")
-        if fail_on not in ("warning", "error"):
-            raise ValueError(f"AdamMonitor(fail_on=...) must be 'warning' or 'error', got {fail_on!r}")
         self.monitor: Monitor | None = None
         self._alerts: list[Alert] = []
         self._loaded_state: dict | None = None
@@ -146,11 +141,11 @@ class AdamMonitor(Callback):
         self._alerts = monitor.alerts
         stop = list(monitor.stop_alerts)
         monitor.close(raise_on_stop=False)
-        if _is_rank_zero() and stage == "fit":
+        if is_rank_zero() and stage == "fit":
             print(monitor.summary())
         if stop:
             # Last of all: checkpoints, logs and the alert file are written by now.
-            raise InstabilityError(stop, where=str(monitor._alert_log.path) if monitor._alert_log.path else None)
+            raise InstabilityError(stop, where=monitor.alerts_file)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

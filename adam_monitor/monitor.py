@@ -28,6 +28,18 @@ ScalarSink = Callable[[dict[str, float], int], None]
 ON_ALERT = ("warn", "raise", "stop")
 
 
+def validate_options(owner: str, *, log_every_n_steps, on_alert: str, fail_on: str) -> None:
+    """Reject bad options at construction, naming the option (``owner`` is the class the user called)."""
+    if log_every_n_steps is not None and (
+        isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+    ):
+        raise ValueError(f"{owner}(log_every_n_steps=...) must be a positive int, got {log_every_n_steps!r}")
+    if on_alert not in ON_ALERT:
+        raise ValueError(f"{owner}(on_alert=...) must be one of {', '.join(map(repr, ON_ALERT))}, got {on_alert!r}")
+    if fail_on not in SEVERITY_ORDER:
+        raise ValueError(f"{owner}(fail_on=...) must be one of {', '.join(map(repr, SEVERITY_ORDER))}, got {fail_on!r}")
+
+
 _WRAPPER_COMPONENTS = ("_orig_mod.", "_forward_module.")  # torch.compile, Lightning Fabric
 
 
@@ -44,14 +56,14 @@ def _unwrap(optimizer):
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
 
 
 def _warn(message: str, category: type[Warning] = UserWarning) -> None:
-    if _is_rank_zero():
+    if is_rank_zero():
         warnings.warn(message, category, stacklevel=3)
 
 
@@ -115,6 +127,14 @@ class Monitor:
         log_every_n_steps: write every this many optimizer steps (``None``: only on :meth:`flush`).
         per_parameter: also write one scalar per parameter tensor and diagnostic.
         histograms: also write a histogram of each tensor's update direction at logged steps.
+        log_dir: where ``adam_monitor/alerts.jsonl`` goes (default: the writer's folder; with
+            neither, alerts are kept in :attr:`alerts` and warned about only).
+        on_alert: ``"warn"``, ``"raise"`` (:class:`InstabilityError` at the alert's step, after it is
+            written) or ``"stop"`` (:attr:`should_stop` turns true; :meth:`close` then raises).
+        fail_on: the lowest severity ``"raise"``/``"stop"`` act on: ``"error"`` or ``"warning"``.
+        thresholds: the step rules' thresholds.
+        scalar_sink: ``f(metrics, step)`` to receive scalars instead of the writer (Lightning loggers).
+        step_axis: ``f() -> int``, the x-axis value of the current step for alerts' TensorBoard text.
     """
 
     def __init__(
@@ -140,12 +160,7 @@ class Monitor:
                 "Monitor(optimizer): expected a torch.optim.Optimizer or a sequence of them, "
                 f"got {type(optimizer).__name__}"
             )
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}")
-        if on_alert not in ON_ALERT:
-            raise ValueError(f"on_alert must be one of {', '.join(map(repr, ON_ALERT))}, got {on_alert!r}")
-        if fail_on not in SEVERITY_ORDER:
-            raise ValueError(f"fail_on must be one of {', '.join(map(repr, SEVERITY_ORDER))}, got {fail_on!r}")
+        validate_options("Monitor", log_every_n_steps=log_every_n_steps, on_alert=on_alert, fail_on=fail_on)
         if named_parameters is None:
             self._named: dict[int, str] = {}
         else:
@@ -168,7 +183,7 @@ class Monitor:
         if log_dir is None and writer is not None:
             log_dir = getattr(writer, "log_dir", None) or (writer.get_logdir() if hasattr(writer, "get_logdir") else None)
         self.log_dir = log_dir
-        self._alert_log = AlertLog(log_dir, writer=writer, enabled=_is_rank_zero())
+        self._alert_log = AlertLog(log_dir, writer=writer, enabled=is_rank_zero())
         self._layout_written = False
         self._tracked: list[_Tracked] = []
         for opt, prefix in zip(optimizers, optimizer_prefixes(optimizers)):
@@ -279,8 +294,13 @@ class Monitor:
             return
         if self.on_alert == "raise":
             self._flush_writer()
-            raise InstabilityError(acting, where=str(self._alert_log.path) if self._alert_log.path else None)
+            raise InstabilityError(acting, where=self.alerts_file)
         self.stop_alerts.extend(acting)
+
+    @property
+    def alerts_file(self) -> str | None:
+        """Path of ``alerts.jsonl`` (``None`` without a log folder, or on ranks other than zero)."""
+        return str(self._alert_log.path) if self._alert_log.path else None
 
     @property
     def should_stop(self) -> bool:
@@ -400,7 +420,7 @@ class Monitor:
         self._flush_writer()
         if raise_on_stop and self.stop_alerts:
             stop, self.stop_alerts = self.stop_alerts, []
-            raise InstabilityError(stop, where=str(self._alert_log.path) if self._alert_log.path else None)
+            raise InstabilityError(stop, where=self.alerts_file)
 
     def _flush_writer(self) -> None:
         if self.writer is not None and hasattr(self.writer, "flush"):

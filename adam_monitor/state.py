@@ -18,7 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .diagnostics import NUM_STATS, adam_direction, adam_statistics
+from .diagnostics import NUM_STATS, adam_direction
+from .kernels import fast_adam_statistics
 
 __all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "shard_group"]
 
@@ -193,7 +194,7 @@ class StepReader:
             eps = _as_float(group["eps"])
             amsgrad = group.get("amsgrad", False)
             grads = [self._gradient_used(p, state, group, step) for p, state in members]
-            rows = adam_statistics(
+            rows = fast_adam_statistics(
                 grads,
                 [local_tensor(s["exp_avg"]) for _, s in members],
                 [local_tensor(s["exp_avg_sq"]) for _, s in members],

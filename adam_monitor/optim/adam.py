@@ -1,0 +1,377 @@
+"""The configurable Adam and its presets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from adam_monitor.optim.functional import NORMALIZE, adam_step_, compiled_step, flat_alias, warn_eager_fallback
+
+__all__ = ["Adam", "AdamD", "LaProp", "AdamAtan2", "StableAdamW", "adafactor_beta2", "worst_case_bound"]
+
+#: Below this many elements in total, ``fused=None`` runs eagerly: compiling takes seconds and
+#: pays back only on large steps.
+COMPILE_MIN_ELEMENTS = 1 << 20
+
+
+def adafactor_beta2(step: int, beta2: float) -> float:
+    """Adafactor's schedule (Shazeer & Stern 2018), capped by the group's β2: ``min(β2, 1 - t^-0.8)``."""
+    return min(beta2, 1.0 - step**-0.8)
+
+
+def worst_case_bound(beta1: float, beta2: float, steps: int) -> float:
+    """``B_t = (1-β1)/√(1-β2) · √(1-β2^t)/(1-β1^t) · √(Σ_{k<t} γ^k)``, γ = β1²/β2 (ε = 0, |u_t| ≤ B_t)."""
+    if beta2 == 0.0:
+        return math.inf if beta1 > 0 else 1.0
+    gamma = beta1 * beta1 / beta2
+    try:
+        geometric = float(steps) if gamma == 1.0 else (gamma**steps - 1.0) / (gamma - 1.0)
+    except OverflowError:
+        return math.inf
+    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(1 - beta2**steps) / (1 - beta1**steps) * math.sqrt(geometric)
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """torch's wording for the classic hyper-parameters; the fix named for the rest."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, Tensor):
+        raise TypeError("lr as a Tensor is not supported: pass a float")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if group["normalize"] not in NORMALIZE:
+        raise ValueError(f"Invalid normalize value: {group['normalize']!r}; use one of {NORMALIZE}")
+    clip = group["update_clip"]
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise ValueError(f"Invalid update_clip value: {clip}; use a positive float (1.0 is the published choice) or None")
+    _check_betas(group)
+
+
+def _check_betas(group: dict[str, Any]) -> None:
+    beta1, beta2 = group["betas"]
+    # The bound B_t concerns m̂/√v̂; LaProp (|u| ≤ 1/√(1-β2)) and atan2 (|u| ≤ a·π/2) are bounded anyway.
+    if group["allow_unstable_betas"] or group["normalize"] != "adam" or beta1 * beta1 < beta2:
+        return
+    growth = "like √t" if beta1 * beta1 == beta2 else f"exponentially, by β1/√β2 = {beta1 / math.sqrt(beta2):.4g} per step"
+    raise ValueError(
+        f"Unstable betas=({beta1}, {beta2}): β1² = {beta1 * beta1:.6g} ≥ β2, so the worst-case update "
+        f"bound B_t grows {growth} (B_1000 = {worst_case_bound(beta1, beta2, 1000):.4g}; "
+        "it is finite only for β2 > β1²). Fix: lower beta1 or raise beta2 so that beta2 > beta1**2, "
+        "e.g. betas=(0.9, 0.95) (B_∞ = 1.165) or beta1 == beta2 (B_∞ = 1); "
+        "or pass allow_unstable_betas=True."
+    )
+
+
+class Adam(Optimizer):
+    r"""Adam with independent knobs and decoupled (AdamW) weight decay.
+
+    For each parameter, at step ``t`` (η = lr, λ = weight_decay)::
+
+        β2_t = β2, or beta2_schedule(t)
+        v_t  = β2_t·v_{t-1} + (1-β2_t)·g_t²          v̂_t = v_t / c2_t,   c2_t = 1 - Π_{k≤t} β2_k
+        c1_t = 1 - β1^t if momentum_bias_correction else 1
+        normalize="adam":   m_t = β1·m_{t-1} + (1-β1)·g_t            u_t = (m_t/c1_t) / (√v̂_t + ε)
+        normalize="laprop": m_t = β1·m_{t-1} + (1-β1)·g_t/(√v̂_t + ε)  u_t = m_t/c1_t
+        normalize="atan2":  m_t as adam                               u_t = a·atan2(m_t/c1_t, b·√v̂_t)
+        update_clip=d:      s_t = 1/max(1, RMS_t/d),  RMS_t = √mean(g_t²/max(v̂_t, ε²));  u_t ← s_t·u_t
+        p_t = p_{t-1}·(1 - η·λ·s_t) - η·u_t          (s_t = 1 without clipping)
+
+    With ``momentum_bias_correction=True`` and the other knobs at their defaults this is
+    ``torch.optim.AdamW`` (same state, same steps). The default ``False`` is AdamD: the momentum
+    is not divided by ``1 - β1^t``, so the first steps are short (|u_t| = 1 - β1^t on a constant
+    gradient) instead of full-size on a one-sample average; v stays bias-corrected.
+
+    ``beta2_schedule`` is applied when the step is computed (``group["betas"]`` is never rewritten):
+    ``None``; ``"adafactor"``: ``β2_t = min(β2, 1 - t^-0.8)`` (Shazeer & Stern 2018); or a callable
+    ``step -> β2_t`` (``group["betas"][1]`` is then unused). v is bias-corrected exactly for a varying
+    β2: ``c2_t = 1 - Π_{k≤t} β2_k``, which is ``1 - β2^t`` for a constant β2 and exactly 1 for the
+    Adafactor schedule (β2_1 = 0). The running product is kept in ``state["beta2_product"]``.
+
+    ``update_clip=d`` is the update clipping of Adafactor and StableAdamW (Wortsman et al. 2023):
+    the per-tensor learning rate — step and decay alike — is divided by ``max(1, RMS_t/d)``;
+    ``RMS_t`` is the ``staleness`` diagnostic, and d = 1 is the published choice.
+
+    ``normalize="laprop"`` (Ziyin et al. 2020, "LaProp: Separating Momentum and Adaptivity in Adam"):
+    ε sits inside the normalization of each gradient, ``g_t/(√v̂_t + ε)`` with v̂_t bias-corrected at
+    that step; the momentum of these normalized gradients is bias-corrected by ``1 - β1^t`` at the
+    update. (The reference code folds η into the momentum; here m is η-free, which equals it for a
+    constant lr and applies the current lr to the whole momentum under a schedule, as Adam does.)
+
+    ``normalize="atan2"`` (Everett et al. 2024, "Scaling Exponents Across Parameterizations and
+    Optimizers"): ε-free, ``a = 1.27``, ``b = 1`` as published; a ≈ 4/π gives a steady signal a
+    step of ≈ 1 like Adam, and |u| ≤ a·π/2 ≈ 2 whatever the gradients. ``eps`` is ignored (ε = 0,
+    also in the clipping RMS and in statistics).
+
+    Choosing betas: the worst-case update ``|u_t| ≤ B_∞ = (1-β1)/√((1-β2)(1-β1²/β2))`` (ε = 0, any
+    gradients) is 7.27 at (0.9, 0.999), 2.345 at (0.9, 0.99), 1.165 at (0.9, 0.95), and 1 for
+    ``β1 == β2``, its minimum at a given β2: ``Adam(params, betas=(0.95, 0.95),
+    momentum_bias_correction=True)`` never moves a coordinate by more than lr (plus decay). β1² ≥ β2
+    has no bound (B_t grows like √t, or exponentially) and is refused for ``normalize="adam"``
+    unless ``allow_unstable_betas=True`` (LaProp and atan2 are bounded for any betas); with a
+    schedule only the group's β2 is checked.
+
+    Monitoring: set ``record_statistics = True`` and each ``step()`` replaces ``last_statistics``,
+    a dict ``{param: row}`` of float64 rows of ``adam_monitor.diagnostics.NUM_STATS`` numbers
+    on the param's device (no host sync), equal to ``tensor_statistics(g_t, u_t, v̂_t, v̂_{t-1}, ε)``
+    (ε = 0 for atan2), computed inside the step.
+
+    ``fused``: ``True`` runs the ``torch.compile``'d step (an error if it cannot compile), ``False``
+    the eager single-tensor step, ``None`` the compiled one when the optimizer holds at least
+    ``2**20`` elements and compilation works (falling back to eager with a warning otherwise).
+    Compilation happens at the first step of each configuration (seconds; cached on disk by
+    inductor). Params with ``grad=None`` are skipped; sparse gradients are an error.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        momentum_bias_correction: bool = False,
+        beta2_schedule: str | Callable[[int], float] | None = None,
+        update_clip: float | None = None,
+        normalize: str = "adam",
+        allow_unstable_betas: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if beta2_schedule is not None and beta2_schedule != "adafactor" and not callable(beta2_schedule):
+            raise ValueError(f"Invalid beta2_schedule: {beta2_schedule!r}; use None, 'adafactor' or a callable step -> beta2")
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused value: {fused!r}; use None, True or False")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum_bias_correction=bool(momentum_bias_correction),
+            update_clip=None if update_clip is None else float(update_clip),
+            normalize=normalize,
+            allow_unstable_betas=bool(allow_unstable_betas),
+        )
+        # The schedule and the execution choice are not per-group options: a callable is not
+        # serializable, and state_dict() must load with torch.load(weights_only=True).
+        self.beta2_schedule = beta2_schedule
+        self.fused = fused
+        self.record_statistics: bool = False
+        self.last_statistics: dict[Tensor, Tensor] = {}
+        self._compile: bool | None = None if fused is None else fused
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["betas"] = tuple(group["betas"])
+        _check_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict() lands here with the saved groups: a torch Adam/AdamW checkpoint lacks our
+        # keys (take them from our defaults) and may use features we do not implement (refuse).
+        for group in state.get("param_groups", []):
+            for key in ("amsgrad", "maximize", "capturable", "differentiable"):
+                if group.get(key):
+                    raise ValueError(f"Cannot load a param group with {key}=True: {type(self).__name__} does not implement it")
+            if group.get("decoupled_weight_decay") is False and group.get("weight_decay", 0.0) != 0.0:
+                raise ValueError(
+                    "Cannot load a torch.optim.Adam group with L2 weight_decay: this optimizer decays "
+                    "decoupled (AdamW); load a torch.optim.AdamW checkpoint or set weight_decay=0"
+                )
+        super().__setstate__(state)
+        defaults = getattr(self, "defaults", {})
+        for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if isinstance(step, Tensor) and (step.device.type != "cpu" or step.dtype != torch.float32):
+                # a fused/capturable checkpoint keeps step on the device; reading it there would sync
+                param_state["step"] = step.to("cpu", torch.float32)
+
+    def _use_compiled(self) -> bool:
+        if self._compile is None:
+            numel = sum(p.numel() for group in self.param_groups for p in group["params"])
+            self._compile = numel >= COMPILE_MIN_ELEMENTS
+        return self._compile
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            # torch's layout: a CPU float32 step tensor and moments shaped like the param.
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.beta2_schedule is not None:
+                state["beta2_product"] = 1.0  # Π_{k≤t} β2_k, for the exact bias correction of v
+        return state
+
+    def _beta2(self, step: int, beta2: float) -> float:
+        if self.beta2_schedule is None:
+            return beta2
+        if self.beta2_schedule == "adafactor":
+            return adafactor_beta2(step, beta2)
+        value = float(self.beta2_schedule(step))
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"beta2_schedule({step}) = {value}: the schedule must return a beta2 in [0, 1)")
+        return value
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        statistics: dict[Tensor, Tensor] | None = {} if self.record_statistics else None
+        for group in self.param_groups:
+            self._step_group(group, statistics)
+        if statistics is not None:
+            self.last_statistics = statistics
+        return loss
+
+    def _step_group(self, group: dict[str, Any], statistics: dict[Tensor, Tensor] | None) -> None:
+        _check_betas(group)  # a scheduler may have moved them
+        beta1, beta2 = group["betas"]
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        normalize, clip = group["normalize"], group["update_clip"]
+        eps = 0.0 if normalize == "atan2" else group["eps"]  # atan2 is ε-free
+        record = statistics is not None
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use torch.optim.SparseAdam")
+            if torch.is_complex(p):
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters; use torch.view_as_real")
+            state = self._init_state(p)
+            state["step"] += 1
+            t = int(state["step"].item())  # a CPU tensor: no device sync
+            beta2_t = self._beta2(t, beta2)
+            if "beta2_product" in state:
+                product_prev = state["beta2_product"]
+                state["beta2_product"] = product = product_prev * beta2_t
+                c2, c2_prev = 1.0 - product, 1.0 - product_prev
+            else:
+                c2, c2_prev = 1.0 - beta2_t**t, 1.0 - beta2_t ** (t - 1)
+            compute_dtype = torch.promote_types(p.dtype, torch.float32)
+            scalars = dict(
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2_t,
+                weight_decay=weight_decay,
+                eps=eps,
+                eps_sq=max(eps * eps, torch.finfo(compute_dtype).tiny),
+                inv_c1=1.0 / (1.0 - beta1**t) if group["momentum_bias_correction"] else 1.0,
+                inv_sqrt_c2=1.0 / math.sqrt(c2),
+                inv_c2_prev=1.0 / c2_prev if record and c2_prev > 0.0 else 0.0,
+                update_clip=clip,
+                normalize=normalize,
+                statistics=record,
+            )
+            row = self._apply(p, grad, state["exp_avg"], state["exp_avg_sq"], scalars)
+            if record:
+                statistics[p] = row
+
+    def _apply(self, p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: dict[str, Any]) -> Tensor | None:
+        tensors = (p, grad, exp_avg, exp_avg_sq)
+        if (
+            self._use_compiled()
+            and p.numel() > 1  # sizes 0 and 1 would each specialize a graph
+            and all(t.is_contiguous() and t.dtype == p.dtype and t.device == p.device for t in tensors)
+        ):
+            fn = compiled_step(scalars["normalize"], scalars["update_clip"] is not None, scalars["statistics"])
+            try:
+                row = fn(*(flat_alias(t) for t in tensors), **scalars)
+            except Exception as error:  # compilation failed (no compiler, unsupported device, ...)
+                if self.fused:
+                    raise
+                warn_eager_fallback(error)
+                self._compile = False
+            else:
+                torch.autograd.graph.increment_version(p)  # the alias wrote p behind autograd's back
+                return row
+        return adam_step_(*tensors, **scalars)
+
+
+class AdamD(Adam):
+    r"""Adam without momentum bias correction (v is still bias-corrected), decoupled weight decay::
+
+        m_t = β1·m_{t-1} + (1-β1)·g_t,   v̂_t = v_t/(1-β2^t),   u_t = m_t/(√v̂_t + ε)
+
+    On a constant gradient the first steps are |u_t| = 1 - β1^t (a warmup of timescale 1/(1-β1))
+    instead of Adam's full-size steps on a one-sample momentum. Reference: "AdamD: Improved bias-
+    correction in Adam" (J. St. John, 2021, arXiv:2110.10828).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 beta2_schedule=None, update_clip=None, allow_unstable_betas=False, fused=None):  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, momentum_bias_correction=False,
+                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="adam",
+                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip
+
+
+class LaProp(Adam):
+    r"""LaProp (Ziyin, Wang & Ueda 2020, "LaProp: Separating Momentum and Adaptivity in Adam")::
+
+        v_t = β2·v_{t-1} + (1-β2)·g_t²,   m_t = β1·m_{t-1} + (1-β1)·g_t/(√(v_t/(1-β2^t)) + ε)
+        u_t = m_t/(1-β1^t)
+
+    Momentum of the normalized gradient: each gradient is divided by the v̂ of its own step, ε
+    inside; both moments are bias-corrected (v at normalization, m at the update). Since
+    v_t ≥ (1-β2)·g_t², |u_t| ≤ 1/√(1-β2) for any β1: no β1² < β2 coupling is needed. Decoupled
+    weight decay.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 beta2_schedule=None, update_clip=None, allow_unstable_betas=False, fused=None):  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, momentum_bias_correction=True,
+                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="laprop",
+                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip
+
+
+class AdamAtan2(Adam):
+    r"""Adam-atan2 (Everett et al. 2024, "Scaling Exponents Across Parameterizations and Optimizers")::
+
+        u_t = a·atan2(m̂_t, b·√v̂_t),   a = 1.27, b = 1,   m̂, v̂ bias-corrected as in Adam
+
+    ε-free and scale-invariant: the division m̂/(√v̂+ε) becomes an angle, so a gradient that
+    underflows v cannot blow the step up; |u_t| ≤ a·π/2 ≈ 2. Decoupled weight decay.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, *,
+                 beta2_schedule=None, update_clip=None, allow_unstable_betas=False, fused=None):  # fmt: skip
+        super().__init__(params, lr, betas, 0.0, weight_decay, momentum_bias_correction=True,
+                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="atan2",
+                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip
+
+
+class StableAdamW(Adam):
+    r"""StableAdamW (Wortsman et al. 2023, "Stable and low-precision training for large-scale
+    vision-language models"): AdamW with Adafactor's per-tensor update clipping::
+
+        RMS_t = √mean(g_t²/max(v̂_t, ε²)),   η_t = η/max(1, RMS_t)
+        p_t = p_{t-1}·(1 - η_t·λ) - η_t·m̂_t/(√v̂_t + ε)
+
+    RMS_t > 1 means v̂ is stale (the gradient outgrew the second moment, the precursor of loss
+    spikes); the clip then shrinks the step instead of letting m̂/√v̂ overshoot.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 update_clip=1.0, beta2_schedule=None, allow_unstable_betas=False, fused=None):  # fmt: skip
+        super().__init__(params, lr, betas, eps, weight_decay, momentum_bias_correction=True,
+                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="adam",
+                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip

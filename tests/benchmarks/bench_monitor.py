@@ -1,0 +1,296 @@
+"""What monitoring costs: per-step statistics against a fused AdamW step, training overhead, memory.
+
+Run as ``python tests/benchmarks/bench_monitor.py [--quick] [--rounds 7]``; threads are torch's
+default unless ``--threads`` is given. Variants are interleaved round by round, so machine noise
+hits them alike, and the median over rounds is reported.
+
+(a) about 20M float32 parameters in about 50 transformer-shaped tensors: a torch fused AdamW step,
+    and what each way of computing the statistics adds to it: the eager foreach
+    ``adam_statistics``, ``fast_adam_statistics``, and the whole ``Monitor`` post-step hook
+    (``StepReader`` + ``AlertRules`` + accumulation) as it is and with the fast path swapped in.
+    The floor is about 3/7 of the step: the statistics read g, m, v; the step reads p, g, m, v and
+    writes p, m, v.
+(b) ``AdamMonitor()`` with default settings on ``examples/quickstart.py``: Lightning step time with
+    and without the callback.
+(c) peak and resident memory of (a) with and without the monitor, in fresh processes, and whether
+    the resident size grows with the step count.
+(d) ``adam_monitor.optim.Adam`` with ``record_statistics`` on and off, if it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+from adam_monitor import Monitor  # noqa: E402
+from adam_monitor import state as state_module  # noqa: E402
+from adam_monitor.diagnostics import adam_statistics  # noqa: E402
+from adam_monitor.kernels import fast_adam_statistics  # noqa: E402
+
+
+def transformer_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
+    """Embedding, 5 blocks (qkv, proj, two MLP matrices, biases, two norms), final norm."""
+    d, vocab, blocks = int(512 * scale), int(16000 * scale), 5
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(blocks):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def make_params(scale: float) -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(scale)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def state_lists(opt: torch.optim.Optimizer, params) -> tuple[list, list, list]:
+    states = [opt.state[p] for p in params]
+    return [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+
+
+@contextlib.contextmanager
+def reader_uses(fn):
+    """Swap the function ``StepReader`` computes its rows with (the fast-path switch)."""
+    saved = state_module.adam_statistics
+    state_module.adam_statistics = fn
+    try:
+        yield
+    finally:
+        state_module.adam_statistics = saved
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+# ---------------------------------------------------------------------------------------- (a)
+def bench_statistics(scale: float, rounds: int) -> dict[str, float]:
+    params = make_params(scale)
+    numel = sum(p.numel() for p in params)
+    kw = dict(lr=1e-4, weight_decay=0.1)
+    plain = torch.optim.AdamW(params, fused=True, **kw)
+    hooked = torch.optim.AdamW(params, fused=True, **kw)
+    hooked_fast = torch.optim.AdamW(params, fused=True, **kw)
+    monitor = Monitor(hooked, log_every_n_steps=None)
+    # A second monitor on its own optimizer; its reader is switched to the fast path at step time.
+    monitor_fast = Monitor(hooked_fast, log_every_n_steps=None)
+    for opt in (plain, hooked):
+        opt.step()
+    with reader_uses(fast_adam_statistics):
+        start = time.perf_counter()
+        hooked_fast.step()  # compiles here (first use)
+        compile_s = time.perf_counter() - start
+    step = int(plain.state[params[0]]["step"])
+    stat_kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=step)
+    lists = state_lists(plain, params)
+    fast_adam_statistics(*lists, **stat_kw)
+
+    samples: dict[str, list[float]] = {k: [] for k in ("step", "eager", "fast", "monitor", "monitor_fast")}
+    for _ in range(rounds):
+        samples["step"].append(timed(plain.step))
+        samples["eager"].append(timed(lambda: adam_statistics(*lists, **stat_kw)))
+        samples["fast"].append(timed(lambda: fast_adam_statistics(*lists, **stat_kw)))
+        samples["monitor"].append(timed(hooked.step))
+        with reader_uses(fast_adam_statistics):
+            samples["monitor_fast"].append(timed(hooked_fast.step))
+    monitor.close()
+    monitor_fast.close()
+    ms = {k: median_ms(v) for k, v in samples.items()}
+    ms["monitor"] -= ms["step"]
+    ms["monitor_fast"] -= ms["step"]
+    print(f"\n(a) {numel / 1e6:.1f}M float32 parameters in {len(params)} tensors, {torch.get_num_threads()} threads, "
+          f"median of {rounds} interleaved rounds (fast path compiled in {compile_s:.1f} s)")
+    print(f"    {'':44s}{'ms/step':>9s}{'× fused step':>14s}")
+    rows = [
+        ("fused AdamW step alone", "step"),
+        ("+ adam_statistics (eager foreach)", "eager"),
+        ("+ fast_adam_statistics", "fast"),
+        ("+ Monitor hook, as is (eager reader)", "monitor"),
+        ("+ Monitor hook, reader on the fast path", "monitor_fast"),
+    ]
+    for label, key in rows:
+        print(f"    {label:44s}{ms[key]:9.1f}{ms[key] / ms['step']:14.2f}")
+    return ms
+
+
+# ---------------------------------------------------------------------------------------- (b)
+def bench_lightning(steps: int, rounds: int) -> dict[str, float]:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from quickstart import Regressor, data
+
+    from adam_monitor import AdamMonitor
+
+    class StepClock(Callback):
+        """Wall time per batch after a warm-up, so start-up and compilation do not count."""
+
+        def __init__(self, warmup: int):
+            self.warmup, self.start, self.per_step = warmup, None, None
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == self.warmup:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, *args):
+            self.per_step = (time.perf_counter() - self.start) / (trainer.global_step - self.warmup)
+
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    def run(with_monitor: bool, root: str) -> float:
+        torch.manual_seed(0)
+        clock = StepClock(warmup=20)
+        callbacks = [clock] + ([AdamMonitor()] if with_monitor else [])
+        trainer = L.Trainer(
+            max_steps=steps, callbacks=callbacks, logger=TensorBoardLogger(root, name="bench"),
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        trainer.fit(Regressor(), data())
+        return clock.per_step
+
+    samples: dict[str, list[float]] = {"without": [], "with": []}
+    with tempfile.TemporaryDirectory() as root:
+        for _ in range(rounds):
+            samples["without"].append(run(False, root))
+            samples["with"].append(run(True, root))
+    ms = {k: median_ms(v) for k, v in samples.items()}
+    print(f"\n(b) Lightning, examples/quickstart.py Regressor, {steps} steps a run, median of {rounds} interleaved runs")
+    print(f"    without AdamMonitor {ms['without']:.3f} ms/step, with {ms['with']:.3f} ms/step: "
+          f"overhead {ms['with'] - ms['without']:+.3f} ms ({(ms['with'] / ms['without'] - 1) * 100:+.1f}%)")
+    return ms
+
+
+# ---------------------------------------------------------------------------------------- (c)
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def memory_child(mode: str, scale: float, steps: int) -> None:
+    """Run in a fresh process: peak (VmHWM) and resident (VmRSS) sizes after each half of the run."""
+    params = make_params(scale)
+    opt = torch.optim.AdamW(params, fused=True, lr=1e-4)
+    monitor = Monitor(opt, log_every_n_steps=None) if mode != "none" else None
+    with reader_uses(fast_adam_statistics if mode == "fast" else adam_statistics):
+        opt.step()
+        base = _status_kib("VmRSS")
+        rss = []
+        for half in range(2):
+            for _ in range(steps // 2):
+                opt.step()
+            rss.append(_status_kib("VmRSS"))
+    if monitor is not None:
+        monitor.close()
+    print(json.dumps({"hwm_mib": _status_kib("VmHWM") / 1024, "after_first_step_mib": base / 1024,
+                      "rss_mib": [r / 1024 for r in rss]}))
+
+
+def bench_memory(scale: float, steps: int) -> None:
+    print(f"\n(c) memory, fresh process per variant, {steps} steps (VmHWM: peak resident size)")
+    state_mib = 4 * sum(torch.Size(s).numel() for s in transformer_shapes(scale)) / 2**20
+    print(f"    one copy of the parameters: {state_mib:.0f} MiB")
+    print(f"    {'':30s}{'peak MiB':>10s}{'after 1 step':>14s}{'half-way':>10s}{'end':>8s}")
+    for mode, label in (("none", "no monitor"), ("eager", "Monitor, eager reader"), ("fast", "Monitor, fast reader")):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", mode, "--scale", str(scale), "--steps", str(steps)],
+            capture_output=True, text=True, check=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"    {label:30s}{r['hwm_mib']:10.0f}{r['after_first_step_mib']:14.0f}{r['rss_mib'][0]:10.0f}{r['rss_mib'][1]:8.0f}")
+
+
+# ---------------------------------------------------------------------------------------- (d)
+def bench_own_optimizer(scale: float, rounds: int) -> None:
+    try:
+        from adam_monitor.optim import Adam
+    except ImportError as error:
+        print(f"\n(d) skipped: adam_monitor.optim.Adam is not importable ({error})")
+        return
+    if not hasattr(Adam([torch.nn.Parameter(torch.zeros(1))]), "record_statistics"):
+        print("\n(d) skipped: adam_monitor.optim.Adam has no record_statistics")
+        return
+    params = make_params(scale)
+    kw = dict(lr=1e-4, weight_decay=0.1)
+    fused = torch.optim.AdamW(params, fused=True, **kw)
+    off = Adam(params, momentum_bias_correction=True, **kw)
+    on = Adam(params, momentum_bias_correction=True, **kw)
+    on.record_statistics = True
+    monitored = Adam(params, momentum_bias_correction=True, **kw)
+    monitor = Monitor(monitored, log_every_n_steps=None)
+    start = time.perf_counter()
+    for opt in (fused, off, on, monitored):
+        opt.step()
+    compile_s = time.perf_counter() - start
+    samples: dict[str, list[float]] = {k: [] for k in ("fused", "off", "on", "monitor")}
+    for _ in range(rounds):
+        samples["fused"].append(timed(fused.step))
+        samples["off"].append(timed(off.step))
+        samples["on"].append(timed(on.step))
+        samples["monitor"].append(timed(monitored.step))
+    monitor.close()
+    ms = {k: median_ms(v) for k, v in samples.items()}
+    print(f"\n(d) adam_monitor.optim.Adam (bias-corrected), same parameters, median of {rounds} rounds "
+          f"(first steps incl. compilation: {compile_s:.1f} s)")
+    print(f"    {'':44s}{'ms/step':>9s}{'× fused step':>14s}")
+    for label, key in (("torch fused AdamW", "fused"), ("Adam, record_statistics off", "off"),
+                       ("Adam, record_statistics on", "on"), ("Adam + Monitor hook", "monitor")):
+        print(f"    {label:44s}{ms[key]:9.1f}{ms[key] / ms['fused']:14.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced run (under a minute once compiled)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--scale", type=float, default=None, help="width multiplier of the model in (a), (c), (d)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ab'")
+    parser.add_argument("--memory-child", choices=("none", "eager", "fast"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    scale = args.scale if args.scale is not None else (0.5 if args.quick else 1.0)
+    if args.memory_child:
+        memory_child(args.memory_child, scale, args.steps or 20)
+        return
+    rounds = args.rounds or (3 if args.quick else 9)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    if "a" in args.only:
+        bench_statistics(scale, rounds)
+    if "b" in args.only:
+        bench_lightning(steps=args.steps or (60 if args.quick else 300), rounds=min(rounds, 2 if args.quick else 5))
+    if "c" in args.only:
+        bench_memory(scale, steps=args.steps or (10 if args.quick else 40))
+    if "d" in args.only:
+        bench_own_optimizer(scale, rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The one-pass statistics against the foreach path and the float64 one-tensor specification."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import adam_monitor.kernels as kernels
+from adam_monitor.diagnostics import (
+    JUMP_SQ,
+    NUM_STATS,
+    adam_direction,
+    adam_statistics,
+    previous_second_moment,
+    tensor_statistics,
+)
+from adam_monitor.kernels import BLOCK, fast_adam_statistics
+
+# Whole blocks and tails, a tensor below the compiled size, and one that never gets a gradient.
+SHAPES = [(3, BLOCK), (2 * BLOCK + 5,), (BLOCK + 1, 3), (7,), (2 * BLOCK,)]
+
+
+def adam_state(dtype, *, steps, amsgrad=False, eps=1e-8, betas=(0.9, 0.999)):
+    """Run torch Adam; gradients keep a per-coordinate scale (so v_{t-1} is well conditioned) and
+    a fifth of the coordinates never see a gradient (v = 0) unless ε = 0."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES]
+    scales = [torch.rand(s) * 2 + 0.5 for s in SHAPES]
+    opt = torch.optim.Adam(params, betas=betas, eps=eps, amsgrad=amsgrad)
+    for _ in range(steps):
+        for p, scale in zip(params, scales):
+            g = scale * (1 + 0.3 * torch.randn(p.shape))
+            if eps > 0:  # with ε = 0 such a coordinate's step is 0/0 in torch Adam itself
+                g.view(-1)[::5] = 0.0
+            p.grad = g.to(dtype)
+        opt.step()
+    states = [opt.state[p] for p in params]
+    lists = ([p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
+    kw = dict(beta1=betas[0], beta2=betas[1], eps=eps, step=steps)
+    if amsgrad:
+        kw["max_exp_avg_sqs"] = [s["max_exp_avg_sq"] for s in states]
+    return lists, kw
+
+
+def specification(lists, kw):
+    """Rows from ``tensor_statistics`` in float64, from the same stored state."""
+    t, b1, b2, eps = kw["step"], kw["beta1"], kw["beta2"], kw["eps"]
+    c2, c2p = 1 - b2**t, 1 - b2 ** (t - 1)
+    rows = []
+    for i, (g, m, v) in enumerate(zip(*lists)):
+        v_den = kw["max_exp_avg_sqs"][i] if "max_exp_avg_sqs" in kw else v
+        u = adam_direction(m.double(), v_den.double(), bias_correction1=1 - b1**t, bias_correction2=c2, eps=eps)
+        cdt = torch.float64 if v.dtype == torch.float64 else torch.float32  # the rebuild's precision
+        prev = previous_second_moment(v.to(cdt), g.to(cdt), b2).double() / c2p if t > 1 else None
+        rows.append(tensor_statistics(g, u, v.double() / c2, prev, eps, v_den.double() / c2))
+    return torch.stack(rows)
+
+
+def assert_rows_close(actual, expected, rtol):
+    assert actual.shape == expected.shape and actual.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-12)
+
+
+@pytest.fixture
+def small_compiled(monkeypatch):
+    # Compile small shapes: every tensor with at least two blocks takes the compiled path.
+    monkeypatch.setattr(kernels, "MIN_COMPILED_NUMEL", 2 * BLOCK)
+    monkeypatch.setattr(kernels, "_disabled_reason", None)
+    monkeypatch.delenv(kernels.EAGER_ENV, raising=False)
+
+
+@pytest.fixture
+def uncompiled_kernel(small_compiled, monkeypatch):
+    # The same Python function executed eagerly: checks the fast path's math in every
+    # configuration without paying one compilation each.
+    monkeypatch.setattr(kernels, "_compiled", lambda amsgrad, dtype: kernels.block_sums)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_kernel_math_matches_specification(uncompiled_kernel, dtype, amsgrad, steps, eps):
+    lists, kw = adam_state(dtype, steps=steps, amsgrad=amsgrad, eps=eps)
+    fast = fast_adam_statistics(*lists, **kw)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_rows_close(fast, specification(lists, kw), rtol)
+    # The foreach path squares a float32 norm: its own error is ~1e-5 on update_sq.
+    assert_rows_close(fast, adam_statistics(*lists, **kw), 1e-12 if dtype == torch.float64 else 2e-5)
+    if steps == 1:
+        assert fast[:, JUMP_SQ].eq(0).all()
+
+
+def test_compiled_matches_and_does_not_recompile(small_compiled):
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    for steps in (1, 2, 5):
+        lists, kw = adam_state(torch.float32, steps=steps, eps=1e-8 if steps != 5 else 0.0)
+        fast = fast_adam_statistics(*lists, **kw, compiled=True)
+        assert_rows_close(fast, specification(lists, kw), 2e-6)
+    # One graph for every size, step, ε (the first call may find it compiled by an earlier test).
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_compiled_other_dtypes_and_amsgrad(small_compiled, dtype, amsgrad):
+    for steps in (1, 3):
+        lists, kw = adam_state(dtype, steps=steps, amsgrad=amsgrad)
+        fast = fast_adam_statistics(*lists, **kw, compiled=True)
+        assert_rows_close(fast, specification(lists, kw), 1e-12 if dtype == torch.float64 else 2e-6)
+
+
+@pytest.mark.slow
+def test_float32_block_sums_are_accurate_on_16m_elements():
+    # One float32 accumulator over 16M terms would be off by up to ~1e-3; blocks keep ~1e-7.
+    torch.manual_seed(0)
+    n = 1 << 24
+    g = torch.randn(n) * (1 + torch.rand(n))
+    v = 0.001 * g * g + 0.999 * 0.001 * torch.rand(n)
+    m = 0.1 * g + 0.01 * torch.randn(n)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=3)
+    fast = fast_adam_statistics([g], [m], [v], **kw, compiled=True)
+    reference = specification(([g], [m], [v]), kw)
+    assert_rows_close(fast, reference, 1e-5)
+
+
+def test_compile_failure_falls_back_once(small_compiled, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_compiled", lambda amsgrad, dtype: broken)
+    lists, kw = adam_state(torch.float32, steps=2)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        rows = fast_adam_statistics(*lists, **kw)
+    assert_rows_close(rows, adam_statistics(*lists, **kw), 0)
+    assert not kernels.compiled_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast_adam_statistics(*lists, **kw)  # eager from now on, silently
+    with pytest.raises(RuntimeError, match="no compiler"):
+        fast_adam_statistics(*lists, **kw, compiled=True)
+
+
+def test_environment_forces_eager(small_compiled, monkeypatch):
+    monkeypatch.setenv(kernels.EAGER_ENV, "1")
+    monkeypatch.setattr(kernels, "_compiled", lambda amsgrad, dtype: pytest.fail("compiled under ADAM_MONITOR_EAGER"))
+    lists, kw = adam_state(torch.float32, steps=2)
+    assert_rows_close(fast_adam_statistics(*lists, **kw), adam_statistics(*lists, **kw), 0)
+
+
+def test_empty_and_noncontiguous(uncompiled_kernel):
+    assert fast_adam_statistics([], [], [], beta1=0.9, beta2=0.999, eps=1e-8, step=1).shape == (0, NUM_STATS)
+    lists, kw = adam_state(torch.float32, steps=3)
+    transposed = [[t.t() if t.dim() == 2 else t for t in ts] for ts in lists]
+    assert_rows_close(fast_adam_statistics(*transposed, **kw), specification(transposed, kw), 2e-6)
+    assert math.isfinite(float(fast_adam_statistics(*lists, **kw).sum()))

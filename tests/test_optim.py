@@ -1,0 +1,481 @@
+"""adam_monitor.optim: exactness against torch and plain loops, validation, state, statistics, fast path."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adam_monitor.diagnostics import NUM_STATS, tensor_statistics
+from adam_monitor.optim import Adam, AdamAtan2, AdamD, LaProp, StableAdamW, worst_case_bound
+
+F64 = torch.float64
+
+
+def make_params(shapes=((3, 4), (5,)), dtype=F64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+
+
+def clone_params(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def gradient_sequence(params, steps, seed=1, heavy=False):
+    """Random gradients with a per-step scale that wanders over orders of magnitude."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = []
+    for _ in range(steps):
+        scale = 10 ** (4 * torch.rand((), generator=gen, dtype=F64).item() - 2) if heavy else 1.0
+        seq.append([scale * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params])
+    return seq
+
+
+def run(optimizer, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------------- plain-loop reference
+
+
+def reference_run(p0, grads, *, lr, beta1, beta2, eps, weight_decay, mbc, normalize="adam", clip=None, beta2_at=None):
+    """Per-coordinate float64 Python loop over one tensor (flattened lists). One dict per step."""
+    n = len(p0)
+    p, m, v = list(p0), [0.0] * n, [0.0] * n
+    product = 1.0
+    out = []
+    for t, g in enumerate(grads, start=1):
+        b2 = beta2 if beta2_at is None else beta2_at(t)
+        if beta2_at is None:
+            c2, c2_prev = 1 - beta2**t, 1 - beta2 ** (t - 1)
+        else:
+            product, product_prev = product * b2, product
+            c2, c2_prev = 1 - product, 1 - product_prev
+        c1 = 1 - beta1**t if mbc else 1.0
+        v_prev = v
+        v = [b2 * v[i] + (1 - b2) * g[i] * g[i] for i in range(n)]
+        v_hat = [v[i] / c2 for i in range(n)]
+        if normalize == "laprop":
+            m = [beta1 * m[i] + (1 - beta1) * g[i] / (math.sqrt(v_hat[i]) + eps) for i in range(n)]
+            u = [m[i] / c1 for i in range(n)]
+        else:
+            m = [beta1 * m[i] + (1 - beta1) * g[i] for i in range(n)]
+            if normalize == "adam":
+                u = [(m[i] / c1) / (math.sqrt(v_hat[i]) + eps) for i in range(n)]
+            else:
+                u = [1.27 * math.atan2(m[i] / c1, math.sqrt(v_hat[i])) for i in range(n)]
+        s = 1.0
+        if clip is not None:
+            floor = max(eps * eps, torch.finfo(F64).tiny)
+            rms = math.sqrt(sum(g[i] ** 2 / max(v_hat[i], floor) for i in range(n)) / n)
+            s = 1 / max(1.0, rms / clip)
+        u = [s * x for x in u]
+        p = [p[i] - lr * weight_decay * s * p[i] - lr * u[i] for i in range(n)]
+        out.append(
+            dict(p=p, m=m, v=v, u=u, v_hat=v_hat, v_hat_prev=[x / c2_prev for x in v_prev] if t > 1 else None)
+        )
+    return out
+
+
+def reference_for(params, grads, **kw):
+    """Run ``reference_run`` on each tensor; returns per tensor the list of per-step dicts."""
+    return [
+        reference_run(p.detach().flatten().tolist(), [g[k].flatten().tolist() for g in grads], **kw)
+        for k, p in enumerate(params)
+    ]
+
+
+def assert_close_rel(actual, expected, rtol):
+    actual, expected = torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64)
+    scale = expected.abs().max().clamp_min(1e-300)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f"relative error {err:.3g} > {rtol}"
+
+
+PRESETS = {
+    "AdamD": (AdamD, dict(mbc=False, normalize="adam", eps=1e-8)),
+    "LaProp": (LaProp, dict(mbc=True, normalize="laprop", eps=1e-8)),
+    "AdamAtan2": (AdamAtan2, dict(mbc=True, normalize="atan2", eps=0.0)),
+    "StableAdamW": (StableAdamW, dict(mbc=True, normalize="adam", eps=1e-8, clip=1.0)),
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_matches_plain_loop(name):
+    cls, ref_kw = PRESETS[name]
+    params = make_params()
+    p0 = clone_params(params)
+    grads = gradient_sequence(params, 40, heavy=True)
+    kw = dict(lr=0.05, betas=(0.9, 0.99), weight_decay=0.1)
+    opt = cls(params, **kw, fused=False)
+    run(opt, params, grads)
+    refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, **ref_kw)
+    for p, q, ref in zip(params, p0, refs):
+        assert_close_rel(p.detach().flatten() - q.detach().flatten(), torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(), 1e-12)
+        assert_close_rel(opt.state[p]["exp_avg"].flatten(), ref[-1]["m"], 1e-12)
+        assert_close_rel(opt.state[p]["exp_avg_sq"].flatten(), ref[-1]["v"], 1e-12)
+
+
+def test_update_clip_is_active_in_the_test_above():
+    # the heavy-tailed gradients must actually trigger the clip, or the StableAdamW test proves nothing
+    params = make_params()
+    grads = gradient_sequence(params, 40, heavy=True)
+    refs = reference_for(params, grads, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, mbc=True)
+    rms = [math.sqrt(sum(g * g / max(vh, 1e-16) for g, vh in zip(grads[t][0].flatten().tolist(), ref["v_hat"])) / 12)
+           for t, ref in enumerate(refs[0])]  # fmt: skip
+    assert max(rms) > 1.5
+
+
+@pytest.mark.parametrize("schedule", ["adafactor", "callable"])
+def test_beta2_schedule_matches_plain_loop(schedule):
+    params = make_params()
+    p0 = clone_params(params)
+    grads = gradient_sequence(params, 30)
+    if schedule == "adafactor":
+        opt_schedule, beta2_at = "adafactor", (lambda t: min(0.99, 1 - t**-0.8))
+    else:
+        opt_schedule = beta2_at = lambda t: 0.99 - 0.5 * 0.8**t  # noqa: E731
+    opt = Adam(params, lr=0.05, betas=(0.9, 0.99), weight_decay=0.01, beta2_schedule=opt_schedule, fused=False)
+    run(opt, params, grads)
+    refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, mbc=False, beta2_at=beta2_at)
+    for p, q, ref in zip(params, p0, refs):
+        assert_close_rel(p.detach().flatten() - q.detach().flatten(), torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(), 1e-12)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)  # applied at compute time, never written back
+    if schedule == "adafactor":
+        assert opt.state[params[0]]["beta2_product"] == 0.0  # β2_1 = 0: c2 = 1 exactly
+
+
+# ----------------------------------------------------------------------------- torch equivalence
+
+
+def grouped(params):
+    return [
+        {"params": params[:1], "lr": 0.03, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1},
+        {"params": params[1:2], "lr": 0.01, "betas": (0.8, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+        {"params": params[2:], "lr": 0.002, "betas": (0.5, 0.99), "eps": 1e-3, "weight_decay": 0.5},
+    ]
+
+
+def test_bias_corrected_adam_equals_torch_adamw():
+    params = make_params(shapes=((4, 3), (6,), (2, 2, 2)))
+    twins = clone_params(params)
+    p0 = clone_params(params)
+    ours = Adam(grouped(params), momentum_bias_correction=True, fused=False)
+    torch_opt = torch.optim.AdamW(grouped(twins))
+    grads = gradient_sequence(params, 100, heavy=True)
+    for step_grads in grads:
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        torch_opt.step()
+    for p, q, z in zip(params, twins, p0):
+        assert_close_rel(p.detach(), q.detach(), 1e-12)
+        assert_close_rel(p.detach() - z.detach(), q.detach() - z.detach(), 1e-12)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close_rel(ours.state[p][key], torch_opt.state[q][key], 1e-12)
+        assert ours.state[p]["step"] == torch_opt.state[q]["step"] == 100
+
+
+def test_beta1_equal_beta2_bounds_every_update_by_one():
+    params = make_params(shapes=((50,),))
+    for beta in (0.9, 0.95, 0.99):
+        opt = Adam(params, lr=1.0, betas=(beta, beta), eps=0.0, momentum_bias_correction=True, fused=False)
+        gen = torch.Generator().manual_seed(3)
+        worst = 0.0
+        for t in range(300):
+            before = params[0].detach().clone()
+            # heavy tails and sign-persistent bursts: the sequences that push |u| toward its bound
+            g = torch.randn(50, generator=gen, dtype=F64) ** 3 * 10 ** (3 * torch.rand(50, generator=gen, dtype=F64))
+            params[0].grad = g.abs() if t % 40 < 10 else g
+            opt.step()
+            worst = max(worst, (before - params[0].detach()).abs().max().item())
+        assert worst <= 1 + 1e-12
+        assert worst > 0.9  # the bound is approached, the test is not vacuous
+    assert worst_case_bound(0.95, 0.95, 1000) == pytest.approx(1.0)
+
+
+def test_adamd_first_steps_on_constant_gradient():
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=F64))]  # from 0: no cancellation in before - after
+    opt = AdamD(params, lr=0.1, betas=(0.9, 0.999), eps=0.0)
+    g = torch.tensor([2.0, -0.5, 1e-3], dtype=F64)
+    for t in range(1, 11):
+        before = params[0].detach().clone()
+        params[0].grad = g.clone()
+        opt.step()
+        moved = (before - params[0].detach()) / torch.sign(g)
+        assert_close_rel(moved, torch.full((3,), 0.1 * (1 - 0.9**t), dtype=F64), 1e-14)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+        (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+        (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+        (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+        (dict(normalize="sign"), "Invalid normalize value: 'sign'"),
+        (dict(update_clip=0.0), "Invalid update_clip value: 0.0"),
+        (dict(beta2_schedule="cosine"), "Invalid beta2_schedule: 'cosine'"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Adam(make_params(), **kwargs)
+
+
+def test_invalid_group_value_is_caught_too():
+    params = make_params()
+    with pytest.raises(ValueError, match="Invalid learning rate: -0.5"):
+        Adam([{"params": params[:1]}, {"params": params[1:], "lr": -0.5}])
+
+
+def test_unknown_kwarg_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="amsgrad"):
+        Adam(make_params(), amsgrad=True)
+    with pytest.raises(TypeError, match="foo"):
+        StableAdamW(make_params(), foo=1)
+
+
+@pytest.mark.parametrize("betas", [(0.99, 0.95), (0.9, 0.81)])
+def test_unstable_betas_refused_with_bound_and_fix(betas):
+    with pytest.raises(ValueError) as info:
+        Adam(make_params(), betas=betas)
+    text = str(info.value)
+    assert "B_1000" in text and "beta2 > beta1**2" in text and "allow_unstable_betas=True" in text
+    assert ("√t" in text) == (betas == (0.9, 0.81))
+    Adam(make_params(), betas=betas, allow_unstable_betas=True)  # opt-in works
+    LaProp(make_params(), betas=betas)  # bounded by 1/√(1-β2) whatever β1
+
+
+def test_betas_moved_by_a_scheduler_are_checked_at_step():
+    params = make_params()
+    opt = Adam(params, fused=False)
+    opt.param_groups[0]["betas"] = (0.99, 0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="Unstable betas"):
+        opt.step()
+
+
+def test_sparse_gradient_is_a_clear_error():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    p.grad = torch.sparse_coo_tensor([[1]], [1.0], (4,), dtype=F64, check_invariants=True)
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        Adam([p]).step()
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def test_state_keys_and_grad_none_skipped():
+    params = make_params()
+    opt = Adam(params, fused=False)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    state = opt.state[params[0]]
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    assert state["step"].dtype == torch.float32 and state["step"].device.type == "cpu" and state["step"].ndim == 0
+    assert params[1] not in opt.state
+    assert set(Adam(make_params(), beta2_schedule="adafactor").state) == set()
+
+
+def roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("make", [lambda ps: StableAdamW(ps, weight_decay=0.1, fused=False),
+                                  lambda ps: Adam(ps, beta2_schedule="adafactor", normalize="laprop", fused=False)])  # fmt: skip
+def test_state_dict_roundtrip_continues_identically(make):
+    params = make_params()
+    grads = gradient_sequence(params, 20)
+    opt = make(params)
+    run(opt, params, grads[:10])
+    twins = clone_params(params)
+    restored = make(twins)
+    restored.load_state_dict(roundtrip(opt.state_dict()))
+    run(opt, params, grads[10:])
+    run(restored, twins, grads[10:])
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
+def test_torch_adamw_checkpoint_loads_and_continues_identically():
+    params = make_params()
+    twins = clone_params(params)
+    grads = gradient_sequence(params, 30)
+    torch_opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    run(torch_opt, params, grads[:15])
+    for p, q in zip(params, twins):
+        q.data.copy_(p.data)
+    ours = Adam(twins, momentum_bias_correction=True, fused=False)
+    ours.load_state_dict(roundtrip(torch_opt.state_dict()))
+    assert ours.param_groups[0]["lr"] == 0.01 and ours.param_groups[0]["normalize"] == "adam"
+    run(torch_opt, params, grads[15:])
+    run(ours, twins, grads[15:])
+    for p, q in zip(params, twins):
+        assert_close_rel(q.detach(), p.detach(), 1e-14)
+
+
+def test_unsupported_torch_checkpoint_is_refused():
+    params = make_params()
+    torch_opt = torch.optim.AdamW(params, amsgrad=True)
+    run(torch_opt, params, gradient_sequence(params, 2))
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        Adam(clone_params(params)).load_state_dict(torch_opt.state_dict())
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+CONFIGS = [
+    dict(normalize="adam", mbc=True, clip=None),
+    dict(normalize="adam", mbc=False, clip=1.0),
+    dict(normalize="laprop", mbc=True, clip=None),
+    dict(normalize="atan2", mbc=True, clip=0.5),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c['normalize']}-mbc{c['mbc']}-clip{c['clip']}")
+def test_statistics_equal_tensor_statistics(config):
+    params = make_params()
+    params[1].data[:2] = 0.0
+    grads = gradient_sequence(params, 6, heavy=True)
+    for g in grads[:3]:
+        g[1][:2] = 0.0  # coordinates without a second moment until step 4: excluded from the jump
+    eps = 0.0 if config["normalize"] == "atan2" else 1e-3
+    opt = Adam(params, lr=0.01, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1, fused=False,
+               momentum_bias_correction=config["mbc"], normalize=config["normalize"], update_clip=config["clip"])  # fmt: skip
+    opt.record_statistics = True
+    refs = reference_for(params, grads, lr=0.01, beta1=0.9, beta2=0.95, eps=eps, weight_decay=0.1, **config)
+    for t, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        assert set(opt.last_statistics) == set(params)
+        for k, p in enumerate(params):
+            ref = refs[k][t]
+            as_tensor = lambda xs: torch.tensor(xs, dtype=F64)  # noqa: E731
+            expected = tensor_statistics(
+                step_grads[k].flatten(), as_tensor(ref["u"]), as_tensor(ref["v_hat"]),
+                None if ref["v_hat_prev"] is None else as_tensor(ref["v_hat_prev"]), eps,
+            )  # fmt: skip
+            row = opt.last_statistics[p]
+            assert row.dtype == F64 and row.shape == (NUM_STATS,)
+            torch.testing.assert_close(row, expected, rtol=1e-12, atol=0)
+
+
+def test_statistics_dict_is_replaced_and_off_by_default():
+    params = make_params()
+    opt = Adam(params, fused=False)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert opt.record_statistics is False and opt.last_statistics == {}
+    opt.record_statistics = True
+    opt.step()
+    first = opt.last_statistics
+    params[0].grad, params[1].grad = None, torch.ones_like(params[1])
+    opt.step()
+    assert opt.last_statistics is not first and set(opt.last_statistics) == {params[1]}
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def fast_vs_spec(make, dtype, shapes, steps=5, record=True):
+    params = make_params(shapes=shapes, dtype=dtype)
+    twins = clone_params(params)
+    fast, spec = make(params, True), make(twins, False)
+    fast.record_statistics = spec.record_statistics = record
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=2e-5, atol=1e-6)
+    for step_grads in gradient_sequence(params, steps, heavy=True):
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fast.step()
+        spec.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, **tol)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fast.state[p][key], spec.state[q][key], **tol)
+            if record:
+                torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5 if dtype != F64 else 1e-12, atol=1e-6)  # fmt: skip
+    return fast
+
+
+def test_compiled_step_matches_spec():
+    # one compiled configuration in the default run: clip + statistics cover most of the graph;
+    # a 1-element and a transposed (non-contiguous) param take the eager route in the same step.
+    def make(ps, fused):
+        return StableAdamW(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+
+    params = make_params(shapes=((64, 33), (1,), (7,)), dtype=torch.float32)
+    params.append(torch.nn.Parameter(torch.randn(5, 9).t()))
+    twins = clone_params(params)
+    for q, p in zip(twins, params):
+        q.data = p.data.clone(memory_format=torch.preserve_format)
+    fast, spec = make(params, True), make(twins, False)
+    fast.record_statistics = spec.record_statistics = True
+    for step_grads in gradient_sequence(params, 4, heavy=True):
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fast.step()
+        spec.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5, atol=1e-6)
+    assert fast._compile is True
+
+
+def test_default_runs_eager_below_the_compile_threshold():
+    params = make_params()
+    opt = Adam(params)
+    run(opt, params, gradient_sequence(params, 1))
+    assert opt._compile is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("normalize", ["adam", "laprop", "atan2"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("record", [False, True])
+def test_compiled_step_matches_spec_all_configurations(dtype, normalize, clip, record):
+    def make(ps, fused):
+        return Adam(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, normalize=normalize,
+                    update_clip=clip, momentum_bias_correction=True, fused=fused)  # fmt: skip
+
+    fast_vs_spec(make, dtype, shapes=((40, 30), (17,)), record=record)
+
+
+@pytest.mark.slow
+def test_compiled_schedule_does_not_recompile_per_step():
+    from torch._dynamo.utils import counters
+
+    params = make_params(shapes=((40, 30), (17,), (3, 4, 5)), dtype=torch.float32)
+    fast = Adam(params, beta2_schedule="adafactor", fused=True)
+    fast.record_statistics = True
+    grads = gradient_sequence(params, 6)
+    run(fast, params, grads[:1])  # compiles (or reuses) one graph for all three shapes
+    after_first_step = counters["stats"]["unique_graphs"]
+    run(fast, params, grads[1:])  # β2_t, c1, c2 change every step: still no new graph
+    assert counters["stats"]["unique_graphs"] == after_first_step
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_optim_does_not_import_lightning():
+    code = "import sys, adam_monitor.optim; bad = {'lightning', 'pytorch_lightning'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
