@@ -11,7 +11,13 @@ betas. Rules (severity):
 * ``stale_second_moment`` (warning): the gradient outran the second moment by a factor a, and the
   jump formula predicts the update will overshoot to ``peak`` × its steady size while v̂ catches up.
 * ``update_rms_spike`` (warning): update RMS far above its own recent level, or above B_t.
-* ``eps_dominance`` (warning): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row.
+* ``gradient_growth`` (warning): the gradient grew geometrically against v̂ for several steps in a
+  row while v̂, not ε, sets the step: the oscillation of Adam's adaptive edge of stability building
+  up (once the gradient has vanished, √v̂ decays like β2^{k/2} and the effective step η/(√v̂+ε)
+  grows until the preconditioned sharpness crosses (2+2β1)/(1-β1)).
+* ``eps_dominance`` (warning): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
+  regime, not a spike precursor: Adam has become SGD with lr η/ε there (fine when meant: ε that
+  large is what keeps a converged full-batch run stable; harmful under gradient underflow).
 
 Every rule alerts once per episode: a condition that persists does not alert again until it has
 cleared (per rule and tensor; ``nonfinite`` once per optimizer, since a NaN spreads to all
@@ -40,6 +46,7 @@ RULES = (
     "nonfinite",
     "stale_second_moment",
     "update_rms_spike",
+    "gradient_growth",
     "eps_dominance",
 )
 
@@ -159,6 +166,12 @@ class Thresholds:
             relative test starts after that many observed steps.
         bound_factor: ``update_rms_spike`` also fires when update RMS > bound_factor · B_t (torch
             Adam cannot exceed B_t; use ``math.inf`` for directions not bounded by B_t, e.g. LaProp).
+        growth_ratio: ``gradient_growth`` fires when staleness (the gradient over √v̂) grew by at
+            least this factor on each of ``growth_steps`` consecutive steps ...
+        growth_steps: ... (the geometric growth of an unstable oscillation, not one jump), on a
+            subject where fewer than ``eps_fraction`` of the coordinates are ε-dominated (where ε
+            sets the step, the effective lr η/ε is fixed and such bursts self-stabilise). The
+            episode ends when staleness stops growing.
         eps_fraction: ``eps_dominance`` counts a step when more than this fraction of a tensor's
             coordinates have √v̂ ≤ ε ...
         eps_steps: ... and fires after this many such steps in a row.
@@ -173,6 +186,8 @@ class Thresholds:
     spike_floor: float = 1.0
     spike_decay: float = 0.95
     bound_factor: float = 1.0
+    growth_ratio: float = 1.2
+    growth_steps: int = 4
     eps_fraction: float = 0.5
     eps_steps: int = 20
     eps_clear: float = 0.25
@@ -190,6 +205,8 @@ class Thresholds:
         check("spike_floor", self.spike_floor >= 0, "a number >= 0")
         check("spike_decay", 0 < self.spike_decay < 1, "in (0, 1)")
         check("bound_factor", self.bound_factor > 0, "a number > 0 (math.inf disables the bound test)")
+        check("growth_ratio", self.growth_ratio > 1, "a number > 1")
+        check("growth_steps", isinstance(self.growth_steps, int) and self.growth_steps >= 1, "an int >= 1")
         check("eps_fraction", 0 <= self.eps_fraction < 1, "in [0, 1)")
         check("eps_clear", 0 <= self.eps_clear <= self.eps_fraction, "in [0, eps_fraction]")
         check("eps_steps", isinstance(self.eps_steps, int) and self.eps_steps >= 1, "an int >= 1")
@@ -214,9 +231,10 @@ def _is_pair(betas) -> bool:
     _NF_NEW, _NF_IDX, _NF_VAL,
     _ST_NEW, _ST_IDX, _ST_PEAK, _ST_JUMP, _ST_STALE, _ST_MEMBER,
     _SP_NEW, _SP_IDX, _SP_VAL, _SP_THR, _SP_BASE, _SP_BOUND, _SP_MEMBER,
+    _GR_NEW, _GR_IDX, _GR_RATIO, _GR_STALE, _GR_MEMBER,
     _EPS_NEW, _EPS_IDX, _EPS_VAL,
     _VEC_LEN,
-) = range(20)
+) = range(25)
 
 
 class AlertRules:
@@ -284,11 +302,16 @@ class AlertRules:
             "spike_active": torch.zeros(s, dtype=torch.bool),
             "spike_ema": torch.zeros(s, dtype=torch.float64),
             "spike_seen": torch.zeros(s, dtype=torch.float64),
+            "growth_prev": torch.zeros(s, dtype=torch.float64),
+            "growth_run": torch.zeros(s, dtype=torch.float64),
+            "growth_base": torch.zeros(s, dtype=torch.float64),
+            "growth_active": torch.zeros(s, dtype=torch.bool),
             "eps_run": torch.zeros(n, dtype=torch.float64),
             "eps_active": torch.zeros(n, dtype=torch.bool),
         }
         self._state_keys = (
-            "nonfinite_active", "stale_active", "spike_active", "spike_ema", "spike_seen", "eps_run", "eps_active",
+            "nonfinite_active", "stale_active", "spike_active", "spike_ema", "spike_seen",
+            "growth_prev", "growth_run", "growth_base", "growth_active", "eps_run", "eps_active",
         )
         self._device = torch.device("cpu")
         self.last_step = 0
@@ -308,7 +331,8 @@ class AlertRules:
                 f"rules watch {len(self.names)}; build the rules with the same parameters as the saved run"
             )
         for k in self._state_keys:
-            self._t[k] = state[k].to(self._device, self._t[k].dtype).clone()
+            if k in state:  # states saved before a rule existed start that rule afresh
+                self._t[k] = state[k].to(self._device, self._t[k].dtype).clone()
         self.last_step = int(state["last_step"])
 
     def _to(self, device: torch.device) -> None:
@@ -383,8 +407,28 @@ class AlertRules:
         sp_idx = torch.where(sp_new, update_rms / sp_thr, neg_inf).argmax()
         sp_member = self._worst_member(sp_idx, small, update_rms[:n], neg_inf)
 
+        # gradient_growth: staleness grew by growth_ratio or more on growth_steps steps in a row,
+        # on subjects whose step v̂ (not ε) sets. Staleness is bounded (≤ √(c2/(1-β2))), defined from
+        # step 1, and ≈ gradient_jump while the gradient is small against √v̂.
+        s_frac = subj[:, EPS_COUNT] / safe
+        prev = T["growth_prev"]
+        grew = (stale_sq >= th.growth_ratio**2 * prev) & (prev > 0)
+        run = torch.where(grew, T["growth_run"] + 1, 0.0)
+        base = torch.where(grew & (T["growth_run"] == 0), prev, T["growth_base"])
+        gr_cond = judged & (run >= th.growth_steps) & (s_frac < th.eps_fraction)
+        gr_new = gr_cond & ~T["growth_active"]
+        gr_keep = T["growth_active"] & (stale_sq > prev)
+        ok = s_stepped & torch.isfinite(stale_sq)
+        T["growth_active"] = torch.where(s_stepped, gr_cond | gr_keep, T["growth_active"])
+        T["growth_run"] = torch.where(ok, run, T["growth_run"])
+        T["growth_base"] = torch.where(ok, base, T["growth_base"])
+        T["growth_prev"] = torch.where(ok, stale_sq, prev)
+        gr_ratio = (stale_sq / base.clamp_min(1e-300)).sqrt() ** (1 / run.clamp_min(1))  # per step
+        gr_idx = torch.where(gr_new, gr_ratio, neg_inf).argmax()
+        gr_member = self._worst_member(gr_idx, small, gr_ratio[:n], neg_inf)
+
         # eps_dominance: per tensor, a run of steps with most coordinates under ε.
-        frac = rows[:, EPS_COUNT] / safe[:n]
+        frac = s_frac[:n]
         over = frac > th.eps_fraction
         T["eps_run"] = torch.where(stepped, torch.where(over, T["eps_run"] + 1, 0.0), T["eps_run"])
         eps_cond = T["eps_run"] >= th.eps_steps
@@ -399,6 +443,7 @@ class AlertRules:
             f64(st_new.sum()), f64(st_idx), peak[st_idx], jump[st_idx], stale_sq[st_idx].sqrt(), f64(st_member),
             f64(sp_new.sum()), f64(sp_idx), update_rms[sp_idx], sp_thr[sp_idx], baseline[sp_idx],
             bound[sp_idx], f64(sp_member),
+            f64(gr_new.sum()), f64(gr_idx), gr_ratio[gr_idx], stale_sq[gr_idx].sqrt(), f64(gr_member),
             f64(eps_new.sum()), f64(eps_idx), frac[eps_idx],
         ])
         v = vec.tolist()  # the one host transfer of this step
@@ -504,13 +549,31 @@ class AlertRules:
                 f"{what}: update RMS {value:.3g} is {why}." + self._others(v[_SP_NEW]),
                 value, thr,
             )
+        if v[_GR_NEW]:
+            idx = int(v[_GR_IDX])
+            name, what = self._subject(idx, int(v[_GR_MEMBER]))
+            b1, _ = self._subject_betas[idx]
+            add(
+                "gradient_growth", "warning", name,
+                f"{what}: its gradient grew about {v[_GR_RATIO]:.3g}x per step against sqrt(v_hat) for "
+                f"{th.growth_steps}+ steps in a row (staleness now {v[_GR_STALE]:.3g}): an oscillation is "
+                "building up. Typical of Adam's adaptive edge of stability: after the gradient vanished, "
+                "sqrt(v_hat) decayed, the effective step lr/(sqrt(v_hat)+eps) grew and the preconditioned "
+                f"sharpness crossed (2+2*beta1)/(1-beta1) = {(2 + 2 * b1) / (1 - b1):.3g}. A loss spike may "
+                "follow within a few steps: raise eps (eps >= lr*sharpness/"
+                f"{(2 + 2 * b1) / (1 - b1):.3g} caps the effective step), lower the learning rate, or clip "
+                "the update (update_clip / StableAdamW)." + self._others(v[_GR_NEW]),
+                v[_GR_RATIO], th.growth_ratio,
+            )
         if v[_EPS_NEW]:
             name = self.names[int(v[_EPS_IDX])]
             add(
                 "eps_dominance", "warning", name,
                 f"{name}: eps sets the step of {v[_EPS_VAL]:.0%} of its coordinates (sqrt(v_hat) <= eps) for "
-                f"{th.eps_steps} steps in a row: its gradients fell below eps, so Adam acts as SGD with lr/eps "
-                "there. Lower eps, scale the loss up, or check for gradient underflow (fp16/bf16)."
+                f"{th.eps_steps} steps in a row, so Adam acts as SGD with lr/eps there. Fine if intended "
+                "(a large eps is what keeps a converged full-batch run from Adam's adaptive edge of "
+                "stability); if not, the gradients fell below eps: lower eps, scale the loss up, use "
+                "Adam-atan2 (no eps), or check for gradient underflow (fp16/bf16)."
                 + self._others(v[_EPS_NEW]),
                 v[_EPS_VAL], th.eps_fraction,
             )
