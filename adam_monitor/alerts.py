@@ -97,12 +97,18 @@ class Alert:
 
 
 def configuration_alerts(
-    betas_by_group: Sequence[tuple[float, float]], *, optimizer: str, step: int
+    betas_by_group: Sequence[tuple[float, float] | None], *, optimizer: str, step: int
 ) -> list[Alert]:
-    """``beta_coupling`` (β1² ≥ β2) and ``beta_order`` (β1 ≥ β2 > β1²) alerts, one per offending group."""
+    """``beta_coupling`` (β1² ≥ β2) and ``beta_order`` (β1 ≥ β2 > β1²) alerts, one per offending group.
+
+    ``None`` marks a group whose update is not Adam's ``m̂/(√v̂+ε)`` (LaProp, atan2): their size is
+    bounded whatever the betas, so the coupling rules do not apply.
+    """
     alerts = []
-    for gi, (beta1, beta2) in enumerate(betas_by_group):
-        beta1, beta2 = float(beta1), float(beta2)
+    for gi, betas in enumerate(betas_by_group):
+        if betas is None:
+            continue
+        beta1, beta2 = (float(b) for b in betas)
         gamma = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
         if beta1 * beta1 >= beta2:
             bounds = ", ".join(f"B_{t} = {worst_case_bound(beta1, beta2, t):.3g}" for t in (10, 100, 1000))

@@ -9,6 +9,8 @@ of counts), so no step between two log points is lost from the record.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -253,9 +255,18 @@ class Monitor:
     def _group_betas(self, tracked: _Tracked) -> list[tuple[float, float]]:
         return [tuple(float(b) for b in g["betas"]) for g in tracked.optimizer.param_groups]
 
+    @staticmethod
+    def _adam_direction(group: dict) -> bool:
+        # adam_monitor.optim's LaProp and atan2 directions are bounded whatever the betas.
+        return group.get("normalize", "adam") == "adam"
+
     def _make_rules(self, tracked: _Tracked) -> AlertRules:
-        per_tensor = [tuple(float(b) for b in g["betas"]) for g in tracked.optimizer.param_groups for _ in g["params"]]
-        return AlertRules(self._parameter_names(tracked), optimizer=tracked.label, betas=per_tensor, thresholds=self.thresholds)
+        groups = tracked.optimizer.param_groups
+        per_tensor = [tuple(float(b) for b in g["betas"]) for g in groups for _ in g["params"]]
+        thresholds = self.thresholds
+        if not all(self._adam_direction(g) for g in groups):
+            thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
+        return AlertRules(self._parameter_names(tracked), optimizer=tracked.label, betas=per_tensor, thresholds=thresholds)
 
     def check_configuration(self) -> list[Alert]:
         """Run the configuration rules (β1² ≥ β2, β1 ≥ β2) now; they also run at the first step."""
@@ -272,7 +283,8 @@ class Monitor:
             tracked.rules = None  # betas changed mid-run: the rules' constants depend on them
         tracked.betas = betas
         fresh = []
-        for alert in configuration_alerts(betas, optimizer=tracked.label, step=step):
+        checked = [b if self._adam_direction(g) else None for b, g in zip(betas, tracked.optimizer.param_groups)]
+        for alert in configuration_alerts(checked, optimizer=tracked.label, step=step):
             key = f"{alert.optimizer}|{alert.rule}|{alert.message}"
             if key not in self._config_seen:  # a resumed run does not repeat what it said already
                 self._config_seen.add(key)

@@ -60,3 +60,28 @@ def test_stable_adamw_clips_what_the_monitor_sees_as_stale():
     # Staleness ~9 after the jump; the clipped update stays at most one RMS unit per coordinate.
     assert after["adam/staleness"] > 5
     assert after["adam/update_rms"] < 1.0
+
+
+def test_coupled_betas_are_no_error_for_directions_bounded_whatever_the_betas():
+    p = torch.nn.Parameter(torch.zeros(16))
+    for make, errors in ((lambda: LaProp([p], betas=(0.99, 0.95)), 0), (lambda: AdamAtan2([p], betas=(0.99, 0.95)), 0),
+                         (lambda: Adam([p], betas=(0.99, 0.95), allow_unstable_betas=True), 1)):
+        opt = make()
+        monitor = Monitor(opt, log_every_n_steps=None)
+        with pytest.warns() if errors else _no_warning():
+            monitor.check_configuration()
+        assert [a.rule for a in monitor.alerts] == ["beta_coupling"] * errors
+        monitor.close()
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def ctx():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+
+    return ctx()
