@@ -66,7 +66,9 @@ def is_rank_zero() -> bool:
 
 def _warn(message: str, category: type[Warning] = UserWarning) -> None:
     if is_rank_zero():
-        warnings.warn(message, category, stacklevel=3)
+        # Raised from inside optimizer.step: no line of the user's code to point at, and a line of
+        # ours or torch's would only distract. Filters by category and message still work.
+        warnings.warn_explicit(message, category, filename="adam-monitor", lineno=0, module="adam_monitor")
 
 
 def optimizer_prefixes(optimizers: Sequence[torch.optim.Optimizer], root: str = "adam") -> list[str]:

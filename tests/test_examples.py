@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from adam_monitor.cli import main as cli
 from adam_monitor.events import read_scalars
 
@@ -39,3 +41,23 @@ def test_lightning_cli_adds_the_callback_by_class_path(tmp_path):
     (run_dir,) = (tmp_path / "runs" / "lightning_cli").iterdir()
     assert "adam/staleness" in read_scalars(run_dir)
     assert cli(["check", str(run_dir)]) == 0
+
+
+@pytest.mark.slow
+def test_the_spike_demo_forecasts_the_spike_and_the_fix_prevents_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import spike_demo
+
+    runs = spike_demo.main(["--root", str(tmp_path)])
+    losses, alerts, _ = runs["default_betas_0.9_0.999"]
+    spikes = spike_demo.loss_spikes(losses)
+    first = alerts[0]
+    assert (first.rule, first.step) == ("stale_second_moment", spike_demo.RETURN)
+    assert spikes and spikes[0] > first.step
+    assert max(losses[spike_demo.RETURN :]) > 5 * losses[spike_demo.RETURN - 2]
+    fixed_losses, fixed_alerts, _ = runs["fixed_betas_0.9_0.95"]
+    assert spike_demo.loss_spikes(fixed_losses) == []
+    assert all(a.rule in spike_demo.REGIME_RULES for a in fixed_alerts)
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert "stale_second_moment" in capsys.readouterr().out
+    assert cli(["check", str(tmp_path)]) == 1
