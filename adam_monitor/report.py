@@ -24,7 +24,10 @@ PANELS = (
     ("adam/gradient_jump", "gradient jump  sqrt(mean g²/v̂_prev)", "log"),
     ("adam/eps_dominance", "ε-dominance (fraction)", "linear"),
 )
-SEVERITY_COLOUR = {"error": "#c0392b", "warning": "#e67e22"}
+LINESTYLE = {"error": "-", "warning": "--"}
+#: Alerts that describe a regime rather than forecast a spike: marked, but no zoom on them.
+REGIME_RULES = ("eps_dominance", "beta_order")
+ZOOM_BEFORE, ZOOM_AFTER = 30, 70
 
 
 def find_loss_tag(tags) -> str | None:
@@ -44,48 +47,64 @@ def _runs(logdir: Path) -> list[Path]:
 
 
 def write_report(logdir: str | Path, output: str | Path, *, title: str | None = None) -> Path:
-    """Plot every monitored run under ``logdir`` (one colour each) into ``output`` (PNG)."""
+    """Plot every monitored run under ``logdir`` (one colour each) into ``output`` (PNG).
+
+    Left: the whole run. Right (when a spike precursor fired): a zoom on the first one, where the
+    forecast and the loss's answer to it can be read step by step.
+    """
     logdir = Path(logdir)
     if not logdir.exists():
         raise FileNotFoundError(f"{logdir} does not exist")
     runs = _runs(logdir)
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(11, 2.3 * len(PANELS)), sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    loaded = []
     for i, run in enumerate(runs):
-        colour = colours[i % len(colours)]
-        label = str(run.relative_to(logdir)) if run != logdir else run.name
-        scalars = read_scalars(run)
-        for ax, (tag, ylabel, scale) in zip(axes, PANELS):
-            key = find_loss_tag(scalars) if tag == "loss" else tag
-            if key in scalars:
-                steps, values = zip(*scalars[key])
-                ax.plot(steps, values, color=colour, lw=1.2, label=label)
-            ax.set_ylabel(ylabel, fontsize=8)
-            ax.set_yscale(scale)
-            ax.grid(alpha=0.3)
         alerts_file = run / ALERTS_FILE
         records = read_alert_records(alerts_file) if alerts_file.exists() else []
+        label = str(run.relative_to(logdir)) if run != logdir else run.name
+        loaded.append((label, colours[i % len(colours)], read_scalars(run), records))
+    precursors = [x for *_, records in loaded for a, x in records if a.rule not in REGIME_RULES]
+    columns = 2 if precursors else 1
+    fig, axes = plt.subplots(
+        len(PANELS), columns, figsize=(7 * columns + 2, 2.3 * len(PANELS)), sharex="col", squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2][:columns]}, layout="constrained",
+    )
+    for label, colour, scalars, records in loaded:
+        for row, (tag, ylabel, scale) in enumerate(PANELS):
+            key = find_loss_tag(scalars) if tag == "loss" else tag
+            for col in range(columns):
+                ax = axes[row, col]
+                if key in scalars:
+                    steps, values = zip(*scalars[key])
+                    ax.plot(steps, values, color=colour, lw=1.1, label=label if row == col == 0 else None)
+                for alert, x in records:
+                    ax.axvline(x, color=colour, ls=LINESTYLE[alert.severity], lw=0.8, alpha=0.7)
+                ax.set_yscale(scale)
+                ax.grid(alpha=0.3)
+            axes[row, 0].set_ylabel(ylabel, fontsize=8)
+        first_of_rule = {}
         for alert, x in records:
-            for ax in axes:
-                ax.axvline(x, color=SEVERITY_COLOUR[alert.severity], ls="--", lw=0.9, alpha=0.8)
-            axes[0].annotate(
-                f"{alert.rule}\n(step {alert.step})",
-                xy=(x, 1.0),
-                xycoords=("data", "axes fraction"),
-                fontsize=7,
-                color=SEVERITY_COLOUR[alert.severity],
-                ha="left",
-                va="top",
-                rotation=90,
-            )
-    axes[1].axhline(0.2294, color="grey", lw=0.8, ls=":", label="noise level (β1 = 0.9)")
-    axes[2].axhline(1.0, color="grey", lw=0.8, ls=":")
-    axes[0].legend(fontsize=8, loc="upper right")
-    axes[-1].set_xlabel("step")
+            first_of_rule.setdefault(alert.rule, (alert, x))
+        for alert, x in first_of_rule.values():
+            for col in range(columns):
+                note = axes[0, col].annotate(
+                    f"{alert.rule} (step {alert.step})", xy=(x, 1.0), xycoords=("data", "axes fraction"),
+                    fontsize=7, color=colour, ha="right", va="top", rotation=90,
+                )
+                note.set_in_layout(False)  # labels on the chart must not squeeze the axes
+    if precursors:
+        first = min(precursors)
+        for ax in axes[:, 1]:
+            ax.set_xlim(first - ZOOM_BEFORE, first + ZOOM_AFTER)
+        axes[0, 1].set_title(f"around the first spike precursor (step axis {first})", fontsize=9)
+    axes[1, 0].axhline(0.2294, color="grey", lw=0.8, ls=":", label="noise level (β1 = 0.9)")
+    axes[2, 0].axhline(1.0, color="grey", lw=0.8, ls=":")
+    axes[0, 0].legend(fontsize=8, loc="upper right")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
     fig.suptitle(title or f"adam-monitor report: {logdir}", fontsize=11)
-    fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
+    fig.savefig(output, dpi=100)
     plt.close(fig)
     return output

@@ -250,3 +250,25 @@ def _roundtrip(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_report_plots_runs_with_their_alerts(tmp_path, capsys):
+    p = torch.nn.Parameter(torch.zeros(512))
+    opt = torch.optim.Adam([p], betas=(0.9, 0.95))
+    writer = SummaryWriter(str(tmp_path / "run"))
+    monitor = Monitor(opt, writer=writer, log_every_n_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InstabilityWarning)
+        for t in range(1, 41):
+            p.grad = torch.randn(512)
+            if t == 20:
+                p.grad[0] = float("nan")
+            opt.step()
+            writer.add_scalar("train/loss", 1.0 / t, t)
+    monitor.close()
+    writer.close()
+    out = tmp_path / "report.png"
+    assert cli(["report", str(tmp_path), "-o", str(out)]) == 0
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+    assert cli(["report", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
