@@ -35,24 +35,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
+from shapes import transformer_shapes  # noqa: E402  (run as a script, this folder is on sys.path)
 from adam_monitor import Monitor  # noqa: E402
 from adam_monitor import state as state_module  # noqa: E402
 from adam_monitor.diagnostics import adam_statistics  # noqa: E402
 from adam_monitor.kernels import fast_adam_statistics  # noqa: E402
 
 
-def transformer_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
-    """Embedding, 5 blocks (qkv, proj, two MLP matrices, biases, two norms), final norm."""
-    d, vocab, blocks = int(512 * scale), int(16000 * scale), 5
-    shapes: list[tuple[int, ...]] = [(vocab, d)]
-    for _ in range(blocks):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
 def make_params(scale: float) -> list[torch.nn.Parameter]:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(scale)]
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(scale, blocks=5)]
     for p in params:
         p.grad = torch.randn_like(p)
     return params
@@ -214,7 +206,7 @@ def memory_child(mode: str, scale: float, steps: int) -> None:
 
 def bench_memory(scale: float, steps: int) -> None:
     print(f"\n(c) memory, fresh process per variant, {steps} steps (VmHWM: peak resident size)")
-    state_mib = 4 * sum(torch.Size(s).numel() for s in transformer_shapes(scale)) / 2**20
+    state_mib = 4 * sum(torch.Size(s).numel() for s in transformer_shapes(scale, blocks=5)) / 2**20
     print(f"    one copy of the parameters: {state_mib:.0f} MiB")
     print(f"    {'':30s}{'peak MiB':>10s}{'after 1 step':>14s}{'half-way':>10s}{'end':>8s}")
     for mode, label in (("none", "no monitor"), ("eager", "Monitor, eager reader"), ("fast", "Monitor, fast reader")):

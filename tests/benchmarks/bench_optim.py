@@ -14,16 +14,8 @@ import time
 
 import torch
 
+from shapes import transformer_shapes  # noqa: E402  (run as a script, this folder is on sys.path)
 from adam_monitor.optim import Adam, AdamAtan2, AdamD, LaProp, StableAdamW
-
-
-def transformer_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
-    """Embedding, 4 blocks (qkv, proj, two MLP matrices, biases, two norms), final norm."""
-    d, vocab, blocks = int(512 * scale), int(16000 * scale), 4
-    shapes: list[tuple[int, ...]] = [(vocab, d)]
-    for _ in range(blocks):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
-    return shapes + [(d,), (d,)]
 
 
 def main() -> None:
@@ -34,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(args.scale)]
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(args.scale, blocks=4)]
     for p in params:
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)
