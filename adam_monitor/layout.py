@@ -52,6 +52,9 @@ def custom_scalars_layout(
     layout["adam: pooled over all tensors"] = pooled
     if not per_parameter:
         return layout
+    layout["adam: worst tensor (named in the Text tab, adam/worst_tensors)"] = {
+        diag: ["Multiline", [f"^{re.escape(prefix)}/worst/{diag}$" for prefix in names_by_prefix]] for diag in DIAGNOSTICS
+    }
     for prefix, names in names_by_prefix.items():
         for module, members in _module_groups(list(dict.fromkeys(names)), max_lines).items():
             charts = {}

@@ -28,6 +28,15 @@ __all__ = ["Monitor", "clean_parameter_name"]
 
 ScalarSink = Callable[[dict[str, float], int], None]
 ON_ALERT = ("warn", "raise", "stop")
+#: Tensors named per diagnostic in the "worst tensors" text at each log point.
+WORST_NAMED = 5
+
+
+def _worst_table(worst: dict[str, list[tuple[float, str]]]) -> str:
+    rows = ["| diagnostic | worst tensors (value) |", "|---|---|"]
+    for diag, top in worst.items():
+        rows.append(f"| {diag} | " + ", ".join(f"`{name}` ({value:.4g})" for value, name in top) + " |")
+    return "\n".join(rows)
 
 
 def validate_options(owner: str, *, log_every_n_steps, on_alert: str, fail_on: str) -> None:
@@ -101,6 +110,7 @@ class _Tracked:
     hook: object | None = None
     applied: int = 0  # steps whose statistics were recorded
     attempts: int | None = None  # optimizer.step calls announced by the trainer, if it announces them
+    worst: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # at the last log point
     hook_skips: int = 0  # post-hooks that found the step count unchanged (fused kernels under GradScaler)
 
     @property
@@ -367,12 +377,19 @@ class Monitor:
         metrics["adam/alerts"] = float(len(self.alerts))
         if self.per_parameter:
             names = self._parameter_names(tracked)
+            ranked: dict[str, list[tuple[float, str]]] = {d: [] for d in DIAGNOSTICS}
             for i, name in enumerate(names):
                 base = 4 + 4 * i
                 for k, d in enumerate(DIAGNOSTICS):
                     v = values[base + k]
                     if v == v:  # NaN: the tensor did not step since the last log
                         metrics[f"{tracked.prefix}/{d}/{name}"] = v
+                        ranked[d].append((v, name))
+            # With hundreds of tensors no chart shows them all: the worst one is a scalar of its
+            # own and the top few are named in a text summary.
+            tracked.worst = {d: sorted(r, reverse=True)[:WORST_NAMED] for d, r in ranked.items() if r}
+            for d, top in tracked.worst.items():
+                metrics[f"{tracked.prefix}/worst/{d}"] = top[0][0]
         return metrics
 
     def flush(self, step: int | None = None) -> dict[str, float]:
@@ -396,6 +413,8 @@ class Monitor:
         elif self.writer is not None:
             for tag, value in metrics.items():
                 self.writer.add_scalar(tag, value, x)
+        if self.per_parameter and self.writer is not None and tracked.worst:
+            self.writer.add_text(f"{tracked.prefix}/worst_tensors", _worst_table(tracked.worst), x)
         if self.histograms and self.writer is not None:
             names = dict(zip(map(id, tracked.reader.params), self._parameter_names(tracked)))
             for p, u in tracked.reader.updates():

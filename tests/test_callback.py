@@ -54,7 +54,7 @@ def fit(tmp_path, model, *, callbacks=None, max_steps=10, name="run", ckpt_path=
 
 def test_exact_tags_on_lightnings_own_step_axis(tmp_path):
     trainer, scalars = fit(tmp_path, AdamBoring())
-    expected = {"adam/alerts", "adam/skipped_steps"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/layer.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    expected = {"adam/alerts", "adam/skipped_steps"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/worst/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/layer.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
     assert expected <= set(scalars)
     assert set(scalars) - expected == {"loss", "epoch"}
     # The same x values as the loss logged by the module: steps 4 and 9 for log_every_n_steps=5.

@@ -39,7 +39,7 @@ def test_tags_and_steps_are_exact(tmp_path):
         opt.step()
     monitor.close()  # writes the 2 pending steps at step 12
     scalars = read_scalars(tmp_path)
-    expected = {"adam/alerts", "adam/skipped_steps"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/lin.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    expected = {"adam/alerts", "adam/skipped_steps"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/worst/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/lin.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
     assert set(scalars) == expected
     assert [s for s, _ in scalars["adam/update_rms"]] == [5, 10, 12]
     # The first logged gradient_jump pools steps 2..5 only: step 1 has no previous moment.
@@ -100,7 +100,7 @@ def test_compiled_model_names_have_no_wrapper_prefix():
     monitor = Monitor(opt, named_parameters=compiled.named_parameters(), log_every_n_steps=None)
     model.weight.grad, model.bias.grad = torch.ones(2, 2), torch.ones(2)
     opt.step()
-    assert {k.split("/", 2)[-1] for k in monitor.compute() if k.count("/") == 2} == {"weight", "bias"}
+    assert {k.split("/", 2)[-1] for k in monitor.compute() if k.startswith("adam/update_rms/")} == {"weight", "bias"}
     monitor.close()
 
 
@@ -150,4 +150,8 @@ def test_histograms_and_layout_are_written(tmp_path):
     assert titles[0] == "adam: pooled over all tensors"
     charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
     assert charts["update_rms"] == ["^adam/update_rms$"]
-    assert len(titles) == 3  # pooled, then one category per module: "0", "1"
+    assert titles[1].startswith("adam: worst tensor")
+    assert titles[2:] == ["adam: 0", "adam: 1"]  # then one category per module
+    summary = tensor_util.make_ndarray(acc.Tensors("adam/worst_tensors/text_summary")[-1].tensor_proto).item().decode()
+    assert summary.startswith("| diagnostic | worst tensors (value) |")
+    assert all(f"`{n}`" in summary for n in ("0.weight", "0.bias", "1.weight", "1.bias"))
