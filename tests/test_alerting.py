@@ -272,3 +272,18 @@ def test_report_plots_runs_with_their_alerts(tmp_path, capsys):
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
     assert cli(["report", str(tmp_path / "nothing"), "-o", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_betas_changed_mid_run_are_checked_again():
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = torch.optim.Adam([p], betas=(0.9, 0.95))
+    monitor = Monitor(opt, log_every_n_steps=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InstabilityWarning)
+        for t in range(1, 11):
+            if t == 6:
+                opt.param_groups[0]["betas"] = (0.99, 0.95)  # e.g. a momentum schedule gone wrong
+            p.grad = torch.randn(8)
+            opt.step()
+    monitor.close()
+    assert [(a.rule, a.step) for a in monitor.alerts] == [("beta_coupling", 6)]
