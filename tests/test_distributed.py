@@ -75,3 +75,25 @@ def test_raise_mode_ends_every_ddp_rank_together(tmp_path):
         trainer.fit(dist_workers.NanModel(nan_at=5))
     alerts = read_alerts(alerts_path(tmp_path / "run" / "version_0"))
     assert [(a.rule, a.step) for a in alerts] == [("nonfinite", 5)]
+
+
+@pytest.mark.timeout(300)
+def test_lightning_model_parallel_strategy_logs_what_one_process_logs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from adam_monitor.events import read_scalars
+
+    script = Path(__file__).with_name("lightning_fsdp2_fit.py")
+    for kind in ("single", "fsdp2"):
+        proc = subprocess.run([sys.executable, str(script), kind, str(tmp_path / kind)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single = read_scalars(tmp_path / "single" / "run" / "version_0")
+    sharded = read_scalars(tmp_path / "fsdp2" / "run" / "version_0")
+    tags = [t for t in single if t.startswith("adam/")]
+    assert "adam/update_rms/net.0.weight" in tags
+    for tag in tags:
+        assert [s for s, _ in sharded[tag]] == [s for s, _ in single[tag]] == [4, 9, 14, 19]
+        for (_, got), (_, want) in zip(sharded[tag], single[tag]):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-12), tag
