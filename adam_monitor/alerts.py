@@ -1,7 +1,9 @@
 """Alert rules: from the per-step statistics rows of one optimizer to :class:`Alert` records.
 
-Pure torch + stdlib. :class:`AlertRules` keeps its running baselines as tensors on the rows' device
-and moves one small vector to the host per optimizer step; :func:`configuration_alerts` checks the
+Pure torch + numpy + stdlib. :class:`AlertRules` moves each optimizer step's rows (one row of
+sums per tensor) to the host in one transfer and keeps its running baselines there as numpy arrays
+(a few dozen operations on arrays of one entry per subject: microseconds each, where as many
+tiny torch kernels cost tens of microseconds each); :func:`configuration_alerts` checks the
 betas. Rules (severity):
 
 * ``beta_coupling`` (error): β1² ≥ β2. With γ = β1²/β2 ≥ 1 the worst-case update bound
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -292,40 +295,36 @@ class AlertRules:
         self._pool_betas = distinct
         self._subject_betas = pairs + distinct
         pool_of = [distinct.index(p) for p in pairs]
-        ks = torch.tensor(_jump_grid(), dtype=torch.float64)
-        b = torch.tensor(self._subject_betas, dtype=torch.float64).reshape(-1, 2)
+        ks = np.array(_jump_grid(), dtype=np.float64)
+        b = np.array(self._subject_betas, dtype=np.float64).reshape(-1, 2)
         s = n + len(distinct)
-        # Constants and running state, moved to the rows' device on first use.
-        self._t: dict[str, Tensor] = {
-            "beta1": b[:, 0].contiguous(),
-            "beta2": b[:, 1].contiguous(),
-            "beta1_k": b[:, :1] ** ks,  # [S, K]
-            "beta2_k": b[:, 1:] ** ks,
-            "pool_of": torch.tensor(pool_of, dtype=torch.long),
-            # state
-            "nonfinite_active": torch.zeros((), dtype=torch.bool),
-            "stale_active": torch.zeros(s, dtype=torch.bool),
-            "spike_active": torch.zeros(s, dtype=torch.bool),
-            "spike_ema": torch.zeros(s, dtype=torch.float64),
-            "spike_seen": torch.zeros(s, dtype=torch.float64),
-            "growth_prev": torch.zeros(s, dtype=torch.float64),
-            "growth_run": torch.zeros(s, dtype=torch.float64),
-            "growth_base": torch.zeros(s, dtype=torch.float64),
-            "growth_active": torch.zeros(s, dtype=torch.bool),
-            "eps_run": torch.zeros(n, dtype=torch.float64),
-            "eps_active": torch.zeros(n, dtype=torch.bool),
+        # Constants (numpy, float64, on the host): the rules run on one host copy of the rows.
+        self._beta1 = np.ascontiguousarray(b[:, 0])
+        self._beta2 = np.ascontiguousarray(b[:, 1])
+        self._beta1_k = b[:, :1] ** ks  # [S, K]
+        self._beta2_k = b[:, 1:] ** ks
+        self._pool_of = np.array(pool_of, dtype=np.int64)
+        # Running state (numpy; state_dict() hands it out as CPU tensors).
+        self._t: dict[str, np.ndarray] = {
+            "nonfinite_active": np.zeros((), dtype=bool),
+            "stale_active": np.zeros(s, dtype=bool),
+            "spike_active": np.zeros(s, dtype=bool),
+            "spike_ema": np.zeros(s, dtype=np.float64),
+            "spike_seen": np.zeros(s, dtype=np.float64),
+            "growth_prev": np.zeros(s, dtype=np.float64),
+            "growth_run": np.zeros(s, dtype=np.float64),
+            "growth_base": np.zeros(s, dtype=np.float64),
+            "growth_active": np.zeros(s, dtype=bool),
+            "eps_run": np.zeros(n, dtype=np.float64),
+            "eps_active": np.zeros(n, dtype=bool),
         }
-        self._state_keys = (
-            "nonfinite_active", "stale_active", "spike_active", "spike_ema", "spike_seen",
-            "growth_prev", "growth_run", "growth_base", "growth_active", "eps_run", "eps_active",
-        )
-        self._device = torch.device("cpu")
+        self._state_keys = tuple(self._t)
         self.last_step = 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain CPU tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
-        d = {k: self._t[k].detach().cpu().clone() for k in self._state_keys}
+        d = {k: torch.from_numpy(np.array(self._t[k], copy=True)) for k in self._state_keys}
         d["last_step"] = self.last_step
         d["num_tensors"] = len(self.names)
         return d
@@ -338,80 +337,87 @@ class AlertRules:
             )
         for k in self._state_keys:
             if k in state:  # states saved before a rule existed start that rule afresh
-                self._t[k] = state[k].to(self._device, self._t[k].dtype).clone()
+                value = state[k]
+                value = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+                self._t[k] = np.array(value, dtype=self._t[k].dtype, copy=True).reshape(self._t[k].shape)
         self.last_step = int(state["last_step"])
-
-    def _to(self, device: torch.device) -> None:
-        if device != self._device:
-            self._t = {k: v.to(device) for k, v in self._t.items()}
-            self._device = device
 
     # ------------------------------------------------------------------ rules
     def observe(self, step: int, rows: Tensor) -> list[Alert]:
-        """Check one optimizer step's rows ``(len(names), NUM_STATS)``; returns the new alerts."""
+        """Check one optimizer step's rows ``(len(names), NUM_STATS)``; returns the new alerts.
+
+        The rows reach the host in one transfer; the rules are a few dozen numpy operations on
+        arrays of one entry per subject, far cheaper than as many tiny device kernels.
+        """
         if rows.dim() != 2 or rows.shape != (len(self.names), NUM_STATS):
             raise ValueError(
                 f"AlertRules.observe: rows must have shape ({len(self.names)}, {NUM_STATS}) (one row per "
                 f"named tensor), got {tuple(rows.shape)}; rebuild AlertRules when parameters change"
             )
         step = int(step)
-        self._to(rows.device)
+        host = rows.detach().to(torch.float64).cpu().numpy()  # the one host transfer of this step
+        with np.errstate(all="ignore"):
+            v = self._observe(step, host)
+        self.last_step = step
+        return self._alerts(step, v)
+
+    def _observe(self, step: int, rows: np.ndarray) -> list[float]:
         th, T = self.thresholds, self._t
-        rows = rows.double()
         n = rows.shape[0]
-        neg_inf = torch.tensor(-math.inf, dtype=torch.float64, device=rows.device)
+        neg_inf = -math.inf
 
         count = rows[:, COUNT]
         stepped = count > 0
-        finite = torch.isfinite(rows).all(1)
+        finite = np.isfinite(rows).all(1)
 
         # nonfinite: one episode per optimizer.
         bad = ~finite
-        any_bad = bad.any()
-        nf_new = any_bad & ~T["nonfinite_active"]
-        T["nonfinite_active"] = any_bad
-        nf_idx = bad.to(torch.int8).argmax()  # first offending tensor
+        any_bad = bool(bad.any())
+        nf_new = any_bad and not T["nonfinite_active"]
+        T["nonfinite_active"] = np.array(any_bad)
+        nf_idx = int(bad.argmax())  # first offending tensor
         nf_row = rows[nf_idx]
-        nf_val = nf_row[(~torch.isfinite(nf_row)).to(torch.int8).argmax()]
+        nf_val = nf_row[(~np.isfinite(nf_row)).argmax()]
 
         # subjects: tensors, then one pool of small tensors per distinct betas.
         small = stepped & (count < th.min_numel)
-        pools = torch.zeros(len(self._pool_betas), NUM_STATS, dtype=torch.float64, device=rows.device)
-        pools.index_add_(0, T["pool_of"], torch.where(small[:, None], rows, 0.0))
-        subj = torch.cat([rows, pools])
+        masked = np.where(small[:, None], rows, 0.0)
+        pools = np.zeros((len(self._pool_betas), NUM_STATS))
+        np.add.at(pools, self._pool_of, masked)  # in index order, as torch's index_add_
+        subj = np.concatenate([rows, pools])
         s_count = subj[:, COUNT]
         s_stepped = s_count > 0
-        judged = torch.cat([stepped & ~small, s_count[n:] >= th.min_numel])
-        safe = torch.where(s_stepped, s_count, 1.0)
-        update_rms = (subj[:, UPDATE_SQ] / safe).sqrt()
+        judged = np.concatenate([stepped & ~small, s_count[n:] >= th.min_numel])
+        safe = np.where(s_stepped, s_count, 1.0)
+        update_rms = np.sqrt(subj[:, UPDATE_SQ] / safe)
         stale_sq = subj[:, STALENESS_SQ] / safe
 
         # stale_second_moment
-        peak, jump = self._predicted_peak(step, stale_sq)
+        peak, jump = self._np_predicted_peak(step, stale_sq)
         st_cond = judged & (peak > th.stale_peak)
         st_new = st_cond & ~T["stale_active"]
         st_keep = T["stale_active"] & (peak > th.stale_clear)
-        T["stale_active"] = torch.where(s_stepped, st_cond | st_keep, T["stale_active"])
-        st_idx = torch.where(st_new, peak, neg_inf).argmax()
-        st_member = self._worst_member(st_idx, small, peak[:n], neg_inf)
+        T["stale_active"] = np.where(s_stepped, st_cond | st_keep, T["stale_active"])
+        st_idx = int(np.where(st_new, peak, neg_inf).argmax())
+        st_member = self._worst_member(st_idx, small, peak[:n])
 
         # update_rms_spike: against the running mean, or above the worst-case bound.
         d = th.spike_decay
         seen = T["spike_seen"]
-        baseline = T["spike_ema"] / (1 - d ** seen.clamp_min(1))
-        relative = torch.maximum(th.spike_ratio * baseline, torch.full_like(baseline, th.spike_floor))
-        relative = torch.where(seen >= 1 / (1 - d), relative, math.inf)
+        baseline = T["spike_ema"] / (1 - d ** np.maximum(seen, 1))
+        relative = np.maximum(th.spike_ratio * baseline, th.spike_floor)
+        relative = np.where(seen >= 1 / (1 - d), relative, math.inf)
         # 1e-4: float32 sums of squares may round an update at the bound (step 1: |u| = 1) just above it.
-        bound = th.bound_factor * (1 + 1e-4) * self._bound(step)
-        sp_thr = torch.minimum(relative, bound)
+        bound = th.bound_factor * (1 + 1e-4) * self._np_bound(step)
+        sp_thr = np.minimum(relative, bound)
         sp_cond = judged & (update_rms > sp_thr)
         sp_new = sp_cond & ~T["spike_active"]
-        T["spike_active"] = torch.where(s_stepped, sp_cond, T["spike_active"])
-        ok = s_stepped & torch.isfinite(update_rms)
-        T["spike_ema"] = torch.where(ok, d * T["spike_ema"] + (1 - d) * update_rms, T["spike_ema"])
-        T["spike_seen"] = torch.where(ok, seen + 1, seen)
-        sp_idx = torch.where(sp_new, update_rms / sp_thr, neg_inf).argmax()
-        sp_member = self._worst_member(sp_idx, small, update_rms[:n], neg_inf)
+        T["spike_active"] = np.where(s_stepped, sp_cond, T["spike_active"])
+        ok = s_stepped & np.isfinite(update_rms)
+        T["spike_ema"] = np.where(ok, d * T["spike_ema"] + (1 - d) * update_rms, T["spike_ema"])
+        T["spike_seen"] = np.where(ok, seen + 1, seen)
+        sp_idx = int(np.where(sp_new, update_rms / sp_thr, neg_inf).argmax())
+        sp_member = self._worst_member(sp_idx, small, update_rms[:n])
 
         # gradient_growth: staleness grew by growth_ratio or more on growth_steps steps in a row,
         # on subjects whose step v̂ (not ε) sets. Staleness is bounded (≤ √(c2/(1-β2))), defined from
@@ -419,73 +425,79 @@ class AlertRules:
         s_frac = subj[:, EPS_COUNT] / safe
         prev = T["growth_prev"]
         grew = (stale_sq >= th.growth_ratio**2 * prev) & (prev > 0)
-        run = torch.where(grew, T["growth_run"] + 1, 0.0)
-        base = torch.where(grew & (T["growth_run"] == 0), prev, T["growth_base"])
+        run = np.where(grew, T["growth_run"] + 1, 0.0)
+        base = np.where(grew & (T["growth_run"] == 0), prev, T["growth_base"])
         gr_cond = judged & (run >= th.growth_steps) & (s_frac < th.eps_fraction)
         gr_new = gr_cond & ~T["growth_active"]
         gr_keep = T["growth_active"] & (stale_sq > prev)
-        ok = s_stepped & torch.isfinite(stale_sq)
-        T["growth_active"] = torch.where(s_stepped, gr_cond | gr_keep, T["growth_active"])
-        T["growth_run"] = torch.where(ok, run, T["growth_run"])
-        T["growth_base"] = torch.where(ok, base, T["growth_base"])
-        T["growth_prev"] = torch.where(ok, stale_sq, prev)
-        gr_ratio = (stale_sq / base.clamp_min(1e-300)).sqrt() ** (1 / run.clamp_min(1))  # per step
-        gr_idx = torch.where(gr_new, gr_ratio, neg_inf).argmax()
-        gr_member = self._worst_member(gr_idx, small, gr_ratio[:n], neg_inf)
+        ok = s_stepped & np.isfinite(stale_sq)
+        T["growth_active"] = np.where(s_stepped, gr_cond | gr_keep, T["growth_active"])
+        T["growth_run"] = np.where(ok, run, T["growth_run"])
+        T["growth_base"] = np.where(ok, base, T["growth_base"])
+        T["growth_prev"] = np.where(ok, stale_sq, prev)
+        gr_ratio = np.sqrt(stale_sq / np.maximum(base, 1e-300)) ** (1 / np.maximum(run, 1))  # per step
+        gr_idx = int(np.where(gr_new, gr_ratio, neg_inf).argmax())
+        gr_member = self._worst_member(gr_idx, small, gr_ratio[:n])
 
         # eps_dominance: per tensor, a run of steps with most coordinates under ε.
         frac = s_frac[:n]
         over = frac > th.eps_fraction
-        T["eps_run"] = torch.where(stepped, torch.where(over, T["eps_run"] + 1, 0.0), T["eps_run"])
+        T["eps_run"] = np.where(stepped, np.where(over, T["eps_run"] + 1, 0.0), T["eps_run"])
         eps_cond = T["eps_run"] >= th.eps_steps
         eps_new = eps_cond & ~T["eps_active"]
         eps_keep = T["eps_active"] & (frac > th.eps_clear)
-        T["eps_active"] = torch.where(stepped, eps_cond | eps_keep, T["eps_active"])
-        eps_idx = torch.where(eps_new, frac, neg_inf).argmax()
+        T["eps_active"] = np.where(stepped, eps_cond | eps_keep, T["eps_active"])
+        eps_idx = int(np.where(eps_new, frac, neg_inf).argmax())
 
-        f64 = lambda x: x.to(torch.float64)  # noqa: E731
-        vec = torch.stack([
-            f64(nf_new), f64(nf_idx), nf_val,
-            f64(st_new.sum()), f64(st_idx), peak[st_idx], jump[st_idx], stale_sq[st_idx].sqrt(), f64(st_member),
-            f64(sp_new.sum()), f64(sp_idx), update_rms[sp_idx], sp_thr[sp_idx], baseline[sp_idx],
-            bound[sp_idx], f64(sp_member),
-            f64(gr_new.sum()), f64(gr_idx), gr_ratio[gr_idx], stale_sq[gr_idx].sqrt(), f64(gr_member),
-            f64(eps_new.sum()), f64(eps_idx), frac[eps_idx],
-        ])
-        v = vec.tolist()  # the one host transfer of this step
-        self.last_step = step
-        return self._alerts(step, v)
+        vec = [
+            nf_new, nf_idx, nf_val,
+            st_new.sum(), st_idx, peak[st_idx], jump[st_idx], np.sqrt(stale_sq[st_idx]), st_member,
+            sp_new.sum(), sp_idx, update_rms[sp_idx], sp_thr[sp_idx], baseline[sp_idx], bound[sp_idx], sp_member,
+            gr_new.sum(), gr_idx, gr_ratio[gr_idx], np.sqrt(stale_sq[gr_idx]), gr_member,
+            eps_new.sum(), eps_idx, frac[eps_idx],
+        ]
+        return [float(x) for x in vec]
 
-    def _predicted_peak(self, step: int, stale_sq: Tensor) -> tuple[Tensor, Tensor]:
-        """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 (no v̂_{t-1})."""
-        T = self._t
-        b1, b2 = T["beta1"], T["beta2"]
+    def _np_predicted_peak(self, step: int, stale_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if step < 2:
-            return torch.zeros_like(stale_sq), torch.full_like(stale_sq, math.nan)
+            return np.zeros_like(stale_sq), np.full_like(stale_sq, math.nan)
+        b1, b2 = self._beta1, self._beta2
         p1, p2 = b1 ** (step - 1), b2 ** (step - 1)  # β^(t-1)
         c2 = 1 - p2 * b2  # c2(t)
         prev = c2 - (1 - b2)  # β2·c2(t-1)
-        room = (c2 - (1 - b2) * stale_sq).clamp_min(torch.finfo(torch.float64).tiny)
-        x = (prev * stale_sq / room).clamp(0.0, 1e12)
-        a = x.sqrt()[:, None]
-        w1 = T["beta1_k"] * (1 - p1)[:, None] / (1 - p1[:, None] * T["beta1_k"])
-        w2 = T["beta2_k"] * (1 - p2)[:, None] / (1 - p2[:, None] * T["beta2_k"])
-        u = (w1 + (1 - w1) * a) / (w2 + (1 - w2) * a * a).sqrt()
-        return u.amax(1), a[:, 0]
+        room = np.maximum(c2 - (1 - b2) * stale_sq, np.finfo(np.float64).tiny)
+        x = np.clip(prev * stale_sq / room, 0.0, 1e12)
+        a = np.sqrt(x)[:, None]
+        w1 = self._beta1_k * (1 - p1)[:, None] / (1 - p1[:, None] * self._beta1_k)
+        w2 = self._beta2_k * (1 - p2)[:, None] / (1 - p2[:, None] * self._beta2_k)
+        u = (w1 + (1 - w1) * a) / np.sqrt(w2 + (1 - w2) * a * a)
+        return u.max(1), a[:, 0]
+
+    def _predicted_peak(self, step: int, stale_sq: Tensor) -> tuple[Tensor, Tensor]:
+        """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 (no v̂_{t-1})."""
+        with np.errstate(all="ignore"):
+            peak, jump = self._np_predicted_peak(step, stale_sq.detach().cpu().double().numpy())
+        return torch.from_numpy(peak), torch.from_numpy(jump)
+
+    def _np_bound(self, step: int) -> np.ndarray:
+        b1, b2 = self._beta1, self._beta2
+        gamma = b1 * b1 / b2
+        c1, c2 = 1 - b1**step, 1 - b2**step
+        geometric = np.where(gamma < 1, (1 - gamma**step) / np.maximum(1 - gamma, 1e-300), math.inf)
+        return (1 - b1) / np.sqrt(1 - b2) * np.sqrt(c2) / c1 * np.sqrt(geometric)
 
     def _bound(self, step: int) -> Tensor:
         """B_t per subject (inf where β1² ≥ β2 makes it grow past any useful size)."""
-        b1, b2 = self._t["beta1"], self._t["beta2"]
-        gamma = b1 * b1 / b2
-        c1, c2 = 1 - b1**step, 1 - b2**step
-        geometric = torch.where(gamma < 1, (1 - gamma**step) / (1 - gamma).clamp_min(1e-300), math.inf)
-        return (1 - b1) / (1 - b2).sqrt() * c2.sqrt() / c1 * geometric.sqrt()
+        with np.errstate(all="ignore"):
+            return torch.from_numpy(self._np_bound(step))
 
-    def _worst_member(self, idx: Tensor, small: Tensor, score: Tensor, neg_inf: Tensor) -> Tensor:
+    def _worst_member(self, idx: int, small: np.ndarray, score: np.ndarray) -> int:
         """For a pool subject ``idx``: the index of its worst small tensor by ``score`` (else idx)."""
         n = small.shape[0]
-        in_pool = small & (self._t["pool_of"] == idx - n)
-        return torch.where(idx >= n, torch.where(in_pool, score, neg_inf).argmax(), idx)
+        if idx < n:
+            return idx
+        in_pool = small & (self._pool_of == idx - n)
+        return int(np.where(in_pool, score, -math.inf).argmax())
 
     # ------------------------------------------------------------------ messages
     def _subject(self, idx: int, member: int) -> tuple[str, str]:

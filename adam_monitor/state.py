@@ -80,6 +80,16 @@ def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
+def _cpu_steps(raw: list) -> list[float] | None:
+    """The step counts as floats when all are CPU tensors (read through numpy views), else ``None``."""
+    try:
+        if all(isinstance(r, Tensor) and r.device.type == "cpu" and not r.requires_grad for r in raw):
+            return [float(r.numpy()) for r in raw]
+    except (TypeError, RuntimeError):  # a dtype numpy lacks: the stacked read handles it
+        pass
+    return None
+
+
 def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -135,7 +145,10 @@ class StepReader:
         if not candidates:
             return []
         raw = [s["step"] for _, _, _, s in candidates]
-        if isinstance(raw[0], Tensor):
+        steps = _cpu_steps(raw)
+        if steps is not None:
+            pass  # CPU-resident counts (torch's default): read in place, no device round trip
+        elif isinstance(raw[0], Tensor):
             # One host read for all step counts: they live on the CPU unless fused/capturable.
             steps = torch.stack([r.detach().reshape(()).to(raw[0].device, torch.float64) for r in raw]).tolist()
         else:
@@ -168,8 +181,12 @@ class StepReader:
                 if row is not None:
                     rows[self._position[id(p)]] = row.to(device, non_blocking=True)
         else:
-            for (positions, rows_part) in self._adam_rows(stepped):
-                rows.index_copy_(0, positions.to(device), rows_part.to(device, non_blocking=True))
+            parts = list(self._adam_rows(stepped))
+            if len(parts) == 1 and parts[0][0] is None:  # one bucket holding every parameter in order
+                rows = parts[0][1].to(device, non_blocking=True)
+            else:
+                for positions, rows_part in parts:
+                    rows.index_copy_(0, positions.to(device), rows_part.to(device, non_blocking=True))
         if self._group is not None:
             # Step counts advance identically on every rank, so all ranks reach this collective.
             rows.mul_(self._replica_weight.to(device).unsqueeze(1))
@@ -204,8 +221,11 @@ class StepReader:
                 step=int(step),
                 max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
             )
-            positions = torch.tensor([self._position[id(p)] for p, _ in members], dtype=torch.long)
-            yield positions, rows
+            positions = [self._position[id(p)] for p, _ in members]
+            if len(positions) == len(self.params) and positions == list(range(len(self.params))):
+                yield None, rows  # rows already in parameter order: no scatter
+            else:
+                yield torch.tensor(positions, dtype=torch.long), rows
 
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
         grad = local_tensor(p.grad)

@@ -58,12 +58,14 @@ def state_lists(opt: torch.optim.Optimizer, params) -> tuple[list, list, list]:
 @contextlib.contextmanager
 def reader_uses(fn):
     """Swap the function ``StepReader`` computes its rows with (the fast-path switch)."""
-    saved = state_module.adam_statistics
-    state_module.adam_statistics = fn
+    # StepReader calls ``fast_adam_statistics``; "eager" means its foreach fallback.
+    target = fn if fn is fast_adam_statistics else (lambda *a, **k: fast_adam_statistics(*a, **k, compiled=False))
+    saved = state_module.fast_adam_statistics
+    state_module.fast_adam_statistics = target
     try:
         yield
     finally:
-        state_module.adam_statistics = saved
+        state_module.fast_adam_statistics = saved
 
 
 def timed(fn) -> float:
