@@ -416,12 +416,17 @@ def fast_vs_spec(make, dtype, shapes, steps=5, record=True):
 
 
 def test_compiled_step_matches_spec():
-    # one compiled configuration in the default run: clip + statistics cover most of the graph;
-    # a 1-element and a transposed (non-contiguous) param take the eager route in the same step.
+    # one compiled configuration in the default run: clip + statistics cover most of the graph.
+    # (300, 221) has SMALL + 764 elements: a blocked (k, BLOCK) head whose clipping RMS and
+    # statistics add up with those of its tail, stepped in the batch with the small params;
+    # a transposed (non-contiguous) param takes the eager route in the same step.
+    from adam_monitor.optim.functional import BLOCK, SMALL
+
+    assert 300 * 221 > SMALL and 300 * 221 % BLOCK
     def make(ps, fused):
         return StableAdamW(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
 
-    params = make_params(shapes=((64, 33), (1,), (7,)), dtype=torch.float32)
+    params = make_params(shapes=((300, 221), (64, 33), (1,), (7,)), dtype=torch.float32)
     params.append(torch.nn.Parameter(torch.randn(5, 9).t()))
     twins = clone_params(params)
     for q, p in zip(twins, params):

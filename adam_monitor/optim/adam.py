@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adam_monitor.optim.functional import NORMALIZE, adam_step_, compiled_step, flat_alias, warn_eager_fallback
+from adam_monitor.optim.functional import NORMALIZE, adam_step_, fused_step_, warn_eager_fallback
 
 __all__ = ["Adam", "AdamD", "LaProp", "AdamAtan2", "StableAdamW", "adafactor_beta2", "worst_case_bound"]
 
@@ -249,6 +249,9 @@ class Adam(Optimizer):
         normalize, clip = group["normalize"], group["update_clip"]
         eps = 0.0 if normalize == "atan2" else group["eps"]  # atan2 is ε-free
         record = statistics is not None
+        # Tensors for the compiled path, batched by (dtype, device, step scalars): one fused_step_ each.
+        batches: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, ...]]]] = {}
+        rows: dict[Tensor, Tensor] = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -282,29 +285,33 @@ class Adam(Optimizer):
                 normalize=normalize,
                 statistics=record,
             )
-            row = self._apply(p, grad, state["exp_avg"], state["exp_avg_sq"], scalars)
-            if record:
-                statistics[p] = row
+            tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
+            if (
+                self._use_compiled()
+                and p.numel() > 0
+                and all(x.is_contiguous() and x.dtype == p.dtype and x.device == p.device for x in tensors)
+            ):
+                key = (p.dtype, p.device, *scalars.values())
+                batches.setdefault(key, (scalars, []))[1].append(tensors)
+                continue
+            rows[p] = adam_step_(*tensors, **scalars)
+        for scalars, items in batches.values():
+            rows.update(zip((item[0] for item in items), self._apply_compiled(items, scalars)))
+        if record:
+            statistics.update((p, rows[p]) for p in group["params"] if p in rows)  # in param order
 
-    def _apply(self, p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, scalars: dict[str, Any]) -> Tensor | None:
-        tensors = (p, grad, exp_avg, exp_avg_sq)
-        if (
-            self._use_compiled()
-            and p.numel() > 1  # sizes 0 and 1 would each specialize a graph
-            and all(t.is_contiguous() and t.dtype == p.dtype and t.device == p.device for t in tensors)
-        ):
-            fn = compiled_step(scalars["normalize"], scalars["update_clip"] is not None, scalars["statistics"])
+    def _apply_compiled(self, items: list[tuple[Tensor, ...]], scalars: dict[str, Any]) -> list[Tensor | None]:
+        if self._compile:
             try:
-                row = fn(*(flat_alias(t) for t in tensors), **scalars)
+                rows = fused_step_(*(list(ts) for ts in zip(*items)), **scalars)
             except Exception as error:  # compilation failed (no compiler, unsupported device, ...)
                 if self.fused:
                     raise
                 warn_eager_fallback(error)
                 self._compile = False
             else:
-                torch.autograd.graph.increment_version(p)  # the alias wrote p behind autograd's back
-                return row
-        return adam_step_(*tensors, **scalars)
+                return rows if rows is not None else [None] * len(items)
+        return [adam_step_(*tensors, **scalars) for tensors in items]
 
 
 class AdamD(Adam):
