@@ -113,26 +113,11 @@ def previous_second_moment(exp_avg_sq: Tensor, grad: Tensor, beta2: float) -> Te
 FLAT_MAX_NUMEL = 1 << 20
 
 
-def _segment_index(sizes: tuple[int, ...], device) -> Tensor:
-    key = (sizes, str(device))
-    index = _SEGMENT_INDEX.get(key)
-    if index is None:
-        if len(_SEGMENT_INDEX) > 64:
-            _SEGMENT_INDEX.clear()
-        index = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device), torch.tensor(sizes, dtype=torch.long, device=device)
-        )
-        _SEGMENT_INDEX[key] = index
-    return index
-
-
-_SEGMENT_INDEX: dict[tuple, Tensor] = {}
-
-
 def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
-    """``_flat_adam_statistics`` for CPU tensors, on numpy views of them (no copy but the
-    concatenation): a numpy call on a few thousand elements costs about a microsecond, a torch
-    dispatch ten or more. Same operations and order; float64 segment sums."""
+    """``adam_statistics`` for small CPU tensors, on one concatenated numpy buffer: the same
+    elementwise operations in the same order as the foreach path, then one float64 segment sum per
+    statistic. A numpy call on a few thousand elements costs about a microsecond, a torch dispatch
+    ten or more, and the foreach path makes some twenty of them."""
     sizes = [t.numel() for t in g]
     n = len(sizes)
 
@@ -192,58 +177,6 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     return torch.from_numpy(rows)
 
 
-def _flat_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
-    """``adam_statistics`` on one concatenated buffer: the same elementwise operations, one kernel
-    each, and one segment sum (float64) per statistic. Inputs are lists in the compute dtype."""
-    sizes = tuple(t.numel() for t in g)
-    n = len(sizes)
-    device = g[0].device
-
-    def cat(ts: Sequence[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in ts]) if n > 1 else ts[0].reshape(-1)
-
-    g, m, v = cat(g), cat(m), cat(v)
-    v_den = v if v_den is None else cat(v_den)
-    c1 = 1 - beta1**step
-    c2 = 1 - beta2**step
-    eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
-    terms = torch.empty(5 if step > 1 else 3, g.numel(), dtype=compute_dtype, device=device)
-    # update: m / (sqrt(v_den)/sqrt(c2) + eps) / c1, torch's own operation order.
-    denom = v_den.sqrt().div_(math.sqrt(c2)).add_(eps)
-    u = torch.div(m, denom, out=terms[0])
-    u.square_()
-    # eps-dominance: 1 where ε does not dominate (NaN propagates as in the foreach path).
-    denom.sub_(2 * eps).clamp_min_(0.0)
-    torch.sign(denom, out=terms[1])
-    # staleness: g² / max(v, c2·ε²)
-    g2 = g * g
-    torch.div(g2, v.clamp_min(c2 * eps_sq), out=terms[2])
-    if step > 1:
-        c2_prev = 1 - beta2 ** (step - 1)
-        scale = beta2 * c2_prev
-        w = torch.add(v, g2, alpha=-(1 - beta2))
-        tol = _reconstruction_tolerance(compute_dtype)
-        residue = torch.add(w, v, alpha=-tol, out=terms[3])
-        residue.clamp_min_(0.0).sign_()
-        w.clamp_min_(scale * eps_sq)
-        torch.div(g2.mul_(residue), w, out=terms[4])
-    sums = torch.zeros(terms.shape[0], n, dtype=torch.float64, device=device)
-    if n == 1:
-        sums[:, 0] = terms.sum(1, dtype=torch.float64)
-    else:
-        sums.index_add_(1, _segment_index(sizes, device), terms.to(torch.float64))
-    counts = torch.tensor(sizes, dtype=torch.float64, device=device)
-    rows = torch.zeros(n, NUM_STATS, dtype=torch.float64, device=device)
-    rows[:, UPDATE_SQ] = sums[0] / (c1 * c1)
-    rows[:, EPS_COUNT] = counts - sums[1]
-    rows[:, STALENESS_SQ] = sums[2] * c2
-    if step > 1:
-        rows[:, JUMP_COUNT] = sums[3]
-        rows[:, JUMP_SQ] = sums[4] * scale
-    rows[:, COUNT] = counts
-    return rows
-
-
 def adam_statistics(
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -263,10 +196,10 @@ def adam_statistics(
     step: v_{t-1} is rebuilt from v_t, so no copy of the state is taken. Sums accumulate in float32
     for float32/low-precision tensors (float64 for float64) and come back as float64.
 
-    ``flat``: ``None`` concatenates the tensors into one buffer when they hold at most
+    ``flat``: ``None`` concatenates CPU tensors into one numpy buffer when they hold at most
     ``FLAT_MAX_NUMEL`` elements in all (elementwise terms in the compute dtype, per-tensor sums
-    in float64); ``False`` runs the per-tensor ``torch._foreach_*`` passes; ``True`` forces the
-    flat buffer.
+    in float64); ``False`` runs the per-tensor ``torch._foreach_*`` passes (always used on other
+    devices, where they are batched kernels already); ``True`` takes the buffer whatever the size.
     """
     n = len(grads)
     device = grads[0].device if n else torch.device("cpu")
@@ -280,18 +213,14 @@ def adam_statistics(
     g, m, v = up(grads), up(exp_avgs), up(exp_avg_sqs)
     if flat is None:
         flat = sum(t.numel() for t in grads) <= FLAT_MAX_NUMEL
-    if flat:
+    if flat and device.type == "cpu" and all(t.numel() for t in g):  # reduceat needs non-empty segments
         v_den = None if max_exp_avg_sqs is None else up(max_exp_avg_sqs)
-        if device.type == "cpu" and all(t.numel() for t in g):  # reduceat needs non-empty segments
-            try:
-                return _numpy_adam_statistics(
-                    g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype
-                )
-            except (TypeError, RuntimeError):  # a tensor numpy cannot view (conjugate/negative bit, ...)
-                pass
-        return _flat_adam_statistics(
-            g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype
-        )
+        try:
+            return _numpy_adam_statistics(
+                g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype
+            )
+        except (TypeError, RuntimeError):  # a tensor numpy cannot view (conjugate/negative bit, ...)
+            pass
     v_den = v if max_exp_avg_sqs is None else up(max_exp_avg_sqs)
     c1 = 1 - beta1**step
     c2 = 1 - beta2**step

@@ -10,7 +10,6 @@ import torch
 from adam_monitor.alerts import AlertRules, Thresholds
 from adam_monitor.diagnostics import (
     NUM_STATS,
-    _flat_adam_statistics,
     adam_statistics,
     previous_second_moment,
     tensor_statistics,
@@ -64,13 +63,6 @@ def test_flat_path_matches_foreach_and_specification(dtype, steps, amsgrad):
                                rtol=1e-12 if dtype == torch.float64 else 2e-5, atol=1e-12)
     # counts are exact
     assert torch.equal(flat[:, 3:], foreach[:, 3:])
-
-
-def test_flat_torch_path_matches_numpy_path():
-    lists, kw, _ = stepped_state(torch.float32, steps=4)
-    numpy_rows = adam_statistics(*lists, **kw, flat=True)
-    torch_rows = _flat_adam_statistics(*lists, None, **kw, compute_dtype=torch.float32)
-    torch.testing.assert_close(numpy_rows, torch_rows, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
