@@ -39,8 +39,13 @@ def find_loss_tag(tags) -> str | None:
     return candidates[0] if candidates else None
 
 
-def _runs(logdir: Path) -> list[Path]:
-    runs = [d for d in event_dirs(logdir) if any(t.startswith("adam/") for t in read_scalars(d))]
+def _runs(logdir: Path) -> list[tuple[Path, dict]]:
+    """``(run folder, its scalars)`` for every monitored run: each event file is parsed once."""
+    runs = []
+    for run in event_dirs(logdir):
+        scalars = read_scalars(run)
+        if any(tag.startswith("adam/") for tag in scalars):
+            runs.append((run, scalars))
     if not runs:
         raise ValueError(f"no TensorBoard event files with adam/* scalars under {logdir}")
     return runs
@@ -58,11 +63,11 @@ def write_report(logdir: str | Path, output: str | Path, *, title: str | None = 
     runs = _runs(logdir)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     loaded = []
-    for i, run in enumerate(runs):
+    for i, (run, scalars) in enumerate(runs):
         alerts_file = run / ALERTS_FILE
         records = read_alert_records(alerts_file) if alerts_file.exists() else []
         label = str(run.relative_to(logdir)) if run != logdir else run.name
-        loaded.append((label, colours[i % len(colours)], read_scalars(run), records))
+        loaded.append((label, colours[i % len(colours)], scalars, records))
     precursors = [x for *_, records in loaded for a, x in records if a.rule not in REGIME_RULES]
     columns = 2 if precursors else 1
     fig, axes = plt.subplots(
