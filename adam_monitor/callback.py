@@ -94,10 +94,8 @@ class AdamMonitor(Callback):
             scalar_sink=self._log_scalars,
             step_axis=lambda: _lightning_step(trainer),
         )
-        self._alerts = self.monitor.alerts
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state)
-            self._alerts = self.monitor.alerts
             self._loaded_state = None
         self.monitor.check_configuration()
 
