@@ -99,23 +99,34 @@ def test_a_nan_at_one_step_gives_one_nonfinite_alert(tmp_path):
     assert [a.rule for a in read_alerts(alerts_path(tmp_path))].count("nonfinite") == 1
 
 
-def test_a_noise_jump_alerts_at_the_jump_step_and_stationary_noise_does_not(tmp_path):
-    def run(jump):
-        torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.zeros(2048))
-        opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
-        monitor = Monitor(opt, log_every_n_steps=None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", InstabilityWarning)
-            for t in range(1, 1521):
-                p.grad = torch.randn(2048) * (10.0 if jump and t >= 1500 else 1.0)
-                opt.step()
-        monitor.close()
-        return monitor.alerts
+def noise_run_alerts(*, size, steps, jump_at=None, resume_at=None):
+    """Alerts of torch Adam (0.9, 0.999) on i.i.d. N(0, 1) gradients, ×10 from ``jump_at`` on.
 
-    assert run(jump=False) == []
-    first = run(jump=True)[0]
-    assert (first.rule, first.step) == ("stale_second_moment", 1500)
+    ``resume_at``: rebuild optimizer and monitor from their (serialized) state before that step.
+    """
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(size))
+    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
+    monitor = Monitor(opt, log_every_n_steps=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InstabilityWarning)
+        for t in range(1, steps + 1):
+            if t == resume_at:
+                opt_state, mon_state = opt.state_dict(), monitor.state_dict()
+                monitor.close()
+                opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
+                opt.load_state_dict(opt_state)
+                monitor = Monitor(opt, log_every_n_steps=None)
+                monitor.load_state_dict(torch.load(_roundtrip(mon_state), weights_only=True))
+            p.grad = torch.randn(size) * (10.0 if jump_at and t >= jump_at else 1.0)
+            opt.step()
+    monitor.close()
+    return [(a.rule, a.step, a.parameter) for a in monitor.alerts]
+
+
+def test_a_noise_jump_alerts_at_the_jump_step_and_stationary_noise_does_not():
+    assert noise_run_alerts(size=2048, steps=1520) == []
+    assert noise_run_alerts(size=2048, steps=1520, jump_at=1500)[0][:2] == ("stale_second_moment", 1500)
 
 
 def test_alerts_written_before_a_kill_stay_readable(tmp_path):
@@ -218,29 +229,10 @@ def test_bound_prints_the_table(capsys):
 
 
 def test_resume_mid_run_gives_the_same_alerts_as_an_uninterrupted_run():
-    def run(split=None):
-        torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.zeros(1024))
-        opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
-        monitor = Monitor(opt, log_every_n_steps=None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", InstabilityWarning)
-            for t in range(1, 1531):
-                if t == split:  # a checkpoint between the jump and the update's peak
-                    opt_state, mon_state = opt.state_dict(), monitor.state_dict()
-                    monitor.close()
-                    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.9, 0.999))
-                    opt.load_state_dict(opt_state)
-                    monitor = Monitor(opt, log_every_n_steps=None)
-                    monitor.load_state_dict(torch.load(_roundtrip(mon_state), weights_only=True))
-                p.grad = torch.randn(1024) * (10.0 if t >= 1500 else 1.0)
-                opt.step()
-        monitor.close()
-        return [(a.rule, a.step, a.parameter) for a in monitor.alerts]
-
-    uninterrupted = run()
+    uninterrupted = noise_run_alerts(size=1024, steps=1530, jump_at=1500)
     assert uninterrupted and uninterrupted[0][:2] == ("stale_second_moment", 1500)
-    assert run(split=1501) == uninterrupted
+    # A checkpoint between the jump and the update's peak: the alert episode carries over.
+    assert noise_run_alerts(size=1024, steps=1530, jump_at=1500, resume_at=1501) == uninterrupted
 
 
 def _roundtrip(state):
