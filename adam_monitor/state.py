@@ -173,8 +173,12 @@ class StepReader:
         if not stepped:
             return None
         device = local_tensor(stepped[0][2]).device
-        rows = torch.zeros(len(self.params), NUM_STATS, dtype=torch.float64, device=device)
+
+        def zeros() -> Tensor:
+            return torch.zeros(len(self.params), NUM_STATS, dtype=torch.float64, device=device)
+
         if self._in_step_statistics:
+            rows = zeros()
             stats = self.optimizer.last_statistics
             for _, _, p, _, _ in stepped:
                 row = stats.get(p)
@@ -185,6 +189,7 @@ class StepReader:
             if len(parts) == 1 and parts[0][0] is None:  # one bucket holding every parameter in order
                 rows = parts[0][1].to(device, non_blocking=True)
             else:
+                rows = zeros()
                 for positions, rows_part in parts:
                     rows.index_copy_(0, positions.to(device), rows_part.to(device, non_blocking=True))
         if self._group is not None:
