@@ -1,13 +1,20 @@
 """Calibration of the alert rules on small real training runs with and without loss spikes.
 
 Run ``python tests/benchmarks/spike_scenarios.py [--quick] [--jobs N]``. Four scenario families,
-each a spike run and its matched stable control over several seeds (plain torch loops, a small MLP
-on a synthetic teacher regression generated in-process):
+each a spike run and its matched stable control over several seeds (plain torch loops on data
+generated in-process: a small MLP on a synthetic teacher regression; for ``high_lr`` a tiny
+transformer on a sequence task, ``TASKS``):
 
 a. ``stale_v``: the loss weight declines geometrically to 1e-4 over steps 200–400, stays there
    until step 800 and jumps back to 1 (β2 = 0.995: v̂ lags the decline and the gradient then
    outruns it); control: the same run with the weight held at 1.
-b. ``high_lr``: lr 1.0 from step 1 (β = (0.9, 0.999)); control: lr 0.01 after a 100-step linear warmup.
+b. ``high_lr``: a 2-layer causal transformer without normalization layers (d = 32, 2 heads) on
+   sequence reversal with 5% label noise (loss floor ~0.4 nats), β = (0.9, 0.999), a 100-step
+   linear warmup to lr 3e-2, gradient norm clipped at 20 (a loose safety clip: the control's norm is
+   ~0.5); the model learns the task (loss 0.7–0.9 by step 100), then single-step gradient bursts of the
+   first-layer and embedding tensors set in and the loss spikes (steps 182–216) and recovers;
+   control: lr 1e-2, otherwise the same. Warmup does not prevent these spikes (without it the run is
+   chaotic from the start and spikes in fewer seeds): the peak lr does (CALIBRATION.md).
 c. ``beta_coupling``: β = (0.95, 0.8), β1² > β2; the loss weight drops to 1e-3 at step 200, so
    m decays like β1^k and √v like β2^{k/2}: the update grows by β1/√β2 = 1.06 per step;
    control: β = (0.9, 0.95), same drop.
@@ -71,6 +78,8 @@ class RunConfig:
     warmup: int = 0
     full_batch: bool = False
     weight: Callable[[int], float] | None = None  # loss weight at step t (the reported loss is unweighted)
+    model: str = "teacher_mlp"  # a key of TASKS: the model and the data it trains on
+    clip: float = 0.0  # clip the gradient norm to this before the step (0: no clipping)
 
 
 @dataclass
@@ -89,13 +98,102 @@ def _mlp(d: int, h: int) -> torch.nn.Module:
     )
 
 
-def train(cfg: RunConfig, seed: int, thresholds: Thresholds | None = None, d: int = 16, h: int = 64) -> tuple:
-    """Train the student MLP on the teacher's outputs; returns (losses, grad_norms, alerts)."""
+@dataclass
+class Task:
+    model: torch.nn.Module
+    loss: Callable[[int], torch.Tensor]  # the (unweighted) training loss of step t, graph attached
+
+
+def _teacher_task(cfg: RunConfig, seed: int, d: int = 16, h: int = 64) -> Task:
+    """The student MLP on a teacher MLP's outputs (noise 0.1; ``full_batch``: 256 fixed points, no noise)."""
     torch.manual_seed(seed)
     teacher, model = _mlp(d, h), _mlp(d, h)
     teacher.requires_grad_(False)
     fixed_x = torch.randn(256, d)
     fixed_y = teacher(fixed_x)
+
+    def loss(t: int) -> torch.Tensor:
+        if cfg.full_batch:
+            x, y = fixed_x, fixed_y
+        else:
+            x = torch.randn(256, d)
+            y = teacher(x) + 0.1 * torch.randn(256, 1)
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    return Task(model, loss)
+
+
+class _Block(torch.nn.Module):
+    """A transformer block without normalization layers: x + attn(x), then x + mlp(x)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.proj = torch.nn.Linear(d, d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class _TinyGPT(torch.nn.Module):
+    def __init__(self, vocab: int, ctx: int, d: int, heads: int, layers: int):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Embedding(ctx, d)
+        self.blocks = torch.nn.Sequential(*[_Block(d, heads) for _ in range(layers)])
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.tok(idx) + self.pos(torch.arange(idx.shape[1]))))
+
+
+def _reverse_task(
+    cfg: RunConfig, seed: int, vocab: int = 32, n: int = 15, d: int = 32, heads: int = 2, layers: int = 2,
+    batch: int = 16, noise: float = 0.05,
+) -> Task:
+    """A 2-layer, 2-head, d = 32 causal transformer without normalization layers, next-token
+    cross-entropy on ``a_1 … a_n SEP a_n … a_1`` (n = 15 random tokens of 31, then their reverse;
+    only the reversed half is scored), each target replaced by a random token with probability
+    ``noise``: the loss floor is ~0.36 nats (0.4–0.45 reached), so the gradient never vanishes
+    (without the noise the loss falls to ~1e-3 and then spikes even at lr 3e-3: the vanishing-gradient
+    mechanism of ``tiny_eps``, not a too-high lr) and a 3x spike means the learned attention pattern
+    broke. Fresh sequences each step, drawn in advance."""
+    torch.manual_seed(seed)
+    model = _TinyGPT(vocab, 2 * n + 1, d, heads, layers)
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(vocab - 1, (cfg.steps * batch, n), generator=gen)
+    seq = torch.cat([a, torch.full((cfg.steps * batch, 1), vocab - 1), a.flip(1)], 1)
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    flip = torch.rand(y.shape, generator=gen) < noise
+    y = torch.where(flip, torch.randint(vocab - 1, y.shape, generator=gen), y)
+    y[:, :n] = -100  # the random half is not predictable
+
+    def loss(t: int) -> torch.Tensor:
+        rows = slice((t - 1) * batch, t * batch)
+        logits = model(x[rows]).reshape(-1, vocab)
+        return torch.nn.functional.cross_entropy(logits, y[rows].reshape(-1), ignore_index=-100)
+
+    return Task(model, loss)
+
+
+TASKS: dict[str, Callable[[RunConfig, int], Task]] = {
+    "teacher_mlp": _teacher_task,
+    "reverse_gpt": _reverse_task,
+}
+
+
+def train(cfg: RunConfig, seed: int, thresholds: Thresholds | None = None) -> tuple:
+    """Train ``TASKS[cfg.model]`` with Adam, the monitor's rules reading each step; returns
+    (losses, grad_norms, alerts). ``grad_norms`` are before clipping; the rules see the gradient the
+    step used."""
+    task = TASKS[cfg.model](cfg, seed)
+    model = task.model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     names = [n for n, _ in model.named_parameters()]
     reader = StepReader(opt)
@@ -104,18 +202,15 @@ def train(cfg: RunConfig, seed: int, thresholds: Thresholds | None = None, d: in
     params = list(model.parameters())
     losses, grad_norms = [], []
     for t in range(1, cfg.steps + 1):
-        if cfg.full_batch:
-            x, y = fixed_x, fixed_y
-        else:
-            x = torch.randn(256, d)
-            y = teacher(x) + 0.1 * torch.randn(256, 1)
         if cfg.warmup:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, t / cfg.warmup)
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = task.loss(t)
         opt.zero_grad(set_to_none=False)
         (loss * (cfg.weight(t) if cfg.weight else 1.0)).backward()
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # the monitor sees the clipped gradient
         opt.step()
         result = reader.read()
         if result is not None:
@@ -144,8 +239,8 @@ SCENARIOS: dict[str, tuple[RunConfig, RunConfig]] = {
         RunConfig(steps=900, betas=(0.9, 0.995), lr=3e-2),
     ),
     "high_lr": (
-        RunConfig(steps=300, betas=(0.9, 0.999), lr=1.0),
-        RunConfig(steps=300, betas=(0.9, 0.999), lr=1e-2, warmup=100),
+        RunConfig(steps=500, betas=(0.9, 0.999), lr=3e-2, warmup=100, clip=20.0, model="reverse_gpt"),
+        RunConfig(steps=500, betas=(0.9, 0.999), lr=1e-2, warmup=100, clip=20.0, model="reverse_gpt"),
     ),
     "beta_coupling": (
         RunConfig(steps=400, betas=(0.95, 0.8), lr=1e-2, weight=_vanishing_weight),
