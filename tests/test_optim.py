@@ -444,6 +444,102 @@ def test_compiled_step_matches_spec():
     assert fast._compile is True
 
 
+def assert_twins_match(fast, spec, params, twins, record):
+    tol = dict(rtol=2e-5, atol=1e-6)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, **tol)
+        if q in spec.state:
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fast.state[p][key], spec.state[q][key], **tol)
+    if record:
+        index = {id(p): k for k, p in enumerate(params)} | {id(q): k for k, q in enumerate(twins)}
+        assert [index[id(p)] for p in fast.last_statistics] == [index[id(q)] for q in spec.last_statistics]  # same order
+        for p, q in zip(params, twins):
+            if q in spec.last_statistics:
+                torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_buckets_uneven_heads_and_follows_changing_tensors(monkeypatch):
+    # Five heads of uneven sizes (one with a tail) in calls of two (the last padded with a dummy
+    # head), small params in the batch, an empty one (eager). Along the way: params without a
+    # gradient at some steps (step counts then differ within the group: separate batches, each
+    # with its own scalars), statistics switched on and off, params given new storages, a moment
+    # replaced, a state loaded from a checkpoint. No step may compile a new graph once each batch
+    # shape was seen.
+    from torch._dynamo.utils import counters
+
+    from adam_monitor.optim import functional
+
+    monkeypatch.setattr(functional, "HEADS_PER_CALL", 2)
+    shapes = ((64, 1024), (65, 1031), (16, 4096), (130, 512), (66, 1024), (7,), (3, 5), (0,))
+    params = make_params(shapes=shapes, dtype=torch.float32)
+    twins = clone_params(params)
+
+    def make(ps, fused):
+        return Adam(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, fused=fused)
+
+    fast, spec = make(params, True), make(twins, False)
+    grads = gradient_sequence(params, 12, heavy=True)
+    skipped = {2: (3, 4, 5), 3: (3, 4, 5), 6: (5,)}  # step -> params without a gradient
+    graphs = None
+    for t, step_grads in enumerate(grads):
+        record = t % 3 != 1
+        fast.record_statistics = spec.record_statistics = record
+        for k, (p, q, g) in enumerate(zip(params, twins, step_grads)):
+            missing = k in skipped.get(t, ())
+            p.grad, q.grad = (None, None) if missing else (g.clone(), g.clone())
+        if t == 5:  # new storages (same values): the cached aliases must follow
+            for p, q in zip(params[:2], twins[:2]):
+                p.data, q.data = p.data.clone(), q.data.clone()
+        if t == 7:  # a moment replaced in place of the optimizer (same values)
+            fast.state[params[2]]["exp_avg_sq"] = fast.state[params[2]]["exp_avg_sq"].clone()
+        if t == 9:  # a checkpoint of the spec, loaded into both: new state tensors
+            checkpoint = spec.state_dict()
+            fast.load_state_dict(roundtrip(checkpoint))
+            spec.load_state_dict(roundtrip(checkpoint))
+        fast.step()
+        spec.step()
+        assert_twins_match(fast, spec, params, twins, record)
+        if t == 7:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert fast._compile is True and {fast.state[p]["step"].item() for p in params} == {12.0, 10.0, 9.0}
+
+
+def test_atan2_polynomial_is_within_two_ulp_and_exact_at_special_values():
+    from adam_monitor.optim.functional import atan2_nonnegative_x
+
+    # Ratios |y|/x from 1e-40 to 1e40 (and dense around 1), magnitudes from 1e-30 to 1e30, both signs.
+    gen = torch.Generator().manual_seed(0)
+    ratio = torch.cat([torch.logspace(-40, 40, 400_001, dtype=F64), torch.rand(400_000, generator=gen, dtype=F64) * 4])
+    magnitude = torch.logspace(-30, 30, ratio.numel(), dtype=F64)[torch.randperm(ratio.numel(), generator=gen)]
+    x, y = magnitude.float(), (ratio * magnitude).float()
+    y = torch.where(torch.rand(y.shape, generator=gen) < 0.5, -y, y)
+    keep = (x > 0) & y.isfinite() & (x.isfinite())
+    x, y = x[keep], y[keep]
+    exact = torch.atan2(y.double(), x.double())
+    ulp = 2.0**-23 * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0**-126))))  # float32 spacing
+    error = (atan2_nonnegative_x(y, x).double() - exact).abs() / ulp
+    assert error.max() <= 2.0
+    assert error.mean() < 0.5
+
+    inf, nan = math.inf, math.nan
+    y = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, inf, -inf, 1.0, inf, -inf, 5.0, 1e-45, 3e38, nan, 1.0])
+    x = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, inf, inf, inf, 5.0, 1.0, 1e-38, 1.0, nan])
+    ours, rounded = atan2_nonnegative_x(y, x), torch.atan2(y.double(), x.double()).float()  # (float32 atan2 is 1 ulp off at π/4)
+    torch.testing.assert_close(ours, rounded, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours.signbit(), rounded.signbit())  # ±0 kept
+
+
+def test_compiled_atan2_step_matches_spec():
+    # float32 takes the polynomial atan2 in the compiled loops (step and statistics pass).
+    def make(ps, fused):
+        return AdamAtan2(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+
+    fast = fast_vs_spec(make, torch.float32, shapes=((80, 1024), (5, 7)), steps=4)
+    assert fast._compile is True
+
+
 def test_default_runs_eager_below_the_compile_threshold():
     params = make_params()
     opt = Adam(params)

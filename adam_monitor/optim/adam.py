@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adam_monitor.optim.functional import NORMALIZE, adam_step_, fused_step_, warn_eager_fallback
+from adam_monitor.optim.functional import (
+    NORMALIZE,
+    FusedLayout,
+    adam_step_,
+    fused_step_,
+    heads_per_call,
+    layout_key,
+    warn_eager_fallback,
+)
 
 __all__ = ["Adam", "AdamD", "LaProp", "AdamAtan2", "StableAdamW", "adafactor_beta2", "worst_case_bound"]
 
@@ -130,8 +138,10 @@ class Adam(Optimizer):
     ``fused``: ``True`` runs the ``torch.compile``'d step (an error if it cannot compile), ``False``
     the eager single-tensor step, ``None`` the compiled one when the optimizer holds at least
     ``2**20`` elements and compilation works (falling back to eager with a warning otherwise).
-    Compilation happens at the first step of each configuration (seconds; cached on disk by
-    inductor). Params with ``grad=None`` are skipped; sparse gradients are an error.
+    Compilation happens at the first step of each configuration (10-40 s on 2 CPU cores, once per
+    process; cached on disk by inductor). Params with ``grad=None`` are skipped; sparse gradients
+    are an error. The compiled step keeps aliases of the params and moments from step to step; it
+    notices new storages (``p.data = ...``, ``load_state_dict``) and rebuilds them.
     """
 
     def __init__(
@@ -170,6 +180,7 @@ class Adam(Optimizer):
         self.record_statistics: bool = False
         self.last_statistics: dict[Tensor, Tensor] = {}
         self._compile: bool | None = None if fused is None else fused
+        self._layouts: dict[tuple, FusedLayout] = {}  # fast-path layouts by (group index, batch)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -200,6 +211,9 @@ class Adam(Optimizer):
             if isinstance(step, Tensor) and (step.device.type != "cpu" or step.dtype != torch.float32):
                 # a fused/capturable checkpoint keeps step on the device; reading it there would sync
                 param_state["step"] = step.to("cpu", torch.float32)
+            elif isinstance(step, (int, float)):  # an old torch checkpoint: steps are counted in one foreach add
+                param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        self._layouts = {}  # new state tensors: the fast path's aliases must not outlive the old ones
 
     def _use_compiled(self) -> bool:
         if self._compile is None:
@@ -236,82 +250,124 @@ class Adam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         statistics: dict[Tensor, Tensor] | None = {} if self.record_statistics else None
-        for group in self.param_groups:
-            self._step_group(group, statistics)
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group, statistics)
         if statistics is not None:
             self.last_statistics = statistics
         return loss
 
-    def _step_group(self, group: dict[str, Any], statistics: dict[Tensor, Tensor] | None) -> None:
+    def _step_group(self, index: int, group: dict[str, Any], statistics: dict[Tensor, Tensor] | None) -> None:
         _check_betas(group)  # a scheduler may have moved them
-        beta1, beta2 = group["betas"]
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        normalize, clip = group["normalize"], group["update_clip"]
-        eps = 0.0 if normalize == "atan2" else group["eps"]  # atan2 is ε-free
-        record = statistics is not None
-        # Tensors for the compiled path, batched by (dtype, device, step scalars): one fused_step_ each.
-        batches: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, ...]]]] = {}
-        rows: dict[Tensor, Tensor] = {}
+        params, grads = [], []
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use torch.optim.SparseAdam")
-            if torch.is_complex(p):
+            if p.is_complex():
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters; use torch.view_as_real")
-            state = self._init_state(p)
-            state["step"] += 1
-            t = int(state["step"].item())  # a CPU tensor: no device sync
-            beta2_t = self._beta2(t, beta2)
-            if "beta2_product" in state:
-                product_prev = state["beta2_product"]
-                state["beta2_product"] = product = product_prev * beta2_t
-                c2, c2_prev = 1.0 - product, 1.0 - product_prev
-            else:
-                c2, c2_prev = 1.0 - beta2_t**t, 1.0 - beta2_t ** (t - 1)
-            compute_dtype = torch.promote_types(p.dtype, torch.float32)
-            scalars = dict(
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2_t,
-                weight_decay=weight_decay,
-                eps=eps,
-                eps_sq=max(eps * eps, torch.finfo(compute_dtype).tiny),
-                inv_c1=1.0 / (1.0 - beta1**t) if group["momentum_bias_correction"] else 1.0,
-                inv_sqrt_c2=1.0 / math.sqrt(c2),
-                inv_c2_prev=1.0 / c2_prev if record and c2_prev > 0.0 else 0.0,
-                update_clip=clip,
-                normalize=normalize,
-                statistics=record,
-            )
-            tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
-            if (
-                self._use_compiled()
-                and p.numel() > 0
-                and all(x.is_contiguous() and x.dtype == p.dtype and x.device == p.device for x in tensors)
-            ):
-                key = (p.dtype, p.device, *scalars.values())
-                batches.setdefault(key, (scalars, []))[1].append(tensors)
-                continue
-            rows[p] = adam_step_(*tensors, **scalars)
-        for scalars, items in batches.values():
-            rows.update(zip((item[0] for item in items), self._apply_compiled(items, scalars)))
-        if record:
-            statistics.update((p, rows[p]) for p in group["params"] if p in rows)  # in param order
+            params.append(p)
+            grads.append(grad)
+        if not params:
+            return
+        states = [self._init_state(p) for p in params]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1.0)  # one call for the group, not one tensor add per param
+        counts = torch.stack(steps).tolist()  # CPU tensors: no device sync
 
-    def _apply_compiled(self, items: list[tuple[Tensor, ...]], scalars: dict[str, Any]) -> list[Tensor | None]:
+        # The params share their step's scalars when they share (t, Π β2_k, compute dtype): usually
+        # the whole group, then one set of scalars and one fused_step_ per dtype and device.
+        scalar_sets: dict[tuple, dict[str, Any]] = {}
+        eager: list[tuple[int, dict[str, Any]]] = []
+        fused: dict[tuple, list[int]] = {}
+        use_compiled = self._use_compiled()
+        for i, (p, state, t) in enumerate(zip(params, states, counts)):
+            product = state.get("beta2_product")
+            key = (t, product, p.dtype)
+            scalars = scalar_sets.get(key)
+            if scalars is None:
+                scalars = scalar_sets[key] = self._scalars(group, int(t), product, p.dtype, record=statistics is not None)
+            if product is not None:
+                state["beta2_product"] = product * scalars["beta2"]
+            if use_compiled and _fusable(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
+                fused.setdefault((key, p.device), []).append(i)
+            else:
+                eager.append((i, scalars))
+
+        rows: dict[int, Tensor | None] = {}
+        for i, scalars in eager:
+            state = states[i]
+            rows[i] = adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalars)
+        for ordinal, ((key, _), members) in enumerate(fused.items()):
+            ps, gs = [params[i] for i in members], [grads[i] for i in members]
+            ms, vs = [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members]
+            rows.update(zip(members, self._apply_compiled((index, ordinal), ps, gs, ms, vs, scalar_sets[key])))
+        if statistics is not None:
+            statistics.update((params[i], rows[i]) for i in sorted(rows))  # in param order
+
+    def _scalars(self, group: dict[str, Any], t: int, product_prev: float | None, dtype: torch.dtype, *, record: bool) -> dict[str, Any]:
+        """The keyword arguments of ``adam_step_`` / ``fused_step_`` at step ``t``."""
+        beta1, beta2 = group["betas"]
+        normalize = group["normalize"]
+        eps = 0.0 if normalize == "atan2" else group["eps"]  # atan2 is ε-free
+        beta2_t = self._beta2(t, beta2)
+        if product_prev is not None:  # a β2 schedule: exact bias correction by the running product
+            c2, c2_prev = 1.0 - product_prev * beta2_t, 1.0 - product_prev
+        else:
+            c2, c2_prev = 1.0 - beta2_t**t, 1.0 - beta2_t ** (t - 1)
+        compute_dtype = torch.promote_types(dtype, torch.float32)
+        return dict(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2_t,
+            weight_decay=group["weight_decay"],
+            eps=eps,
+            eps_sq=max(eps * eps, torch.finfo(compute_dtype).tiny),
+            inv_c1=1.0 / (1.0 - beta1**t) if group["momentum_bias_correction"] else 1.0,
+            inv_sqrt_c2=1.0 / math.sqrt(c2),
+            inv_c2_prev=1.0 / c2_prev if record and c2_prev > 0.0 else 0.0,
+            update_clip=group["update_clip"],
+            normalize=normalize,
+            statistics=record,
+        )
+
+    def _apply_compiled(
+        self, cache_key: tuple, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+        scalars: dict[str, Any],
+    ) -> list[Tensor | None]:
         if self._compile:
+            # The layout (aliases of params and moments, index tensors) outlives the step while the
+            # params and moments keep their storages: rebuilt after load_state_dict, p.data = ...
             try:
-                rows = fused_step_(*(list(ts) for ts in zip(*items)), **scalars)
+                layout = self._layouts.get(cache_key)
+                per_call = heads_per_call(scalars["normalize"])
+                if layout is None or layout.max_per_call != per_call or layout.key != layout_key(params, exp_avgs, exp_avg_sqs):
+                    layout = self._layouts[cache_key] = FusedLayout(params, exp_avgs, exp_avg_sqs, per_call)
+                rows = fused_step_(params, grads, exp_avgs, exp_avg_sqs, layout=layout, **scalars)
             except Exception as error:  # compilation failed (no compiler, unsupported device, ...)
                 if self.fused:
                     raise
                 warn_eager_fallback(error)
                 self._compile = False
+                self._layouts.clear()
             else:
-                return rows if rows is not None else [None] * len(items)
-        return [adam_step_(*tensors, **scalars) for tensors in items]
+                return rows if rows is not None else [None] * len(params)
+        return [adam_step_(*tensors, **scalars) for tensors in zip(params, grads, exp_avgs, exp_avg_sqs)]
+
+
+def _fusable(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
+    """Whether the fast path can step ``p``: it aliases the four tensors' storages as flat arrays,
+    so they must be contiguous, of one size, dtype and device. Checked at every step (a gradient
+    is a new tensor each step; ``.data`` assignments change the rest). Spelled out, not a loop:
+    this runs for every param at every step."""
+    n, dtype, device = p.numel(), p.dtype, p.get_device()
+    return (
+        n > 0 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+        and g.numel() == n and m.numel() == n and v.numel() == n
+        and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype
+        and g.get_device() == device and m.get_device() == device and v.get_device() == device
+    )  # fmt: skip
 
 
 class AdamD(Adam):

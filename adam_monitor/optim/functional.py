@@ -1,21 +1,25 @@
 """One step of the Adam family for one tensor: the specification, and its compiled fast path.
 
 ``adam_step_`` is the readable reference. The fast path, ``fused_step_``, steps a whole list of
-tensors with the same math compiled by ``torch.compile`` (one vectorized, OpenMP-parallel loop per
-call on CPU, one kernel on GPU):
+tensors with the same math compiled by ``torch.compile`` (vectorized, OpenMP-parallel loops on CPU,
+kernels on GPU):
 
-* a tensor of at least ``SMALL`` elements runs its first ``numel // BLOCK · BLOCK`` coordinates as
-  a ``(k, BLOCK)`` alias: statistics and the clipping RMS are summed per row in the compute dtype,
-  the rows in float64, as ``adam_monitor.kernels`` does (inductor runs these sums in loops of
-  their own: a reduction that reads a buffer the graph then writes in place does not fuse with
-  that write, so statistics cost about one more read of the state);
-* the small tensors and those tails are concatenated and stepped in one call (a compiled call
-  costs ~0.1-0.3 ms of Python and guards, more than the arithmetic of a bias), their statistics
+* a tensor of at least ``SMALL`` elements (a head) runs its first ``numel // BLOCK · BLOCK``
+  coordinates as a ``(k, BLOCK)`` alias, up to ``heads_per_call`` heads per compiled call (a call
+  costs ~0.1 ms of dynamo guards and wrappers, more than a head of 64K elements takes to step);
+  statistics and the clipping RMS are summed per row in the compute dtype, the rows in float64,
+  as ``adam_monitor.kernels`` does;
+* the small tensors and those tails are concatenated and stepped in one call, their statistics
   returned per coordinate and summed per tensor in float64;
-* ``update_clip`` needs the tensor-wide RMS before the update: a compiled reduction pass first
-  (``v`` rebuilt, not written), then the update pass with the resulting per-tensor scale.
+* with clipping or statistics, pass 1 reads what the step needs of the state before writing it:
+  the tensor-wide RMS of ``g²/max(v̂_t, ε²)`` that sets the clipping scale, the gradient jump
+  against ``v̂_{t-1}``; pass 2 steps, and sums the statistics of the values it writes (u², the
+  staleness, ε-dominance) in the same loops.
 
-Step scalars travel in one float64 tensor: one graph serves every step and tensor of a dtype.
+The step's scalars travel in one tensor of coefficients (``_COEFFICIENTS``): one graph serves every
+step and tensor of a dtype. ``FusedLayout`` holds what outlives a step (the aliases of params and
+moments, index tensors), kept by ``Adam`` while the storages stay. float32 and narrower compute
+atan2 with ``atan2_nonnegative_x`` (a polynomial, ≤ 1.5 ulp), float64 with ``torch.atan2``.
 
 With hyper-parameters of the step (β2_t may vary, see ``Adam``)::
 
@@ -33,12 +37,16 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import torch.fx.experimental._config as _fx_config
 from torch import Tensor
 
-__all__ = ["ATAN2_A", "ATAN2_B", "BLOCK", "NORMALIZE", "SMALL", "adam_step_", "flat_alias", "fused_step_"]
+__all__ = [
+    "ATAN2_A", "ATAN2_B", "BLOCK", "HEADS_PER_CALL", "NORMALIZE", "SMALL",
+    "FusedLayout", "adam_step_", "atan2_nonnegative_x", "flat_alias", "fused_step_", "heads_per_call", "layout_key",
+]  # fmt: skip
 
 #: atan2 constants of Everett et al. 2024 ("Scaling Exponents Across Parameterizations and
 #: Optimizers", Adam-atan2): u = a·atan2(m̂, b·√v̂). a = 1.27 ≈ 4/π makes a steady signal
@@ -54,18 +62,21 @@ BLOCK = 1024
 SMALL = 1 << 16
 
 
-def _direction(grad: Tensor, exp_avg: Tensor, sqrt_v_hat: Tensor, beta1, eps, inv_c1, normalize: str) -> Tensor:
-    """Update ``exp_avg`` in place and return the direction u (before clipping)."""
+def _direction(
+    grad: Tensor, exp_avg: Tensor, sqrt_v_hat: Tensor, beta1, one_minus_beta1, eps, inv_c1, normalize: str,
+    atan2=torch.atan2, atan2_a=ATAN2_A, atan2_b=ATAN2_B,
+) -> tuple[Tensor, Tensor]:
+    """The new momentum m_t and the direction u (before clipping); ``exp_avg`` is read, not written."""
     if normalize == "adam":
-        exp_avg.mul_(beta1).add_(grad * (1 - beta1))
-        return exp_avg * inv_c1 / (sqrt_v_hat + eps)
+        m = exp_avg * beta1 + grad * one_minus_beta1
+        return m, m * inv_c1 / (sqrt_v_hat + eps)
     if normalize == "laprop":
         # momentum of the normalized gradient; only m is bias-corrected at the update
-        exp_avg.mul_(beta1).add_(grad / (sqrt_v_hat + eps) * (1 - beta1))
-        return exp_avg * inv_c1
+        m = exp_avg * beta1 + grad / (sqrt_v_hat + eps) * one_minus_beta1
+        return m, m * inv_c1
     if normalize == "atan2":
-        exp_avg.mul_(beta1).add_(grad * (1 - beta1))
-        return ATAN2_A * torch.atan2(exp_avg * inv_c1, ATAN2_B * sqrt_v_hat)
+        m = exp_avg * beta1 + grad * one_minus_beta1
+        return m, atan2_a * atan2(m * inv_c1, atan2_b * sqrt_v_hat)
     raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
 
 
@@ -110,7 +121,8 @@ def adam_step_(
     exp_avg_sq.mul_(beta2).add_(g2 * (1 - beta2))
     v_hat = exp_avg_sq * (inv_sqrt_c2 * inv_sqrt_c2)
     sqrt_v_hat = exp_avg_sq.sqrt() * inv_sqrt_c2
-    update = _direction(grad, exp_avg, sqrt_v_hat, beta1, eps, inv_c1, normalize)
+    momentum, update = _direction(grad, exp_avg, sqrt_v_hat, beta1, 1 - beta1, eps, inv_c1, normalize)
+    exp_avg.copy_(momentum)
 
     if update_clip is not None or statistics:
         staleness_sq = (g2 / v_hat.clamp_min(eps_sq)).sum(dtype=f64)
@@ -148,9 +160,86 @@ def flat_alias(t: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- fast path
 
-# Positions in the float64 scalar vector of the compiled functions.
 NUM_SUMS = 5  # the summed statistics; the row's last column is the count
-_SCALARS = ("lr", "beta1", "beta2", "weight_decay", "eps", "eps_sq", "inv_c1", "inv_sqrt_c2", "inv_c2_prev")
+#: The coefficients of the compiled functions, in one tensor of the compute dtype: every scalar
+#: expression is evaluated here, in float64, and rounded once. The compiled loop reads each with a
+#: broadcast load; an expression of them inside the loop (1 - β2 from β2, a float64 → float32
+#: conversion) is evaluated again for every vector: the compiler cannot hoist it out of the loop,
+#: since the vector stores of the loop may alias the scalars' memory. That costs ~20% of an Adam
+#: step, so does a float global (``ATAN2_A``), which dynamo turns into a tensor input too.
+_COEFFICIENTS = (
+    "lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "lr_wd", "eps", "eps_sq",
+    "inv_c1", "inv_sqrt_c2", "inv_c2", "inv_c2_prev", "atan2_a", "atan2_b",
+)  # fmt: skip
+
+
+def _coefficients(scalars: dict[str, float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    lr, beta1, beta2, inv_sqrt_c2 = scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["inv_sqrt_c2"]
+    lr_wd = lr * scalars["weight_decay"]
+    values = (
+        lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr_wd, lr_wd, scalars["eps"], scalars["eps_sq"],
+        scalars["inv_c1"], inv_sqrt_c2, inv_sqrt_c2 * inv_sqrt_c2, scalars["inv_c2_prev"], ATAN2_A, ATAN2_B,
+    )  # fmt: skip
+    return torch.tensor(values, dtype=_acc(dtype), device=device)
+
+
+#: Heads stepped by one compiled call. A call costs ~0.1 ms of dynamo guards and wrappers, a head
+#: inside it ~20 µs; each head of the graph adds 1-3 s to its first compile, so the graph does not
+#: take the whole list (compile time growing with the model) but this many heads, the last call of
+#: a step padded with tiny dummy heads: one graph per configuration for any model with this many
+#: heads or more (fewer: the next power of two). 4 rather than 8: 15 s less first compile with
+#: statistics (20M params, 2 cores), ~1% more step time.
+HEADS_PER_CALL = 4
+
+
+def heads_per_call(normalize: str) -> int:
+    """At most this many heads per call: ``HEADS_PER_CALL``, but 1 for atan2, whose loop takes
+    ~5-10 s per head to generate and compile (and its step is compute-bound: 0.1 ms per call is
+    ~2% of it)."""
+    return 1 if normalize == "atan2" else HEADS_PER_CALL
+
+
+# atan2_nonnegative_x: atan(z) ≈ z + z·w·Q(w), w = z², for z in [0, 1]; Q of degree 8 minimizes the
+# maximum relative error of atan over [0, 1] (2.6e-9 in float64, 0.04 float32 ulp). Derived for
+# this module with numpy in float64: Lawson's iteratively reweighted least squares (it converges to
+# the minimax fit), 500 iterations on 20000 points z = sin(θ), θ uniform in (0, π/2], design rows
+# w^(k+1)/f and target (f - 1)/f with f = atan(z)/z (so that the residual is the relative error of
+# atan), coefficients rounded to 9 significant digits. The leading 1 stays exact so that the last
+# operation is z + (a small term): the float32 evaluation stays within ~1.5 ulp.
+
+
+def atan2_nonnegative_x(y: Tensor, x: Tensor) -> Tensor:
+    """``torch.atan2(y, x)`` for ``x ≥ 0`` (the atan2 direction's ``b·√v̂``), float32 and narrower.
+
+    A division and a polynomial, ~3x cheaper than the vectorized ``atan2`` of the compiled loop;
+    within 1.5 float32 ulp of the exact angle for finite inputs (``tests/test_optim.py`` measures
+    it), and exact (as float32 rounds it) where the angle is a multiple of π/4:
+    ``atan2(±0, x) = ±0``, ``atan2(y, 0) = ±π/2``, ``atan2(±x, x) = ±π/4`` (inf included);
+    NaN in, NaN out.
+    """
+    ay = y.abs()
+    num, den = torch.minimum(ay, x), torch.maximum(ay, x)
+    z = num / den
+    w = z * z
+    # Literals, not a global tuple: dynamo would pass global floats as tensor inputs (see
+    # _COEFFICIENTS). Estrin's scheme: half the dependency chain of Horner's, and the loop,
+    # compute-bound here, runs ~15% faster.
+    w2 = w * w
+    w4 = w2 * w2
+    q = (-0.333332991 + 0.199985483 * w) + (-0.142642417 + 0.109521859 * w) * w2
+    q = q + ((-0.0840345066 + 0.0579575988 * w) + (-0.0311778507 + 0.0109146081 * w) * w2 - 0.0017936222 * w4) * w4
+    angle = z + z * w * q  # atan(min/max) in [0, π/4]
+    # |y| = x: π/4 exactly (float32), also for inf/inf (0/0: y = 0, returned below)
+    angle = torch.where(num == den, 0.7853981852531433, angle)
+    # π/2 - angle with π/2 = 1.5707963705062866 (float32) - 4.371139006309477e-08 (the bits it drops)
+    angle = torch.where(ay > x, (1.5707963705062866 - angle) - 4.371139006309477e-08, angle)
+    # the sign of y; y itself for y = ±0, which keeps the sign of zero
+    return torch.where(y < 0, -angle, torch.where(y == 0, y, angle))
+
+
+def _atan2_for(dtype: torch.dtype) -> Callable[[Tensor, Tensor], Tensor]:
+    # The polynomial is accurate to float32; float64 keeps the library's atan2.
+    return torch.atan2 if dtype == torch.float64 else atan2_nonnegative_x
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -158,75 +247,242 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _staleness_kernel(grad: Tensor, exp_avg_sq: Tensor, s: Tensor, *, rows: bool) -> Tensor:
-    """Pass 1 of clipping: ``g²/max(v̂_t, ε²)`` with ``v_t`` rebuilt as the step will (not written).
-
-    ``rows``: ``(k, BLOCK)`` inputs, summed per row in the compute dtype, rows in float64 (0-d);
-    else 1-D inputs, the per-coordinate terms returned.
-    """
-    _, _, beta2, _, _, eps_sq, _, inv_sqrt_c2, _ = s.unbind()
+def _moments(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, k: dict[str, Tensor], normalize: str, ones: Tensor | None = None):
+    """``g²``, ``v_t``, ``√v̂_t``, ``m_t`` and u of the step, out of place: what both compiled passes
+    compute from the state the step starts from."""
     g2 = grad * grad
-    v = exp_avg_sq * beta2 + g2 * (1 - beta2)
-    terms = g2 / (v * (inv_sqrt_c2 * inv_sqrt_c2)).clamp_min(eps_sq)
-    return terms.sum(-1, dtype=_acc(grad.dtype)).sum(dtype=torch.float64) if rows else terms
+    v = exp_avg_sq * k["beta2"] + g2 * k["one_minus_beta2"]
+    sqrt_v_hat = v.sqrt() * k["inv_sqrt_c2"]
+    atan2 = _atan2_for(grad.dtype)
+    if ones is not None and normalize == "atan2":  # the angle is stored: it must read ones too
+        atan2 = lambda y, x: atan2_nonnegative_x(y * ones, x * ones)  # noqa: E731
+    m, update = _direction(grad, exp_avg, sqrt_v_hat, k["beta1"], k["one_minus_beta1"], k["eps"], k["inv_c1"], normalize,
+                           atan2, k["atan2_a"], k["atan2_b"])  # fmt: skip
+    return g2, v, sqrt_v_hat, m, update
+
+
+def _row_sums(terms: list[Tensor], rows: bool) -> Tensor:
+    """``rows``: ``(k, BLOCK)`` terms summed per row in the compute dtype, the rows in float64
+    (one float64 sum per term); else the 1-D terms stacked ``(len(terms), N)``."""
+    if rows:
+        return torch.stack([t.sum(-1, dtype=_acc(t.dtype)) for t in terms]).sum(-1, dtype=torch.float64)
+    return torch.stack(terms)
+
+
+# Rows of the per-param sums (the statistics row's columns, then the count).
+UPDATE_SQ, STALENESS_SQ, JUMP_SQ, JUMP_COUNT, EPS_COUNT = range(NUM_SUMS)
+
+
+def _pre_sums(clip: bool, statistics: bool) -> list[int]:
+    """The sums pass 1 returns, in order: what must be read before the step writes the state."""
+    return ([STALENESS_SQ] if clip else []) + ([JUMP_SQ, JUMP_COUNT] if statistics else [])
+
+
+def _step_sums(clip: bool, statistics: bool) -> list[int]:
+    """The sums pass 2 returns with ``statistics``, in order: those of the values it writes."""
+    return [UPDATE_SQ] + ([] if clip else [STALENESS_SQ]) + [EPS_COUNT] if statistics else []
+
+
+def _pre_kernel(grad: Tensor, exp_avg_sq: Tensor, c: Tensor, *, clip: bool, statistics: bool, rows: bool) -> Tensor:
+    """Pass 1, from the state the step starts from (read, not written): with ``clip``,
+    ``g²/max(v̂_t, ε²)`` (``v_t`` rebuilt as the step will), for the tensor-wide RMS that scales the
+    step; with ``statistics``, the gradient jump against the v̂_{t-1} the step finds, over the
+    coordinates that have a second moment, and their count. See ``_pre_sums``."""
+    k = dict(zip(_COEFFICIENTS, c.unbind()))
+    eps_sq = k["eps_sq"]
+    g2 = grad * grad
+    terms = []
+    if clip:
+        v = exp_avg_sq * k["beta2"] + g2 * k["one_minus_beta2"]
+        terms.append(g2 / (v * k["inv_c2"]).clamp_min(eps_sq))
+    if statistics:
+        had_moment = exp_avg_sq > 0
+        v_hat_prev = (exp_avg_sq * k["inv_c2_prev"]).clamp_min(eps_sq)
+        terms += [torch.where(had_moment, g2 / v_hat_prev, 0.0), had_moment.to(grad.dtype)]
+    return _row_sums(terms, rows)
 
 
 def _step_kernel(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: Tensor, scale: Tensor | None,
-    *, normalize: str, statistics: bool, rows: bool,
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, c: Tensor, scale: Tensor | None,
+    ones: Tensor | None, *, normalize: str, statistics: bool, rows: bool,
 ) -> Tensor | None:
-    """``adam_step_`` with the clipping scale given (pass 2); statistics as five sums (``rows``,
-    ``(k, BLOCK)`` inputs: per row in the compute dtype, rows in float64) or five per-coordinate
-    terms ``(5, N)`` (1-D inputs)."""
-    lr, beta1, beta2, weight_decay, eps, eps_sq, inv_c1, inv_sqrt_c2, inv_c2_prev = s.unbind()
-    g2 = grad * grad
-    if statistics:
-        had_moment = exp_avg_sq > 0
-        v_hat_prev = (exp_avg_sq * inv_c2_prev).clamp_min(eps_sq)
-        jump = torch.where(had_moment, g2 / v_hat_prev, 0.0)
-    exp_avg_sq.mul_(beta2).add_(g2 * (1 - beta2))
-    v_hat = exp_avg_sq * (inv_sqrt_c2 * inv_sqrt_c2)
-    sqrt_v_hat = exp_avg_sq.sqrt() * inv_sqrt_c2
-    update = _direction(grad, exp_avg, sqrt_v_hat, beta1, eps, inv_c1, normalize)
+    """Pass 2: ``adam_step_`` with the clipping scale given (or none); with ``statistics``, the sums
+    of ``_step_sums`` from the values it writes (u² after clipping). ``ones``: see
+    ``_heads_step_kernel``."""
+    k = dict(zip(_COEFFICIENTS, c.unbind()))
+    if ones is not None:
+        grad, m_prev, v_prev = grad * ones, exp_avg * ones, exp_avg_sq * ones
+    else:
+        m_prev, v_prev = exp_avg, exp_avg_sq
+    g2, v, sqrt_v_hat, m, update = _moments(grad, m_prev, v_prev, k, normalize, ones)
+    exp_avg_sq.copy_(v)
+    exp_avg.copy_(m)
     if scale is None:
-        decay = 1 - lr * weight_decay
+        decay = k["decay"]
     else:
         update = update * scale
-        decay = 1 - lr * weight_decay * scale
-    param.mul_(decay).sub_(update * lr)
+        decay = 1 - k["lr_wd"] * scale
+    if ones is None:
+        param.mul_(decay).sub_(update * k["lr"])
+    else:
+        param.copy_((param * decay - update * k["lr"]) * ones)
     if not statistics:
         return None
-    terms = [
-        update.square(),
-        g2 / v_hat.clamp_min(eps_sq),
-        jump,
-        had_moment.to(grad.dtype),
-        (sqrt_v_hat <= eps).to(grad.dtype),
-    ]
-    if rows:
-        return torch.stack([t.sum(-1, dtype=_acc(grad.dtype)) for t in terms]).sum(-1, dtype=torch.float64)
-    return torch.stack(terms)
+    terms = [update.square()]
+    if scale is None:
+        terms.append(g2 / (v * k["inv_c2"]).clamp_min(k["eps_sq"]))
+    terms.append((sqrt_v_hat <= k["eps"]).to(grad.dtype))
+    return _row_sums(terms, rows)
+
+
+def _heads_pre_kernel(grads: list[Tensor], exp_avg_sqs: list[Tensor], c: Tensor, *, clip: bool, statistics: bool) -> Tensor:
+    """``_pre_kernel`` over a call's heads: float64 sums ``(len(grads), len(_pre_sums(...)))``."""
+    return torch.stack([_pre_kernel(g, v, c, clip=clip, statistics=statistics, rows=True) for g, v in zip(grads, exp_avg_sqs)])
+
+
+def _heads_step_kernel(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    c: Tensor, scales: Tensor | None, ones: Tensor | None, *, normalize: str, statistics: bool,
+) -> Tensor | None:
+    """``_step_kernel`` over a call's heads (``scales``: one per head); with statistics, float64
+    sums ``(len(params), len(_step_sums(...)))``.
+
+    ``ones`` (with statistics) is a ``(BLOCK,)`` row of ones that multiplies (exactly) the step's
+    inputs, its new param and the atan2 arguments. Without it inductor runs the step as one loop
+    over all the coordinates (flat: the tensors are contiguous) and the per-row sums in loops of
+    their own, storing what they share with the step (u, √v̂, m_t) in temporaries the size of the
+    tensor, allocated at each call: 2-3x the time of the step. A value that reads
+    ``ones[column]`` cannot be flattened: the step runs per row like the sums, in one loop nest,
+    and what they share stays in buffers of a row.
+    """
+    rows = [
+        _step_kernel(p, g, m, v, c, None if scales is None else scales[j], ones, normalize=normalize, statistics=statistics, rows=True)
+        for j, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs))
+    ]  # fmt: skip
+    return torch.stack(rows) if statistics else None
 
 
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _compiled(fn: Callable, *key) -> Callable:
+def _compiled(fn: Callable, *key, pointwise: bool = False) -> Callable:
     """``fn`` compiled, one distinct code object per configuration (lazy, cached per process), so
-    that configurations do not share dynamo's per-function recompile limit."""
+    that configurations do not share dynamo's per-function recompile limit. ``pointwise``: ``fn``
+    has no per-row sums (see below)."""
     full_key = (fn.__name__, *key)
     compiled = _COMPILED.get(full_key)
     if compiled is None:
         name = "_".join(str(k) for k in full_key)
         copy = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
-        compiled = _COMPILED[full_key] = torch.compile(copy, dynamic=True, fullgraph=True)
+        # size_asserts: the compiled wrapper re-checks the size and stride of every input (~1 µs
+        # each, 33 per call of 8 heads) that dynamo's guards have just checked.
+        options: dict[str, Any] = {"size_asserts": False}
+        if pointwise:
+            # Inductor inlines a value into each of its uses unless it takes more than this many
+            # operations: the atan2 polynomial, whose values have up to 7 uses each, was traced
+            # thousands of times (5 s per head). A stored value of a pointwise loop stays in
+            # registers (the default threshold, 30, matters for reductions: a stored value there
+            # becomes a temporary the size of the tensor, 2-4x slower).
+            options["realize_opcount_threshold"] = 8
+        compiled = _COMPILED[full_key] = torch.compile(copy, dynamic=True, fullgraph=True, options=options)
     return compiled
 
 
-def _segment_sums(terms: Tensor, segment_ids: Tensor, segments: int) -> Tensor:
-    """Per-segment float64 sums of the last dimension of ``terms``: ``(..., segments)``."""
-    out = torch.zeros(*terms.shape[:-1], segments, dtype=torch.float64, device=terms.device)
-    return out.index_add_(-1, segment_ids, terms.to(torch.float64))
+def _head_alias(t: Tensor, h: int, static: bool = True) -> Tensor:
+    """The first ``h`` coordinates of contiguous ``t`` as a ``(h/BLOCK, BLOCK)`` alias (not a view:
+    see ``flat_alias``). ``static``: BLOCK stays a constant in the graph (static loop bounds); the
+    gradients, aliased anew at each step, skip the marking: every graph also takes a marked
+    moment of the same shape, which makes their BLOCK static too."""
+    alias = t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (h // BLOCK, BLOCK), (BLOCK, 1))
+    if static:
+        torch._dynamo.mark_static(alias, 1)
+    return alias
+
+
+_DUMMY_HEADS: dict[tuple, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+
+
+def _dummy_heads(dtype: torch.dtype, device: torch.device, count: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``count`` distinct (param, grad, exp_avg, exp_avg_sq) sets of ``(2, BLOCK)`` zeros that pad
+    the last call of a step (distinct: dynamo guards that its inputs do not alias). Written by
+    every step and never read back. Two rows, not one: a size of 1 would specialize the graph."""
+    dummies = _DUMMY_HEADS.setdefault((dtype, device), [])
+    while len(dummies) < count:
+        # marked static like the aliases they stand in for (the gradient's is not): dynamo guards
+        # on the marking, a mismatch would compile a second graph
+        dummies.append(tuple(_head_alias(torch.zeros(2 * BLOCK, dtype=dtype, device=device), 2 * BLOCK, static=k != 1) for k in range(4)))
+    return dummies[:count]
+
+
+_ONES: dict[tuple, Tensor] = {}
+
+
+def _ones_row(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``(BLOCK,)`` row of ones (see ``_heads_step_kernel``), one per dtype and device."""
+    ones = _ONES.get((dtype, device))
+    if ones is None:
+        ones = _ONES[(dtype, device)] = torch.ones(BLOCK, dtype=dtype, device=device)
+    return ones
+
+
+class FusedLayout:
+    """How ``fused_step_`` splits a list of tensors into heads and batch, with what of it outlives
+    a step: the aliases of the params and moments, index tensors. Gradients are not part of it (a
+    new tensor every step, usually). ``Adam`` keeps a layout while ``key`` stays the same, the
+    identity, storage and size of every param and moment (an alias holds its storage, so a new
+    storage of a param cannot reuse the address of the old one).
+    """
+
+    def __init__(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], max_per_call: int) -> None:
+        self.key = layout_key(params, exp_avgs, exp_avg_sqs)
+        self.params = list(params)  # keeps the ids in ``key`` taken
+        self.dtype, self.device = dtype, device = params[0].dtype, params[0].device
+        n = len(params)
+        numels = [p.numel() for p in params]
+        self.heads = heads = [k // BLOCK * BLOCK if k >= SMALL else 0 for k in numels]
+        self.head_index = head_index = [i for i, h in enumerate(heads) if h]
+        self.head_params = [params[i] for i in head_index]
+        self.max_per_call = max_per_call
+        self.per_call = per_call = min(max_per_call, 1 << max(len(head_index) - 1, 0).bit_length())
+        dummies = _dummy_heads(dtype, device, -len(head_index) % per_call)
+        self.dummy_grads = [d[1] for d in dummies]
+        param_views, exp_avg_views, exp_avg_sq_views = (
+            [_head_alias(ts[i], heads[i]) for i in head_index] + [d[k] for d in dummies]
+            for k, ts in ((0, params), (2, exp_avgs), (3, exp_avg_sqs))
+        )
+        starts = range(0, len(param_views), per_call)
+        self.calls = [(param_views[c : c + per_call], exp_avg_views[c : c + per_call], exp_avg_sq_views[c : c + per_call])
+                      for c in starts]  # fmt: skip
+        # Slots of the per-param sums: one per param, then one (n) for everything padding.
+        self.head_slots = torch.tensor(head_index + [n] * len(dummies), device=device)
+        self.numel_ext = torch.tensor(numels + [1], dtype=torch.float64, device=device)
+        self.numel_col = self.numel_ext[:n, None]
+
+        self.pieces = pieces = [(i, h, k - h) for i, (h, k) in enumerate(zip(heads, numels)) if k > h]
+        self.sizes = [k for _, _, k in pieces]
+        self.total = sum(self.sizes)
+        # The tails and small tensors as views, concatenated at each step (copies, written back).
+        # (Views of detached tensors: they share the version counters, so the copies still bump p's,
+        # but autograd does not track them: no error if p is ever modified in grad mode.)
+        self.flats = [[ts[i].detach().view(-1)[h:] for i, h, _ in pieces] for ts in (params, exp_avgs, exp_avg_sqs)]
+        self._batch_slots: Tensor | None = None
+
+    def batch_slots(self) -> Tensor:
+        """The slot of each coordinate of the batch (its padding: slot n); only clipping and
+        statistics need it."""
+        if self._batch_slots is None:
+            device = self.device
+            ids = torch.tensor([i for i, _, _ in self.pieces], device=device)
+            slots = torch.repeat_interleave(ids, torch.tensor(self.sizes, device=device))
+            if self.total == 1:
+                slots = torch.cat([slots, slots.new_full((1,), len(self.params))])
+            self._batch_slots = slots
+        return self._batch_slots
+
+
+def layout_key(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> tuple:
+    """What a ``FusedLayout`` depends on (see there)."""
+    return tuple((id(p), p.data_ptr(), p.numel(), m.data_ptr(), v.data_ptr()) for p, m, v in zip(params, exp_avgs, exp_avg_sqs))
 
 
 def fused_step_(
@@ -238,86 +494,101 @@ def fused_step_(
     update_clip: float | None,
     normalize: str,
     statistics: bool,
+    layout: FusedLayout | None = None,
     **scalars: float,
 ) -> list[Tensor] | None:
     """``adam_step_`` on every tensor of the lists (compiled), all sharing the step's scalars.
 
-    The tensors must be contiguous, non-empty, of one dtype and device. Returns the statistics
+    The tensors must be contiguous, non-empty, of one dtype and device; ``layout`` (of these
+    params and moments, else built here) may come from an earlier step. Returns the statistics
     rows (float64, as ``adam_step_``) when asked. Compilation errors surface before any tensor
-    is written.
+    is written (every graph a step uses compiles at its first call, before the first in-place
+    write: pass 1 reads, the batch is stepped in copies first).
     """
-    device, dtype = params[0].device, params[0].dtype
-    s = torch.tensor([scalars[k] for k in _SCALARS], dtype=torch.float64, device=device)
-    numels = [p.numel() for p in params]
-    heads = [n // BLOCK * BLOCK if n >= SMALL else 0 for n in numels]
-    pieces = [(i, h, n - h) for i, (h, n) in enumerate(zip(heads, numels)) if n > h]
-    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    if layout is None or layout.max_per_call != heads_per_call(normalize):
+        layout = FusedLayout(params, exp_avgs, exp_avg_sqs, heads_per_call(normalize))
+    # Without duck sizing, heads of equal size in a call get a size symbol each: no guard ties
+    # them, and one graph serves calls of any sizes (instead of one per pattern of equal sizes).
+    duck_shape = getattr(_fx_config, "use_duck_shape", None)
+    if duck_shape is None:
+        return _fused_step(layout, grads, update_clip, normalize, statistics, scalars)
+    _fx_config.use_duck_shape = False
+    try:
+        return _fused_step(layout, grads, update_clip, normalize, statistics, scalars)
+    finally:
+        _fx_config.use_duck_shape = duck_shape
+
+
+def _fused_step(
+    layout: FusedLayout, grads: list[Tensor], update_clip: float | None, normalize: str, statistics: bool,
+    scalars: dict[str, float],
+) -> list[Tensor] | None:
+    device, dtype, f64 = layout.device, layout.dtype, torch.float64
+    c = _coefficients(scalars, dtype, device)
+    n, per_call, pieces, total = len(layout.params), layout.per_call, layout.pieces, layout.total
     clip = update_clip is not None
+    heads = layout.heads
+    head_grads = [_head_alias(grads[i], heads[i], static=False) for i in layout.head_index] + layout.dummy_grads
+    grad_calls = [head_grads[i : i + per_call] for i in range(0, len(head_grads), per_call)]
 
-    def head_view(t: Tensor, h: int) -> Tensor:  # a (k, BLOCK) alias, not a view (see flat_alias)
-        view = t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (h // BLOCK, BLOCK), (BLOCK, 1))
-        torch._dynamo.mark_static(view, 1)  # BLOCK stays a constant in the graph (static loop bounds)
-        return view
-
-    # The batch: small tensors and tails, concatenated (copies: written back at the end).
-    if pieces:
-        flats = [[ts[i].view(-1)[h:] if h else ts[i].view(-1) for i, h, _ in pieces] for ts in lists]
-        batch = [torch.cat(ts) for ts in flats]
-        total = batch[0].numel()
+    if pieces:  # the batch: small tensors and tails, concatenated
+        grad_flats = [grads[i].view(-1)[h:] if h else grads[i].view(-1) for i, h, _ in pieces]
+        batch = [torch.cat(ts) for ts in (layout.flats[0], grad_flats, layout.flats[1], layout.flats[2])]
         if total == 1:  # a size-1 dimension would specialize a graph of its own
             batch = [torch.cat([b, b.new_zeros(1)]) for b in batch]
-        if clip or statistics:
-            lengths = torch.tensor([n for _, _, n in pieces], device=device)
-            segment_ids = torch.repeat_interleave(torch.arange(len(pieces), device=device), lengths)
 
-    head_index = [i for i, h in enumerate(heads) if h]
-    head_views = [[head_view(ts[i], heads[i]) for i in head_index] for ts in lists]
-    scales = batch_scale = None
+    if statistics or clip:
+        sums = torch.zeros(NUM_SUMS, n + 1, dtype=f64, device=device)
+
+    def add_sums(which: list[int], head_outs: list[Tensor] | None, batch_terms: Tensor | None) -> None:
+        """Add per-head sums ``(heads, len(which))`` and per-coordinate terms ``(len(which), N)``."""
+        heads_sums = torch.cat(head_outs).T if head_outs else None
+        for row, name in enumerate(which):
+            if heads_sums is not None:
+                sums[name].index_add_(0, layout.head_slots, heads_sums[row])
+            if batch_terms is not None:
+                sums[name].index_add_(0, layout.batch_slots(), batch_terms[row].to(f64))
+
+    # Pass 1, for clipping or statistics: what the state the step starts from gives.
+    if clip or statistics:
+        config = dict(clip=clip, statistics=statistics)
+        head_outs = batch_terms = None
+        if grad_calls:
+            fn = _compiled(_heads_pre_kernel, clip, statistics, per_call)
+            head_outs = [fn(g, v, c, **config) for g, (_, _, v) in zip(grad_calls, layout.calls)]
+        if pieces:
+            batch_terms = _compiled(_pre_kernel, clip, statistics, False, pointwise=True)(batch[1], batch[3], c, rows=False, **config)
+        add_sums(_pre_sums(clip, statistics), head_outs, batch_terms)
+
+    call_scales = batch_scale = None
     if clip:
-        # Pass 1: the tensor-wide Σ g²/max(v̂_t, ε²) (head rows + tail coordinates), then s_t.
-        staleness = torch.zeros(len(params), dtype=torch.float64, device=device)
-        if head_index:
-            fn = _compiled(_staleness_kernel, True)
-            staleness[head_index] = torch.stack([fn(g, v, s, rows=True) for g, v in zip(head_views[1], head_views[3])])
+        # s_t from the tensor-wide Σ g²/max(v̂_t, ε²); the padding slot: 0/1 → RMS 0 → d/0 → 1
+        scale = (update_clip / (sums[STALENESS_SQ] / layout.numel_ext).sqrt()).clamp_max(1.0).to(dtype)
+        if grad_calls:
+            call_scales = scale[layout.head_slots].view(-1, per_call).unbind()
         if pieces:
-            terms = _compiled(_staleness_kernel, False)(batch[1], batch[3], s, rows=False)
-            staleness.index_add_(0, torch.tensor([i for i, _, _ in pieces], device=device),
-                                 _segment_sums(terms[:total], segment_ids, len(pieces)))  # fmt: skip
-        numel_t = torch.tensor(numels, dtype=torch.float64, device=device)
-        scale_all = (update_clip / (staleness / numel_t).sqrt()).clamp_max(1.0).to(dtype)
-        if head_index:
-            scales = scale_all[head_index]
-        if pieces:
-            batch_scale = torch.repeat_interleave(scale_all[[i for i, _, _ in pieces]], lengths)
-            if batch_scale.numel() < batch[0].numel():
-                batch_scale = torch.cat([batch_scale, batch_scale.new_ones(1)])
+            batch_scale = scale[layout.batch_slots()]
 
     # Pass 2, the batch first: its compiled call writes only the concatenated copies.
     config = dict(normalize=normalize, statistics=statistics)
+    head_outs = batch_terms = None
     if pieces:
-        terms = _compiled(_step_kernel, normalize, clip, statistics, False)(*batch, s, batch_scale, rows=False, **config)
-    if head_index:
-        # One call per head: a single call over a list would unroll the list into the graph
-        # (compile time growing with the model, ~40 s for 17 heads) to save ~0.1 ms per head.
-        fn = _compiled(_step_kernel, normalize, clip, statistics, True)
-        head_rows = [fn(*views, s, None if scales is None else scales[j], rows=True, **config)
-                     for j, views in enumerate(zip(*head_views))]  # fmt: skip
-        for i in head_index:
-            torch.autograd.graph.increment_version(params[i])  # the alias wrote p behind autograd's back
+        fn = _compiled(_step_kernel, normalize, clip, statistics, False, pointwise=True)  # rows=False: no sums
+        batch_terms = fn(*batch, c, batch_scale, None, rows=False, **config)
+    if grad_calls:
+        fn = _compiled(_heads_step_kernel, normalize, clip, statistics, per_call, pointwise=not statistics)
+        ones = _ones_row(dtype, device) if statistics else None
+        head_outs = [fn(p, g, m, v, c, None if call_scales is None else call_scales[j], ones, **config)
+                     for j, (g, (p, m, v)) in enumerate(zip(grad_calls, layout.calls))]  # fmt: skip
+        for p in layout.head_params:
+            torch.autograd.graph.increment_version(p)  # the alias wrote p behind autograd's back
     if pieces:
-        sizes = [n for _, _, n in pieces]
-        for k in (0, 2, 3):  # param, exp_avg, exp_avg_sq
-            torch._foreach_copy_(flats[k], list(batch[k][:total].split(sizes)))
+        for flats, b in zip(layout.flats, (batch[0], batch[2], batch[3])):  # param, exp_avg, exp_avg_sq
+            torch._foreach_copy_(flats, list(b[:total].split(layout.sizes)))
     if not statistics:
         return None
-    rows = torch.zeros(len(params), NUM_SUMS + 1, dtype=torch.float64, device=device)
-    rows[:, NUM_SUMS] = torch.tensor(numels, dtype=torch.float64, device=device)
-    if head_index:
-        rows[head_index, :NUM_SUMS] = torch.stack(head_rows)
-    if pieces:
-        rows[:, :NUM_SUMS].index_add_(0, torch.tensor([i for i, _, _ in pieces], device=device),
-                                      _segment_sums(terms[:, :total], segment_ids, len(pieces)).T)  # fmt: skip
-    return list(rows.unbind())
+    add_sums(_step_sums(clip, statistics), head_outs, batch_terms)
+    return list(torch.cat([sums[:, :n].T, layout.numel_col], dim=1).unbind())
 
 
 def warn_eager_fallback(error: BaseException) -> None:

@@ -1,9 +1,12 @@
 """Step time of every ``adam_monitor.optim`` variant against torch's fused and foreach AdamW.
 
-Run as ``python tests/benchmarks/bench_optim.py [--scale 1.0] [--rounds 7]``. About 20M float32
-parameters in about 50 transformer-shaped tensors; all optimizers step the same parameters and
-gradients (each keeps its own moments), interleaved round by round so that machine noise hits
-them alike; the median over rounds is reported.
+Run as ``python tests/benchmarks/bench_optim.py [--scale 1.0] [--rounds 7] [--threads N]``. About
+20M float32 parameters in about 50 transformer-shaped tensors; all optimizers step the same
+parameters and gradients (each keeps its own moments), interleaved round by round so that machine
+noise hits them alike; the median over rounds is reported. The first step of each variant, which
+compiles its graphs (from inductor's disk cache after the first run), is reported apart.
+``--threads 1`` gives steadier numbers on a machine shared with other jobs: an OpenMP loop of
+2 threads waits for the slower one.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="width multiplier of the model")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(args.scale, blocks=4)]
@@ -49,10 +55,12 @@ def main() -> None:
         optimizer = make()
         optimizer.record_statistics = name.endswith("+stats")
         start = time.perf_counter()
-        for _ in range(args.warmup):
+        optimizer.step()
+        first = time.perf_counter() - start
+        for _ in range(args.warmup - 1):
             optimizer.step()
         optimizers[name] = optimizer
-        print(f"  warm-up {name:<30} {time.perf_counter() - start:6.1f} s (compiles on first use)")
+        print(f"  first step {name:<30} {first:6.1f} s (compiles on first use)")
 
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(args.rounds):
