@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .transfer import host_values
+
 __all__ = [
     "STAT_FIELDS",
     "NUM_STATS",
@@ -270,7 +272,7 @@ def adam_statistics(
         rows[:, JUMP_COUNT] = 0.0
     del g2
 
-    counts = torch.tensor([t.numel() for t in grads], dtype=compute_dtype, device=device)
+    counts = host_values([t.numel() for t in grads], compute_dtype, device)
     rows[:, EPS_COUNT] = counts - not_dominated
     rows[:, COUNT] = counts
     return rows.double()

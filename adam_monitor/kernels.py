@@ -50,6 +50,7 @@ from .diagnostics import (
     _reconstruction_tolerance,
     adam_statistics,
 )
+from .transfer import host_values
 
 __all__ = ["BLOCK", "EAGER_ENV", "MIN_COMPILED_NUMEL", "fast_adam_statistics", "compiled_available"]
 
@@ -136,7 +137,7 @@ def _scalars(beta2: float, eps: float, step: int, compute_dtype: torch.dtype, de
     scale = beta2 * (1 - beta2 ** (step - 1))
     tol = _reconstruction_tolerance(compute_dtype) if step > 1 else math.inf
     values = [1 / math.sqrt(c2), eps, 2 * eps, c2 * eps_sq, 1 - beta2, tol, scale * eps_sq]
-    return torch.tensor(values, dtype=torch.float64, device=device)
+    return host_values(values, torch.float64, device)
 
 
 def fast_adam_statistics(
@@ -194,13 +195,11 @@ def fast_adam_statistics(
         return adam_statistics(*state[:3], max_exp_avg_sqs=max_exp_avg_sqs, **kw)
 
     c1, c2 = 1 - beta1**step, 1 - beta2**step
-    factors = torch.tensor(
-        [1 / (c1 * c1), c2, beta2 * (1 - beta2 ** (step - 1)), 1.0, 1.0], dtype=torch.float64, device=device
-    )
+    factors = host_values([1 / (c1 * c1), c2, beta2 * (1 - beta2 ** (step - 1)), 1.0, 1.0], torch.float64, device)
     rows = torch.zeros(len(grads), NUM_STATS, dtype=torch.float64, device=device)
-    index = torch.tensor(large, device=device)
-    rows[index[:, None], torch.tensor(_SUMMED, device=device)] = sums * factors
-    rows[index, COUNT] = torch.tensor(heads, dtype=torch.float64, device=device)
+    index = host_values(large, torch.long, device)
+    rows[index[:, None], host_values(_SUMMED, torch.long, device)] = sums * factors
+    rows[index, COUNT] = host_values(heads, torch.float64, device)
 
     # The rest, batched: small tensors whole, and the tails of the large ones.
     small = sorted(set(range(len(grads))) - set(large))
@@ -208,5 +207,5 @@ def fast_adam_statistics(
     if small or tails:
         rest = [[ts[i] for i in small] + [ts[i].view(-1)[h:] for i, h in tails] for ts in state]
         rest_rows = adam_statistics(*rest[:3], max_exp_avg_sqs=rest[3] if amsgrad else None, **kw)
-        rows.index_add_(0, torch.tensor(small + [i for i, _ in tails], dtype=torch.long, device=device), rest_rows)
+        rows.index_add_(0, host_values(small + [i for i, _ in tails], torch.long, device), rest_rows)
     return rows

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .diagnostics import NUM_STATS, adam_direction
 from .kernels import fast_adam_statistics
+from .transfer import host_values
 
 __all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "shard_group"]
 
@@ -125,7 +126,7 @@ class StepReader:
             # Whole (unsharded) tensors are the same on every rank of the group: only its first
             # rank contributes them to the sum.
             keep = [1.0 if (g is not None or rank == 0) else 0.0 for g in groups]
-            self._replica_weight = torch.tensor(keep, dtype=torch.float64)
+            self._replica_weight = keep
 
     def _check_params(self) -> None:
         if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
@@ -150,7 +151,11 @@ class StepReader:
             pass  # CPU-resident counts (torch's default): read in place, no device round trip
         elif isinstance(raw[0], Tensor):
             # One host read for all step counts: they live on the CPU unless fused/capturable.
-            steps = torch.stack([r.detach().reshape(()).to(raw[0].device, torch.float64) for r in raw]).tolist()
+            first = raw[0]
+            if all(isinstance(r, Tensor) and r.dim() == 0 and r.device == first.device and r.dtype == first.dtype for r in raw):
+                steps = torch.stack(raw).to(torch.float64).tolist()  # two ops, whatever the number of tensors
+            else:
+                steps = torch.stack([r.detach().reshape(()).to(first.device, torch.float64) for r in raw]).tolist()
         else:
             steps = [float(r) for r in raw]
         out = []
@@ -191,14 +196,14 @@ class StepReader:
             else:
                 rows = zeros()
                 for positions, rows_part in parts:
-                    rows.index_copy_(0, positions.to(device), rows_part.to(device, non_blocking=True))
+                    rows.index_copy_(0, host_values(positions, torch.long, device), rows_part.to(device, non_blocking=True))
         if self._group is not None:
             # Step counts advance identically on every rank, so all ranks reach this collective.
-            rows.mul_(self._replica_weight.to(device).unsqueeze(1))
+            rows.mul_(host_values(self._replica_weight, torch.float64, device).unsqueeze(1))
             all_reduce(rows, self._group)
         return rows, int(max(s for *_, s in stepped))
 
-    def _adam_rows(self, stepped) -> Iterable[tuple[Tensor, Tensor]]:
+    def _adam_rows(self, stepped) -> Iterable[tuple[list[int] | None, Tensor]]:
         buckets: dict[tuple, list] = defaultdict(list)
         for gi, group, p, state, step in stepped:
             g = local_tensor(p.grad)
@@ -230,7 +235,7 @@ class StepReader:
             if len(positions) == len(self.params) and positions == list(range(len(self.params))):
                 yield None, rows  # rows already in parameter order: no scatter
             else:
-                yield torch.tensor(positions, dtype=torch.long), rows
+                yield positions, rows
 
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
         grad = local_tensor(p.grad)
