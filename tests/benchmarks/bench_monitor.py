@@ -1,7 +1,7 @@
 """What monitoring costs: per-step statistics against a fused AdamW step, training overhead, memory.
 
-Run as ``python tests/benchmarks/bench_monitor.py [--quick] [--rounds 7]``; threads are torch's
-default unless ``--threads`` is given. Variants are interleaved round by round, so machine noise
+Run as ``python tests/benchmarks/bench_monitor.py [--quick] [--rounds 7] [--device cuda]``; threads
+are torch's default unless ``--threads`` is given; ``--device`` moves (a) and (d) to that device. Variants are interleaved round by round, so machine noise
 hits them alike, and the median over rounds is reported.
 
 (a) about 20M float32 parameters in about 50 transformer-shaped tensors: a torch fused AdamW step,
@@ -42,9 +42,18 @@ from adam_monitor.diagnostics import adam_statistics  # noqa: E402
 from adam_monitor.kernels import fast_adam_statistics  # noqa: E402
 
 
+DEVICE = torch.device("cpu")  # of (a) and (d): --device
+
+
+def sync() -> None:
+    """A step is timed to its end: on CUDA the host waits for the device."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def make_params(scale: float) -> list[torch.nn.Parameter]:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(scale, blocks=5)]
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE) * 0.02) for s in transformer_shapes(scale, blocks=5)]
     for p in params:
         p.grad = torch.randn_like(p)
     return params
@@ -69,8 +78,10 @@ def reader_uses(fn):
 
 
 def timed(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -266,8 +277,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ab'")
+    parser.add_argument("--device", default="cpu", help="where (a) and (d) run (cpu, cuda)")
     parser.add_argument("--memory-child", choices=("none", "eager", "fast"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     scale = args.scale if args.scale is not None else (0.5 if args.quick else 1.0)
@@ -275,7 +289,8 @@ def main() -> None:
         memory_child(args.memory_child, scale, args.steps or 20)
         return
     rounds = args.rounds or (3 if args.quick else 9)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+          + (f", (a) and (d) on {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""))
     if "a" in args.only:
         bench_statistics(scale, rounds)
     if "b" in args.only:

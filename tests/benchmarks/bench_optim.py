@@ -1,6 +1,7 @@
 """Step time of every ``adam_monitor.optim`` variant against torch's fused and foreach AdamW.
 
-Run as ``python tests/benchmarks/bench_optim.py [--scale 1.0] [--rounds 7] [--threads N]``. About
+Run as ``python tests/benchmarks/bench_optim.py [--scale 1.0] [--rounds 7] [--threads N]
+[--device cuda] [--only NAME ...]``. About
 20M float32 parameters in about 50 transformer-shaped tensors; all optimizers step the same
 parameters and gradients (each keeps its own moments), interleaved round by round so that machine
 noise hits them alike; the median over rounds is reported. The first step of each variant, which
@@ -27,16 +28,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the parameters live (cpu, cuda)")
+    parser.add_argument("--only", nargs="+", default=None, help="time only the variants whose names start so")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in transformer_shapes(args.scale, blocks=4)]
+    device = torch.device(args.device)
+    # a step is timed to its end: on CUDA the host waits for the device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in transformer_shapes(args.scale, blocks=4)]
     for p in params:
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)
-    print(f"{numel / 1e6:.1f}M float32 parameters in {len(params)} tensors, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{numel / 1e6:.1f}M float32 parameters in {len(params)} tensors, {where}, torch {torch.__version__}")
 
     kw = dict(lr=1e-4, weight_decay=0.1)
     variants = {
@@ -50,23 +57,29 @@ def main() -> None:
     }
     for name in list(variants)[2:]:
         variants[f"{name} +stats"] = variants[name]
+    if args.only:  # the two torch references always run: the ratios are against them
+        variants = {n: make for k, (n, make) in enumerate(variants.items()) if k < 2 or n.startswith(tuple(args.only))}
     optimizers = {}
     for name, make in variants.items():
         optimizer = make()
         optimizer.record_statistics = name.endswith("+stats")
         start = time.perf_counter()
         optimizer.step()
+        sync()
         first = time.perf_counter() - start
         for _ in range(args.warmup - 1):
             optimizer.step()
+        sync()
         optimizers[name] = optimizer
         print(f"  first step {name:<30} {first:6.1f} s (compiles on first use)")
 
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(args.rounds):
         for name, optimizer in optimizers.items():
+            sync()
             start = time.perf_counter()
             optimizer.step()
+            sync()
             times[name].append(time.perf_counter() - start)
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
