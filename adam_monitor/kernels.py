@@ -166,7 +166,11 @@ def fast_adam_statistics(
     kw = dict(beta1=beta1, beta2=beta2, eps=eps, step=step)
     amsgrad = max_exp_avg_sqs is not None
     state = [grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    use_compiled = compiled if compiled is not None else compiled_available()
+    # On CUDA the eager foreach path is the faster one: the device reads the state in a fraction of
+    # a millisecond, and the compiled path's per-call overhead dominates (H200, 24M parameters in
+    # 63 tensors: 6.1 ms compiled, 2.6 ms eager).
+    on_cuda = bool(grads) and grads[0].device.type == "cuda"
+    use_compiled = compiled if compiled is not None else compiled_available() and not on_cuda
     large = [i for i, g in enumerate(grads) if g.numel() >= MIN_COMPILED_NUMEL] if use_compiled else []
     if not large:
         return adam_statistics(*state[:3], max_exp_avg_sqs=max_exp_avg_sqs, **kw)

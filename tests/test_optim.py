@@ -580,3 +580,62 @@ def test_compiled_schedule_does_not_recompile_per_step():
 def test_optim_does_not_import_lightning():
     code = "import sys, adam_monitor.optim; bad = {'lightning', 'pytorch_lightning'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- multi-tensor (GPU) path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, **kw: Adam(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, **kw),
+        lambda ps, **kw: AdamD(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, beta2_schedule="adafactor", **kw),
+        lambda ps, **kw: LaProp(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, update_clip=1.0, **kw),
+        lambda ps, **kw: AdamAtan2(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, **kw),
+        lambda ps, **kw: StableAdamW(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, **kw),
+    ],
+    ids=["Adam", "AdamD-adafactor", "LaProp-clip", "AdamAtan2", "StableAdamW"],
+)
+def test_multi_tensor_step_matches_spec(monkeypatch, make, dtype):
+    # The path fused=None takes on CUDA without statistics, forced on the CPU here.
+    import adam_monitor.optim.adam as adam_module
+    from adam_monitor.optim import functional
+
+    calls = []
+    monkeypatch.setattr(adam_module, "FOREACH_DEVICES", ("cpu",))
+    monkeypatch.setattr(adam_module, "foreach_step_", lambda *a, **k: calls.append(1) or functional.foreach_step_(*a, **k))
+    params = make_params(shapes=((30, 20), (64,), (1,), (5, 9)), dtype=dtype)
+    params.append(torch.nn.Parameter(torch.randn(9, 5, dtype=dtype).t()))  # non-contiguous is fine here
+    twins = clone_params(params)
+    multi, spec = make(params), make(twins, fused=False)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=2e-5, atol=1e-6)
+    for step_grads in gradient_sequence(params, 6, heavy=True):
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        multi.step()
+        spec.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, **tol)
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(multi.state[p][key], spec.state[q][key], **tol)
+    assert len(calls) == 6
+    multi.record_statistics = True  # statistics are computed in the single-tensor or compiled step
+    for p in params:
+        p.grad = torch.randn_like(p)
+    multi.step()
+    assert len(calls) == 6 and len(multi.last_statistics) == len(params)
+
+
+def test_update_clip_is_active_in_the_multi_tensor_test():
+    # The clipped variants above must actually clip: heavy-tailed gradient scales make RMS_t > 1.
+    params = make_params(shapes=((30, 20), (64,)), dtype=F64)
+    opt = StableAdamW(params, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
+    opt.record_statistics = True
+    rms = []
+    for step_grads in gradient_sequence(params, 6, heavy=True):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        rms += [math.sqrt(row[1].item() / row[-1].item()) for row in opt.last_statistics.values()]
+    assert max(rms) > 1.0, rms

@@ -14,6 +14,7 @@ from adam_monitor.optim.functional import (
     NORMALIZE,
     FusedLayout,
     adam_step_,
+    foreach_step_,
     fused_step_,
     heads_per_call,
     layout_key,
@@ -25,6 +26,11 @@ __all__ = ["Adam", "AdamD", "LaProp", "AdamAtan2", "StableAdamW", "adafactor_bet
 #: Below this many elements in total, ``fused=None`` runs eagerly: compiling takes seconds and
 #: pays back only on large steps.
 COMPILE_MIN_ELEMENTS = 1 << 20
+#: Devices where ``fused=None`` steps with torch's multi-tensor kernels when no statistics are
+#: recorded. On an H200 (20.8M parameters in 51 tensors) the compiled step took 2.2 ms, torch's
+#: foreach AdamW 1.0 ms and its fused AdamW 0.6 ms: the device time is a fraction of a
+#: millisecond, and the compiled path's per-call overhead is most of its step.
+FOREACH_DEVICES = ("cuda",)
 
 
 def adafactor_beta2(step: int, beta2: float) -> float:
@@ -281,7 +287,9 @@ class Adam(Optimizer):
         scalar_sets: dict[tuple, dict[str, Any]] = {}
         eager: list[tuple[int, dict[str, Any]]] = []
         fused: dict[tuple, list[int]] = {}
+        foreach: dict[tuple, list[int]] = {}
         use_compiled = self._use_compiled()
+        foreach_devices = FOREACH_DEVICES if self.fused is None and statistics is None else ()
         for i, (p, state, t) in enumerate(zip(params, states, counts)):
             product = state.get("beta2_product")
             key = (t, product, p.dtype)
@@ -290,7 +298,9 @@ class Adam(Optimizer):
                 scalars = scalar_sets[key] = self._scalars(group, int(t), product, p.dtype, record=statistics is not None)
             if product is not None:
                 state["beta2_product"] = product * scalars["beta2"]
-            if use_compiled and _fusable(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
+            if p.device.type in foreach_devices and _foreach_able(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
+                foreach.setdefault((key, p.device), []).append(i)
+            elif use_compiled and _fusable(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
                 fused.setdefault((key, p.device), []).append(i)
             else:
                 eager.append((i, scalars))
@@ -299,6 +309,11 @@ class Adam(Optimizer):
         for i, scalars in eager:
             state = states[i]
             rows[i] = adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalars)
+        for (key, _), members in foreach.items():
+            foreach_step_(
+                [params[i] for i in members], [grads[i] for i in members],
+                [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members], **scalar_sets[key],
+            )  # fmt: skip
         for ordinal, ((key, _), members) in enumerate(fused.items()):
             ps, gs = [params[i] for i in members], [grads[i] for i in members]
             ms, vs = [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members]
@@ -354,6 +369,13 @@ class Adam(Optimizer):
             else:
                 return rows if rows is not None else [None] * len(params)
         return [adam_step_(*tensors, **scalars) for tensors in zip(params, grads, exp_avgs, exp_avg_sqs)]
+
+
+def _foreach_able(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
+    """Whether torch's multi-tensor kernels can step ``p``: the four tensors of one shape and dtype
+    (the device is the batch's)."""
+    shape, dtype = p.shape, p.dtype
+    return g.shape == shape and m.shape == shape and v.shape == shape and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype
 
 
 def _fusable(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
