@@ -63,12 +63,15 @@ def test_compiled_step_matches_the_eager_specification_on_cuda(name):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_default_cuda_step_is_multi_tensor_and_matches_the_specification(monkeypatch, name):
+def test_default_cuda_step_matches_the_specification(monkeypatch, name):
+    # fused=None without statistics: torch's fused AdamW kernel for Adam, multi-tensor kernels else
     import adam_monitor.optim.adam as adam_module
     from adam_monitor.optim import functional
 
     calls = []
-    monkeypatch.setattr(adam_module, "foreach_step_", lambda *a, **k: calls.append(1) or functional.foreach_step_(*a, **k))
+    for route in ("foreach_step_", "torch_fused_step_"):
+        original = getattr(functional, route)
+        monkeypatch.setattr(adam_module, route, lambda *a, _r=route, _f=original, **k: calls.append(_r) or _f(*a, **k))
     make = VARIANTS[name]
     params = cuda_params()
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -80,7 +83,7 @@ def test_default_cuda_step_is_multi_tensor_and_matches_the_specification(monkeyp
         spec.step()
         for p, q in zip(params, twins):
             torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
-    assert len(calls) == 4
+    assert calls == ["torch_fused_step_" if name == "Adam" else "foreach_step_"] * 4
 
 
 def test_fast_statistics_on_cuda_equal_the_float64_reference():

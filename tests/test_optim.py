@@ -639,3 +639,43 @@ def test_update_clip_is_active_in_the_multi_tensor_test():
         opt.step()
         rms += [math.sqrt(row[1].item() / row[-1].item()) for row in opt.last_statistics.values()]
     assert max(rms) > 1.0, rms
+
+
+@pytest.mark.parametrize("mbc", [True, False], ids=["Adam", "AdamD"])
+def test_torch_kernel_route_matches_plain_loop(monkeypatch, mbc):
+    # fused=None, normalize="adam", no clipping, schedule or statistics: torch's fused AdamW kernel,
+    # with the lr and decay rescaled when the momentum is not bias-corrected.
+    import adam_monitor.optim.adam as adam_module
+    from adam_monitor.optim import functional
+
+    calls = []
+    monkeypatch.setattr(adam_module, "torch_fused_step_", lambda *a, **k: calls.append(1) or functional.torch_fused_step_(*a, **k))
+    params = make_params()
+    p0 = clone_params(params)
+    grads = gradient_sequence(params, 40, heavy=True)
+    opt = Adam(params, lr=0.05, betas=(0.9, 0.99), weight_decay=0.1, momentum_bias_correction=mbc)
+    run(opt, params, grads)
+    assert len(calls) == 40
+    refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, mbc=mbc, normalize="adam", eps=1e-8)
+    for p, q, ref in zip(params, p0, refs):
+        assert_close_rel(p.detach().flatten() - q.detach().flatten(), torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(), 1e-12)
+        assert_close_rel(opt.state[p]["exp_avg"].flatten(), ref[-1]["m"], 1e-12)
+        assert_close_rel(opt.state[p]["exp_avg_sq"].flatten(), ref[-1]["v"], 1e-12)
+        assert opt.state[p]["step"].device.type == "cpu" and opt.state[p]["step"] == 40  # torch's layout kept
+
+
+def test_torch_kernel_route_follows_group_changes_and_zero_lr(monkeypatch):
+    params = make_params(shapes=((4, 3), (6,), (2, 2, 2)), dtype=torch.float32)
+    twins = clone_params(params)
+    fast, spec = AdamD(grouped(params)), AdamD(grouped(twins), fused=False)
+    for k, step_grads in enumerate(gradient_sequence(params, 12, heavy=True)):
+        if k == 6:  # a scheduler moves lr (to 0 in one group) and the betas
+            for opt in (fast, spec):
+                opt.param_groups[0]["lr"] = 0.0
+                opt.param_groups[1]["betas"] = (0.85, 0.99)
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fast.step()
+        spec.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)

@@ -14,10 +14,13 @@ from adam_monitor.optim.functional import (
     NORMALIZE,
     FusedLayout,
     adam_step_,
+    TORCH_FUSED_DTYPES,
     foreach_step_,
     fused_step_,
     heads_per_call,
     layout_key,
+    torch_fused_available,
+    torch_fused_step_,
     warn_eager_fallback,
 )
 
@@ -31,6 +34,10 @@ COMPILE_MIN_ELEMENTS = 1 << 20
 #: foreach AdamW 1.0 ms and its fused AdamW 0.6 ms: the device time is a fraction of a
 #: millisecond, and the compiled path's per-call overhead is most of its step.
 FOREACH_DEVICES = ("cuda",)
+#: Devices of torch's fused AdamW kernel, which ``fused=None`` uses for ``normalize="adam"``
+#: without clipping, β2 schedule or statistics (``Adam``, ``AdamD``): torch's own speed, no
+#: compilation.
+TORCH_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def adafactor_beta2(step: int, beta2: float) -> float:
@@ -141,9 +148,16 @@ class Adam(Optimizer):
     on the param's device (no host sync), equal to ``tensor_statistics(g_t, u_t, v̂_t, v̂_{t-1}, ε)``
     (ε = 0 for atan2), computed inside the step.
 
-    ``fused``: ``True`` runs the ``torch.compile``'d step (an error if it cannot compile), ``False``
-    the eager single-tensor step, ``None`` the compiled one when the optimizer holds at least
-    ``2**20`` elements and compilation works (falling back to eager with a warning otherwise).
+    ``fused``: ``False`` runs the eager single-tensor step (the specification), ``True`` the
+    ``torch.compile``'d step (an error if it cannot compile). ``None`` (the default) takes the
+    fastest path that computes the same step, per batch of tensors:
+
+    * ``normalize="adam"`` without clipping, β2 schedule or statistics (``Adam``, ``AdamD``):
+      torch's own fused AdamW kernel, on the CPU and on CUDA;
+    * otherwise on CUDA, without statistics: torch's multi-tensor (``_foreach_``) kernels;
+    * otherwise, when the optimizer holds at least ``2**20`` elements: the compiled step
+      (falling back to eager with a warning if compilation fails); else the eager step.
+
     Compilation happens at the first step of each configuration (10-40 s on 2 CPU cores, once per
     process; cached on disk by inductor). Params with ``grad=None`` are skipped; sparse gradients
     are an error. The compiled step keeps aliases of the params and moments from step to step; it
@@ -288,8 +302,14 @@ class Adam(Optimizer):
         eager: list[tuple[int, dict[str, Any]]] = []
         fused: dict[tuple, list[int]] = {}
         foreach: dict[tuple, list[int]] = {}
+        torch_fused: dict[tuple, list[int]] = {}
         use_compiled = self._use_compiled()
         foreach_devices = FOREACH_DEVICES if self.fused is None and statistics is None else ()
+        # torch's fused AdamW kernel computes exactly this step (see torch_fused_step_)
+        torch_kernel = (
+            self.fused is None and statistics is None and group["normalize"] == "adam" and group["update_clip"] is None
+            and self.beta2_schedule is None and torch_fused_available()
+        )  # fmt: skip
         for i, (p, state, t) in enumerate(zip(params, states, counts)):
             product = state.get("beta2_product")
             key = (t, product, p.dtype)
@@ -298,7 +318,12 @@ class Adam(Optimizer):
                 scalars = scalar_sets[key] = self._scalars(group, int(t), product, p.dtype, record=statistics is not None)
             if product is not None:
                 state["beta2_product"] = product * scalars["beta2"]
-            if p.device.type in foreach_devices and _foreach_able(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
+            if (
+                torch_kernel and p.device.type in TORCH_FUSED_DEVICES and p.dtype in TORCH_FUSED_DTYPES
+                and _fusable(p, grads[i], state["exp_avg"], state["exp_avg_sq"]) and grads[i].shape == p.shape
+            ):  # fmt: skip
+                torch_fused.setdefault((key, p.device), []).append(i)
+            elif p.device.type in foreach_devices and _foreach_able(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
                 foreach.setdefault((key, p.device), []).append(i)
             elif use_compiled and _fusable(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
                 fused.setdefault((key, p.device), []).append(i)
@@ -309,6 +334,12 @@ class Adam(Optimizer):
         for i, scalars in eager:
             state = states[i]
             rows[i] = adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalars)
+        for (key, _), members in torch_fused.items():
+            torch_fused_step_(
+                [params[i] for i in members], [grads[i] for i in members],
+                [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members],
+                t=int(key[0]), **scalar_sets[key],
+            )  # fmt: skip
         for (key, _), members in foreach.items():
             foreach_step_(
                 [params[i] for i in members], [grads[i] for i in members],

@@ -47,7 +47,7 @@ from adam_monitor.transfer import host_values
 
 __all__ = [
     "ATAN2_A", "ATAN2_B", "BLOCK", "HEADS_PER_CALL", "NORMALIZE", "SMALL",
-    "FusedLayout", "adam_step_", "atan2_nonnegative_x", "flat_alias", "foreach_step_", "fused_step_", "heads_per_call", "layout_key",
+    "FusedLayout", "adam_step_", "atan2_nonnegative_x", "flat_alias", "foreach_step_", "fused_step_", "heads_per_call", "torch_fused_step_", "layout_key",
 ]  # fmt: skip
 
 #: atan2 constants of Everett et al. 2024 ("Scaling Exponents Across Parameterizations and
@@ -591,6 +591,49 @@ def _fused_step(
         return None
     add_sums(_step_sums(clip, statistics), head_outs, batch_terms)
     return list(torch.cat([sums[:, :n].T, layout.numel_col], dim=1).unbind())
+
+
+#: The dtypes torch's fused AdamW kernel steps (``torch_fused_step_``).
+TORCH_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def torch_fused_available() -> bool:
+    return hasattr(torch, "_fused_adamw_")
+
+
+def torch_fused_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    t: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    inv_c1: float,
+    **_: Any,
+) -> None:
+    """``normalize="adam"`` without clipping, β2 schedule or statistics, on torch's own fused
+    AdamW kernel (the one ``torch.optim.AdamW(fused=True)`` runs): one pass over the state, on
+    the CPU and on CUDA.
+
+    That kernel divides the momentum by ``1 - β1^t``. Without momentum bias correction
+    (``inv_c1 = 1``) it gets ``lr·(1 - β1^t)``, which cancels that division, and the weight decay
+    ``λ/(1 - β1^t)``, which keeps the decay ``η·λ``: the same step up to rounding (a relative
+    1e-16 in float64, tested against the specification). Its v̂ is ``v/(1 - β2^t)``, so a β2
+    schedule, whose bias correction is ``1 - Π β2_k``, does not come here.
+    """
+    bias_correction1 = 1 - beta1**t
+    lr_kernel = lr * bias_correction1 * inv_c1  # = lr with momentum bias correction
+    decay_kernel = weight_decay * lr / lr_kernel if lr_kernel else weight_decay
+    step = host_values([float(t)], torch.float32, params[0].device).reshape(())
+    torch._fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params),
+        lr=lr_kernel, beta1=beta1, beta2=beta2, weight_decay=decay_kernel, eps=eps, amsgrad=False, maximize=False,
+    )  # fmt: skip
 
 
 def foreach_step_(

@@ -30,7 +30,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the parameters live (cpu, cuda)")
     parser.add_argument("--only", nargs="+", default=None, help="time only the variants whose names start so")
+    parser.add_argument("--compiled", action="store_true", help="our variants with fused=True (the torch.compile'd step)")
+    parser.add_argument("--heads-per-call", type=int, default=None, help="tensors per compiled call (default: the library's)")
     args = parser.parse_args()
+    if args.heads_per_call is not None:
+        from adam_monitor.optim import functional
+
+        functional.HEADS_PER_CALL = args.heads_per_call
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -49,11 +55,14 @@ def main() -> None:
     variants = {
         "torch AdamW fused": lambda: torch.optim.AdamW(params, fused=True, **kw),
         "torch AdamW foreach": lambda: torch.optim.AdamW(params, foreach=True, **kw),
-        "Adam (bias-corrected)": lambda: Adam(params, momentum_bias_correction=True, **kw),
-        "AdamD": lambda: AdamD(params, **kw),
-        "LaProp": lambda: LaProp(params, **kw),
-        "AdamAtan2": lambda: AdamAtan2(params, **kw),
-        "StableAdamW": lambda: StableAdamW(params, **kw),
+    }
+    ours = dict(kw, fused=True) if args.compiled else kw
+    variants |= {
+        "Adam (bias-corrected)": lambda: Adam(params, momentum_bias_correction=True, **ours),
+        "AdamD": lambda: AdamD(params, **ours),
+        "LaProp": lambda: LaProp(params, **ours),
+        "AdamAtan2": lambda: AdamAtan2(params, **ours),
+        "StableAdamW": lambda: StableAdamW(params, **ours),
     }
     for name in list(variants)[2:]:
         variants[f"{name} +stats"] = variants[name]
