@@ -679,3 +679,30 @@ def test_torch_kernel_route_follows_group_changes_and_zero_lr(monkeypatch):
         spec.step()
         for p, q in zip(params, twins):
             torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
+
+
+def test_torch_kernel_refusal_falls_back_to_the_eager_step_once(monkeypatch):
+    import adam_monitor.optim.adam as adam_module
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("_fused_adamw_ not implemented for this device")
+
+    monkeypatch.setattr(adam_module, "torch_fused_step_", refuse)
+    params = make_params()
+    twins = clone_params(params)
+    opt, spec = AdamD(params, lr=0.05, weight_decay=0.1), AdamD(twins, lr=0.05, weight_decay=0.1, fused=False)
+    for k, step_grads in enumerate(gradient_sequence(params, 3)):
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if k == 0:
+            with pytest.warns(RuntimeWarning, match="fused AdamW kernel failed"):
+                opt.step()
+        else:
+            opt.step()
+        spec.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert len(calls) == 1

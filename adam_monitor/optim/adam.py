@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -200,7 +201,8 @@ class Adam(Optimizer):
         self.record_statistics: bool = False
         self.last_statistics: dict[Tensor, Tensor] = {}
         self._compile: bool | None = None if fused is None else fused
-        self._layouts: dict[tuple, FusedLayout] = {}  # fast-path layouts by (group index, batch)
+        self._layouts: dict[tuple, FusedLayout] = {}
+        self._torch_kernel_failed = False  # torch's fused AdamW kernel refused a step (see _step_group)  # fast-path layouts by (group index, batch)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -308,7 +310,7 @@ class Adam(Optimizer):
         # torch's fused AdamW kernel computes exactly this step (see torch_fused_step_)
         torch_kernel = (
             self.fused is None and statistics is None and group["normalize"] == "adam" and group["update_clip"] is None
-            and self.beta2_schedule is None and torch_fused_available()
+            and self.beta2_schedule is None and torch_fused_available() and not self._torch_kernel_failed
         )  # fmt: skip
         for i, (p, state, t) in enumerate(zip(params, states, counts)):
             product = state.get("beta2_product")
@@ -335,11 +337,25 @@ class Adam(Optimizer):
             state = states[i]
             rows[i] = adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalars)
         for (key, _), members in torch_fused.items():
-            torch_fused_step_(
-                [params[i] for i in members], [grads[i] for i in members],
-                [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members],
-                t=int(key[0]), **scalar_sets[key],
-            )  # fmt: skip
+            try:
+                torch_fused_step_(
+                    [params[i] for i in members], [grads[i] for i in members],
+                    [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members],
+                    t=int(key[0]), **scalar_sets[key],
+                )  # fmt: skip
+            except (RuntimeError, NotImplementedError) as error:
+                # a torch build whose kernel does not cover this device or dtype refuses before
+                # writing anything: step these eagerly, and skip the kernel from now on
+                self._torch_kernel_failed = True
+                warnings.warn(
+                    f"torch's fused AdamW kernel failed ({type(error).__name__}: {error}); "
+                    f"{type(self).__name__} steps without it from now on.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                for i in members:
+                    state = states[i]
+                    adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalar_sets[key])
         for (key, _), members in foreach.items():
             foreach_step_(
                 [params[i] for i in members], [grads[i] for i in members],
