@@ -59,6 +59,10 @@ BLOCK = 1024
 #: Tensors smaller than this go through one batched foreach call: a compiled call costs a fixed
 #: few tens of µs (guards, launch), more than the foreach kernels spend on a bias or a norm.
 MIN_COMPILED_NUMEL = 1 << 16
+#: The eager path holds about three temporaries the size of its input: it runs on runs of tensors
+#: of at most this many elements in all (a larger tensor alone), so they stay within 3 x 128 MiB
+#: in float32, or three times the largest tensor.
+EAGER_CHUNK_NUMEL = 1 << 25
 #: Environment variable that forces the eager foreach path when set to a true value.
 EAGER_ENV = "ADAM_MONITOR_EAGER"
 
@@ -169,11 +173,12 @@ def fast_adam_statistics(
     # On CUDA the eager foreach path is the faster one: the device reads the state in a fraction of
     # a millisecond, and the compiled path's per-call overhead dominates (H200, 24M parameters in
     # 63 tensors: 6.1 ms compiled, 2.6 ms eager).
+    # (Its temporaries are bounded: see EAGER_CHUNK_NUMEL.)
     on_cuda = bool(grads) and grads[0].device.type == "cuda"
     use_compiled = compiled if compiled is not None else compiled_available() and not on_cuda
     large = [i for i, g in enumerate(grads) if g.numel() >= MIN_COMPILED_NUMEL] if use_compiled else []
     if not large:
-        return adam_statistics(*state[:3], max_exp_avg_sqs=max_exp_avg_sqs, **kw)
+        return _eager_in_chunks(state, amsgrad, kw)
     # Aliases need contiguous tensors; a copy is one tensor at a time (rare: state is contiguous).
     state = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in state]
     device = grads[0].device
@@ -196,7 +201,7 @@ def fast_adam_statistics(
             RuntimeWarning,
             stacklevel=2,
         )
-        return adam_statistics(*state[:3], max_exp_avg_sqs=max_exp_avg_sqs, **kw)
+        return _eager_in_chunks(state, amsgrad, kw)
 
     c1, c2 = 1 - beta1**step, 1 - beta2**step
     factors = host_values([1 / (c1 * c1), c2, beta2 * (1 - beta2 ** (step - 1)), 1.0, 1.0], torch.float64, device)
@@ -213,3 +218,21 @@ def fast_adam_statistics(
         rest_rows = adam_statistics(*rest[:3], max_exp_avg_sqs=rest[3] if amsgrad else None, **kw)
         rows.index_add_(0, host_values(small + [i for i, _ in tails], torch.long, device), rest_rows)
     return rows
+
+
+def _eager_in_chunks(state: list[Sequence[Tensor]], amsgrad: bool, kw: dict) -> Tensor:
+    """``adam_statistics`` on consecutive runs of tensors of at most ``EAGER_CHUNK_NUMEL``
+    elements, rows in order."""
+    grads = state[0]
+    bounds, start, size = [], 0, 0
+    for i, g in enumerate(grads):
+        if i > start and size + g.numel() > EAGER_CHUNK_NUMEL:
+            bounds.append((start, i))
+            start, size = i, 0
+        size += g.numel()
+    bounds.append((start, len(grads)))
+    rows = [
+        adam_statistics(*(ts[a:b] for ts in state[:3]), max_exp_avg_sqs=state[3][a:b] if amsgrad else None, **kw)
+        for a, b in bounds
+    ]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -158,3 +158,24 @@ def test_empty_and_noncontiguous(uncompiled_kernel):
     transposed = [[t.t() if t.dim() == 2 else t for t in ts] for ts in lists]
     assert_rows_close(fast_adam_statistics(*transposed, **kw), specification(transposed, kw), 2e-6)
     assert math.isfinite(float(fast_adam_statistics(*lists, **kw).sum()))
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_eager_path_runs_in_bounded_chunks_with_the_same_rows(monkeypatch, amsgrad):
+    lists, kw = adam_state(torch.float64, steps=3, amsgrad=amsgrad)
+    sizes = [g.numel() for g in lists[0]]
+    seen = []
+    original = kernels.adam_statistics
+
+    def recording(grads, *args, **kwargs):
+        seen.append(sum(g.numel() for g in grads))
+        return original(grads, *args, flat=False, **kwargs)
+
+    monkeypatch.setattr(kernels, "adam_statistics", recording)
+    whole = fast_adam_statistics(*lists, **kw, compiled=False)
+    assert seen == [sum(sizes)]
+    seen.clear()
+    monkeypatch.setattr(kernels, "EAGER_CHUNK_NUMEL", max(sizes))  # forces several runs
+    chunked = fast_adam_statistics(*lists, **kw, compiled=False)
+    assert len(seen) > 1 and max(seen) <= max(sizes)
+    assert_rows_close(chunked, whole, 1e-12)
