@@ -706,3 +706,24 @@ def test_torch_kernel_refusal_falls_back_to_the_eager_step_once(monkeypatch):
         for p, q in zip(params, twins):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
     assert len(calls) == 1
+
+
+def test_multi_tensor_step_runs_in_bounded_chunks(monkeypatch):
+    import adam_monitor.optim.adam as adam_module
+    from adam_monitor.optim import functional
+
+    sizes = []
+    monkeypatch.setattr(adam_module, "FOREACH_DEVICES", ("cpu",))
+    monkeypatch.setattr(adam_module, "FOREACH_CHUNK_NUMEL", 700)
+    monkeypatch.setattr(adam_module, "foreach_step_", lambda ps, *a, **k: sizes.append([p.numel() for p in ps]) or functional.foreach_step_(ps, *a, **k))
+    params = make_params(shapes=((30, 20), (64,), (1,), (5, 9), (40, 20)))
+    twins = clone_params(params)
+    multi, spec = StableAdamW(params, lr=0.01, weight_decay=0.1), StableAdamW(twins, lr=0.01, weight_decay=0.1, fused=False)
+    for step_grads in gradient_sequence(params, 3, heavy=True):
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        multi.step()
+        spec.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert sizes[:3] == [[600, 64, 1], [45], [800]]  # runs of at most 700 elements, a larger tensor alone

@@ -35,6 +35,9 @@ COMPILE_MIN_ELEMENTS = 1 << 20
 #: foreach AdamW 1.0 ms and its fused AdamW 0.6 ms: the device time is a fraction of a
 #: millisecond, and the compiled path's per-call overhead is most of its step.
 FOREACH_DEVICES = ("cuda",)
+#: The multi-tensor step holds one to three temporaries of its tensors' size: it steps runs of at
+#: most this many elements (a larger tensor alone), which bounds them to 3 x 128 MiB in float32.
+FOREACH_CHUNK_NUMEL = 1 << 25
 #: Devices of torch's fused AdamW kernel, which ``fused=None`` uses for ``normalize="adam"``
 #: without clipping, β2 schedule or statistics (``Adam``, ``AdamD``): torch's own speed, no
 #: compilation.
@@ -357,10 +360,11 @@ class Adam(Optimizer):
                     state = states[i]
                     adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalar_sets[key])
         for (key, _), members in foreach.items():
-            foreach_step_(
-                [params[i] for i in members], [grads[i] for i in members],
-                [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members], **scalar_sets[key],
-            )  # fmt: skip
+            for run in _runs(members, [params[i].numel() for i in members], FOREACH_CHUNK_NUMEL):
+                foreach_step_(
+                    [params[i] for i in run], [grads[i] for i in run],
+                    [states[i]["exp_avg"] for i in run], [states[i]["exp_avg_sq"] for i in run], **scalar_sets[key],
+                )  # fmt: skip
         for ordinal, ((key, _), members) in enumerate(fused.items()):
             ps, gs = [params[i] for i in members], [grads[i] for i in members]
             ms, vs = [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members]
@@ -416,6 +420,19 @@ class Adam(Optimizer):
             else:
                 return rows if rows is not None else [None] * len(params)
         return [adam_step_(*tensors, **scalars) for tensors in zip(params, grads, exp_avgs, exp_avg_sqs)]
+
+
+def _runs(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """``items`` in consecutive runs of at most ``limit`` in size (an item larger than that alone)."""
+    runs: list[list[int]] = [[]]
+    total = 0
+    for item, size in zip(items, sizes):
+        if runs[-1] and total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
 
 
 def _foreach_able(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:

@@ -658,7 +658,8 @@ def foreach_step_(
     ``_foreach_`` kernels, all sharing the step's scalars: a few launches per step whatever the
     number of tensors. The GPU path: there a step of a large model takes well under a millisecond
     of device time, and the compiled path's per-call overhead (dynamo guards, one call per few
-    tensors) dominates it. Temporaries: about twice the gradients (√v̂ and the direction).
+    tensors) dominates it. Temporaries: one to three times the tensors' size (√v̂, the direction,
+    the clipping ratio): ``Adam`` steps them in runs of at most ``FOREACH_CHUNK_NUMEL`` elements.
     """
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
@@ -687,6 +688,15 @@ def foreach_step_(
         numels = host_values([g.numel() for g in grads], norms[0].dtype, grads[0].device)
         rms = torch.stack(norms) / numels.sqrt()
         scales = (update_clip / rms).clamp_max(1.0)  # RMS_t = 0: d/0 = inf → 1
+    if update_clip is None and normalize != "atan2":
+        # without a scale, straight into the params: no temporary for the direction
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        if normalize == "adam":
+            torch._foreach_add_(sqrt_v_hat, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, sqrt_v_hat, value=-lr * inv_c1)
+        else:  # laprop
+            torch._foreach_add_(params, exp_avgs, alpha=-lr * inv_c1)
+        return None
     if normalize == "adam":
         torch._foreach_add_(sqrt_v_hat, eps)
         update = torch._foreach_div(exp_avgs, sqrt_v_hat)
