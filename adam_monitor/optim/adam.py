@@ -335,17 +335,20 @@ class Adam(Optimizer):
             else:
                 eager.append((i, scalars))
 
+        def columns(indices: list[int]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+            """The params, gradients and moments of ``indices``, as the multi-tensor paths take them."""
+            return (
+                [params[i] for i in indices], [grads[i] for i in indices],
+                [states[i]["exp_avg"] for i in indices], [states[i]["exp_avg_sq"] for i in indices],
+            )  # fmt: skip
+
         rows: dict[int, Tensor | None] = {}
         for i, scalars in eager:
             state = states[i]
             rows[i] = adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalars)
         for (key, _), members in torch_fused.items():
             try:
-                torch_fused_step_(
-                    [params[i] for i in members], [grads[i] for i in members],
-                    [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members],
-                    t=int(key[0]), **scalar_sets[key],
-                )  # fmt: skip
+                torch_fused_step_(*columns(members), t=int(key[0]), **scalar_sets[key])
             except (RuntimeError, NotImplementedError) as error:
                 # a torch build whose kernel does not cover this device or dtype refuses before
                 # writing anything: step these eagerly, and skip the kernel from now on
@@ -361,14 +364,9 @@ class Adam(Optimizer):
                     adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalar_sets[key])
         for (key, _), members in foreach.items():
             for run in _runs(members, [params[i].numel() for i in members], FOREACH_CHUNK_NUMEL):
-                foreach_step_(
-                    [params[i] for i in run], [grads[i] for i in run],
-                    [states[i]["exp_avg"] for i in run], [states[i]["exp_avg_sq"] for i in run], **scalar_sets[key],
-                )  # fmt: skip
+                foreach_step_(*columns(run), **scalar_sets[key])
         for ordinal, ((key, _), members) in enumerate(fused.items()):
-            ps, gs = [params[i] for i in members], [grads[i] for i in members]
-            ms, vs = [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members]
-            rows.update(zip(members, self._apply_compiled((index, ordinal), ps, gs, ms, vs, scalar_sets[key])))
+            rows.update(zip(members, self._apply_compiled((index, ordinal), *columns(members), scalar_sets[key])))
         if statistics is not None:
             statistics.update((params[i], rows[i]) for i in sorted(rows))  # in param order
 

@@ -665,22 +665,9 @@ def foreach_step_(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     sqrt_v_hat = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_mul_(sqrt_v_hat, inv_sqrt_c2)
-    if normalize == "laprop":
-        torch._foreach_add_(sqrt_v_hat, eps)
-        normalized = torch._foreach_div(grads, sqrt_v_hat)
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, normalized, alpha=1 - beta1)
-        del normalized
-    else:
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     if update_clip is not None:
         # RMS_t² = mean(g²/max(v̂_t, ε²)), from √v̂_t: max(√v̂_t, ε)² = max(v̂_t, ε²)
-        floor = torch._foreach_maximum(sqrt_v_hat, eps_sq**0.5) if normalize != "laprop" else None
-        if floor is None:  # laprop added ε to √v̂ in place: rebuild √v̂_t
-            floor = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_mul_(floor, inv_sqrt_c2)
-            torch._foreach_maximum_(floor, eps_sq**0.5)
+        floor = torch._foreach_maximum(sqrt_v_hat, eps_sq**0.5)
         ratio = torch._foreach_div(grads, floor)
         del floor
         norms = torch._foreach_norm(ratio)
@@ -688,6 +675,14 @@ def foreach_step_(
         numels = host_values([g.numel() for g in grads], norms[0].dtype, grads[0].device)
         rms = torch.stack(norms) / numels.sqrt()
         scales = (update_clip / rms).clamp_max(1.0)  # RMS_t = 0: d/0 = inf → 1
+    torch._foreach_mul_(exp_avgs, beta1)
+    if normalize == "laprop":
+        torch._foreach_add_(sqrt_v_hat, eps)
+        normalized = torch._foreach_div(grads, sqrt_v_hat)
+        torch._foreach_add_(exp_avgs, normalized, alpha=1 - beta1)
+        del normalized
+    else:
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     if update_clip is None and normalize != "atan2":
         # without a scale, straight into the params: no temporary for the direction
         torch._foreach_mul_(params, 1 - lr * weight_decay)
