@@ -315,23 +315,35 @@ class Adam(Optimizer):
             self.fused is None and statistics is None and group["normalize"] == "adam" and group["update_clip"] is None
             and self.beta2_schedule is None and torch_fused_available() and not self._torch_kernel_failed
         )  # fmt: skip
-        for i, (p, state, t) in enumerate(zip(params, states, counts)):
+        # This loop runs for every param at every step: its checks are spelled out, cheapest first.
+        for i, (p, g, state, t) in enumerate(zip(params, grads, states, counts)):
             product = state.get("beta2_product")
-            key = (t, product, p.dtype)
+            dtype = p.dtype
+            key = (t, product, dtype)
             scalars = scalar_sets.get(key)
             if scalars is None:
-                scalars = scalar_sets[key] = self._scalars(group, int(t), product, p.dtype, record=statistics is not None)
+                scalars = scalar_sets[key] = self._scalars(group, int(t), product, dtype, record=statistics is not None)
             if product is not None:
                 state["beta2_product"] = product * scalars["beta2"]
-            if (
-                torch_kernel and p.device.type in TORCH_FUSED_DEVICES and p.dtype in TORCH_FUSED_DTYPES
-                and _fusable(p, grads[i], state["exp_avg"], state["exp_avg_sq"]) and grads[i].shape == p.shape
-            ):  # fmt: skip
-                torch_fused.setdefault((key, p.device), []).append(i)
-            elif p.device.type in foreach_devices and _foreach_able(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
-                foreach.setdefault((key, p.device), []).append(i)
-            elif use_compiled and _fusable(p, grads[i], state["exp_avg"], state["exp_avg_sq"]):
-                fused.setdefault((key, p.device), []).append(i)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            # One size, dtype and device for the four tensors: what every multi-tensor path needs.
+            # (Sizes, not shapes, and device indices: the cheap reads; autograd and zeros_like
+            # give the shapes, and a device type is read once per param below.)
+            n, index = p.numel(), p.get_device()
+            alike = (
+                g.numel() == n and m.numel() == n and v.numel() == n
+                and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype
+                and g.get_device() == index and m.get_device() == index and v.get_device() == index
+            )  # fmt: skip
+            # the kernels of torch and the compiled step read flat memory
+            flat = alike and n > 0 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+            kind = "cuda" if p.is_cuda else "cpu" if p.is_cpu else p.device.type
+            if flat and torch_kernel and kind in TORCH_FUSED_DEVICES and dtype in TORCH_FUSED_DTYPES:
+                torch_fused.setdefault((key, kind, index), []).append(i)
+            elif alike and kind in foreach_devices:
+                foreach.setdefault((key, kind, index), []).append(i)
+            elif flat and use_compiled:
+                fused.setdefault((key, kind, index), []).append(i)
             else:
                 eager.append((i, scalars))
 
@@ -346,7 +358,7 @@ class Adam(Optimizer):
         for i, scalars in eager:
             state = states[i]
             rows[i] = adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalars)
-        for (key, _), members in torch_fused.items():
+        for (key, *_), members in torch_fused.items():
             try:
                 torch_fused_step_(*columns(members), t=int(key[0]), **scalar_sets[key])
             except (RuntimeError, NotImplementedError) as error:
@@ -362,10 +374,10 @@ class Adam(Optimizer):
                 for i in members:
                     state = states[i]
                     adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalar_sets[key])
-        for (key, _), members in foreach.items():
+        for (key, *_), members in foreach.items():
             for run in _runs(members, [params[i].numel() for i in members], FOREACH_CHUNK_NUMEL):
                 foreach_step_(*columns(run), **scalar_sets[key])
-        for ordinal, ((key, _), members) in enumerate(fused.items()):
+        for ordinal, ((key, *_), members) in enumerate(fused.items()):
             rows.update(zip(members, self._apply_compiled((index, ordinal), *columns(members), scalar_sets[key])))
         if statistics is not None:
             statistics.update((params[i], rows[i]) for i in sorted(rows))  # in param order
@@ -431,27 +443,6 @@ def _runs(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
         runs[-1].append(item)
         total += size
     return runs
-
-
-def _foreach_able(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
-    """Whether torch's multi-tensor kernels can step ``p``: the four tensors of one shape and dtype
-    (the device is the batch's)."""
-    shape, dtype = p.shape, p.dtype
-    return g.shape == shape and m.shape == shape and v.shape == shape and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype
-
-
-def _fusable(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
-    """Whether the fast path can step ``p``: it aliases the four tensors' storages as flat arrays,
-    so they must be contiguous, of one size, dtype and device. Checked at every step (a gradient
-    is a new tensor each step; ``.data`` assignments change the rest). Spelled out, not a loop:
-    this runs for every param at every step."""
-    n, dtype, device = p.numel(), p.dtype, p.get_device()
-    return (
-        n > 0 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
-        and g.numel() == n and m.numel() == n and v.numel() == n
-        and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype
-        and g.get_device() == device and m.get_device() == device and v.get_device() == device
-    )  # fmt: skip
 
 
 class AdamD(Adam):
