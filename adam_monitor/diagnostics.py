@@ -124,8 +124,10 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     n = len(sizes)
 
     def cat(ts: Sequence[Tensor]) -> np.ndarray:
-        arrays = [t.detach().numpy().reshape(-1) for t in ts]
-        return np.concatenate(arrays) if n > 1 else arrays[0]
+        if n == 1:
+            return ts[0].detach().numpy().reshape(-1)
+        with torch.no_grad():  # one torch concatenation: a reshape per tensor, not three calls
+            return torch.cat([t.reshape(-1) for t in ts]).numpy()
 
     g, m, v = cat(g), cat(m), cat(v)
     v_den = v if v_den is None else cat(v_den)
