@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .chunking import bounded_runs
 from .diagnostics import (
     COUNT,
     EPS_COUNT,
@@ -223,14 +224,7 @@ def fast_adam_statistics(
 def _eager_in_chunks(state: list[Sequence[Tensor]], amsgrad: bool, kw: dict) -> Tensor:
     """``adam_statistics`` on consecutive runs of tensors of at most ``EAGER_CHUNK_NUMEL``
     elements, rows in order."""
-    grads = state[0]
-    bounds, start, size = [], 0, 0
-    for i, g in enumerate(grads):
-        if i > start and size + g.numel() > EAGER_CHUNK_NUMEL:
-            bounds.append((start, i))
-            start, size = i, 0
-        size += g.numel()
-    bounds.append((start, len(grads)))
+    bounds = bounded_runs([g.numel() for g in state[0]], EAGER_CHUNK_NUMEL)
     rows = [
         adam_statistics(*(ts[a:b] for ts in state[:3]), max_exp_avg_sqs=state[3][a:b] if amsgrad else None, **kw)
         for a, b in bounds

@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adam_monitor.chunking import bounded_runs
 from adam_monitor.optim.functional import (
     NORMALIZE,
+    TORCH_FUSED_DTYPES,
     FusedLayout,
     adam_step_,
-    TORCH_FUSED_DTYPES,
     foreach_step_,
     fused_step_,
     heads_per_call,
@@ -204,8 +205,8 @@ class Adam(Optimizer):
         self.record_statistics: bool = False
         self.last_statistics: dict[Tensor, Tensor] = {}
         self._compile: bool | None = None if fused is None else fused
-        self._layouts: dict[tuple, FusedLayout] = {}
-        self._torch_kernel_failed = False  # torch's fused AdamW kernel refused a step (see _step_group)  # fast-path layouts by (group index, batch)
+        self._layouts: dict[tuple, FusedLayout] = {}  # fast-path layouts by (group index, batch)
+        self._torch_kernel_failed = False  # torch's fused AdamW kernel refused a step (see _step_group)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -375,8 +376,8 @@ class Adam(Optimizer):
                     state = states[i]
                     adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalar_sets[key])
         for (key, *_), members in foreach.items():
-            for run in _runs(members, [params[i].numel() for i in members], FOREACH_CHUNK_NUMEL):
-                foreach_step_(*columns(run), **scalar_sets[key])
+            for start, stop in bounded_runs([params[i].numel() for i in members], FOREACH_CHUNK_NUMEL):
+                foreach_step_(*columns(members[start:stop]), **scalar_sets[key])
         for ordinal, ((key, *_), members) in enumerate(fused.items()):
             rows.update(zip(members, self._apply_compiled((index, ordinal), *columns(members), scalar_sets[key])))
         if statistics is not None:
@@ -430,19 +431,6 @@ class Adam(Optimizer):
             else:
                 return rows if rows is not None else [None] * len(params)
         return [adam_step_(*tensors, **scalars) for tensors in zip(params, grads, exp_avgs, exp_avg_sqs)]
-
-
-def _runs(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
-    """``items`` in consecutive runs of at most ``limit`` in size (an item larger than that alone)."""
-    runs: list[list[int]] = [[]]
-    total = 0
-    for item, size in zip(items, sizes):
-        if runs[-1] and total + size > limit:
-            runs.append([])
-            total = 0
-        runs[-1].append(item)
-        total += size
-    return runs
 
 
 class AdamD(Adam):
