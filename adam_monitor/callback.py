@@ -38,6 +38,10 @@ class AdamMonitor(Callback):
             ends in ``InstabilityError`` so the script exits non-zero).
         fail_on: the lowest severity that ``"raise"``/``"stop"`` act on: ``"error"`` (default) or
             ``"warning"``. Lower-severity alerts are still written and warned about.
+        blocking_alerts: whether the rules see each step's statistics before the step returns (one
+            host sync per step on a GPU). Default: not under ``on_alert="warn"`` (alerts come a step
+            or two late, naming their own step), yes under ``"raise"`` and ``"stop"``. See
+            :class:`~adam_monitor.Monitor`.
         thresholds: the step rules' thresholds (:class:`adam_monitor.alerts.Thresholds`).
 
     Every alert is appended to ``<log_dir>/adam_monitor/alerts.jsonl`` and written to TensorBoard
@@ -52,15 +56,23 @@ class AdamMonitor(Callback):
         histograms: bool = False,
         on_alert: str = "warn",
         fail_on: str = "error",
+        blocking_alerts: bool | None = None,
         thresholds: Thresholds | None = None,
     ):
         super().__init__()
-        validate_options("AdamMonitor", log_every_n_steps=log_every_n_steps, on_alert=on_alert, fail_on=fail_on)
+        validate_options(
+            "AdamMonitor",
+            log_every_n_steps=log_every_n_steps,
+            on_alert=on_alert,
+            fail_on=fail_on,
+            blocking_alerts=blocking_alerts,
+        )
         self.log_every_n_steps = log_every_n_steps
         self.per_parameter = per_parameter
         self.histograms = histograms
         self.on_alert = on_alert
         self.fail_on = fail_on
+        self.blocking_alerts = blocking_alerts
         self.thresholds = thresholds
         self.monitor: Monitor | None = None
         self._alerts: list[Alert] = []
@@ -90,6 +102,7 @@ class AdamMonitor(Callback):
             log_dir=trainer.log_dir,
             on_alert=self.on_alert,
             fail_on=self.fail_on,
+            blocking_alerts=self.blocking_alerts,
             thresholds=self.thresholds,
             scalar_sink=self._log_scalars,
             step_axis=lambda: _lightning_step(trainer),
@@ -136,9 +149,9 @@ class AdamMonitor(Callback):
         if self.monitor is None:
             return
         monitor, self.monitor = self.monitor, None
+        monitor.close(raise_on_stop=False)  # the rules see the last steps here
         self._alerts = monitor.alerts
         stop = list(monitor.stop_alerts)
-        monitor.close(raise_on_stop=False)
         if is_rank_zero() and stage == "fit":
             print(monitor.summary())
         if stop:

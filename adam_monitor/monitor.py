@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ from .alert_log import AlertLog, InstabilityError, InstabilityWarning, summary_t
 from .alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts
 from .diagnostics import DIAGNOSTICS, NUM_STATS, diagnostics_from_statistics
 from .state import StepReader, UnsupportedOptimizer
+from .transfer import HostCopy
 
 __all__ = ["Monitor", "clean_parameter_name"]
 
@@ -39,7 +40,7 @@ def _worst_table(worst: dict[str, list[tuple[float, str]]]) -> str:
     return "\n".join(rows)
 
 
-def validate_options(owner: str, *, log_every_n_steps, on_alert: str, fail_on: str) -> None:
+def validate_options(owner: str, *, log_every_n_steps, on_alert: str, fail_on: str, blocking_alerts=None) -> None:
     """Reject bad options at construction, naming the option (``owner`` is the class the user called)."""
     if log_every_n_steps is not None and (
         isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
@@ -49,6 +50,8 @@ def validate_options(owner: str, *, log_every_n_steps, on_alert: str, fail_on: s
         raise ValueError(f"{owner}(on_alert=...) must be one of {', '.join(map(repr, ON_ALERT))}, got {on_alert!r}")
     if fail_on not in SEVERITY_ORDER:
         raise ValueError(f"{owner}(fail_on=...) must be one of {', '.join(map(repr, SEVERITY_ORDER))}, got {fail_on!r}")
+    if blocking_alerts is not None and not isinstance(blocking_alerts, bool):
+        raise ValueError(f"{owner}(blocking_alerts=...) must be True, False or None, got {blocking_alerts!r}")
 
 
 _WRAPPER_COMPONENTS = ("_orig_mod.", "_forward_module.")  # torch.compile, Lightning Fabric
@@ -112,6 +115,9 @@ class _Tracked:
     attempts: int | None = None  # optimizer.step calls announced by the trainer, if it announces them
     worst: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # at the last log point
     hook_skips: int = 0  # post-hooks that found the step count unchanged (fused kernels under GradScaler)
+    # (step, its x-axis value, host copy of its rows) not yet seen by the rules: non-blocking
+    # alerts on CUDA.
+    unchecked: deque = field(default_factory=deque)
 
     @property
     def skipped(self) -> int:
@@ -146,6 +152,14 @@ class Monitor:
         on_alert: ``"warn"``, ``"raise"`` (:class:`InstabilityError` at the alert's step, after it is
             written) or ``"stop"`` (:attr:`should_stop` turns true; :meth:`close` then raises).
         fail_on: the lowest severity ``"raise"``/``"stop"`` act on: ``"error"`` or ``"warning"``.
+        blocking_alerts: whether the rules see each step's statistics before ``optimizer.step``
+            returns. On a CUDA device that is one host sync per step, which stops the host from
+            queueing the next step while the GPU works. ``False``: the statistics are copied to the
+            host without waiting and the rules run once they have arrived, usually at the next step
+            and at the latest at the next log point, :meth:`flush` or :meth:`close`; an alert still
+            names the step it was raised for. ``None`` (default): ``False`` under
+            ``on_alert="warn"``, ``True`` under ``"raise"`` and ``"stop"``, which must act on the step
+            itself. On the CPU the statistics are on the host already and the rules always run at once.
         thresholds: the step rules' thresholds.
         scalar_sink: ``f(metrics, step)`` to receive scalars instead of the writer (Lightning loggers).
         step_axis: ``f() -> int``, the x-axis value of the current step for alerts' TensorBoard text.
@@ -163,6 +177,7 @@ class Monitor:
         log_dir: str | None = None,
         on_alert: str = "warn",
         fail_on: str = "error",
+        blocking_alerts: bool | None = None,
         thresholds: Thresholds | None = None,
         scalar_sink: ScalarSink | None = None,
         step_axis: Callable[[], int] | None = None,
@@ -174,7 +189,9 @@ class Monitor:
                 "Monitor(optimizer): expected a torch.optim.Optimizer or a sequence of them, "
                 f"got {type(optimizer).__name__}"
             )
-        validate_options("Monitor", log_every_n_steps=log_every_n_steps, on_alert=on_alert, fail_on=fail_on)
+        validate_options(
+            "Monitor", log_every_n_steps=log_every_n_steps, on_alert=on_alert, fail_on=fail_on, blocking_alerts=blocking_alerts
+        )
         if named_parameters is None:
             self._named: dict[int, str] = {}
         else:
@@ -188,6 +205,7 @@ class Monitor:
         self._step_axis = step_axis
         self.on_alert = on_alert
         self.fail_on = fail_on
+        self.blocking_alerts = on_alert != "warn" if blocking_alerts is None else blocking_alerts
         self.thresholds = thresholds if thresholds is not None else Thresholds()
         #: Every alert raised so far, in order.
         self.alerts: list[Alert] = []
@@ -232,8 +250,13 @@ class Monitor:
         rows, step = result
         self._check_configuration(tracked, step)
         if tracked.rules is None or len(tracked.rules.names) != rows.shape[0]:
+            self._check_unchecked(tracked, wait=True)  # earlier steps go to the rules they were made for
             tracked.rules = self._make_rules(tracked)
-        alerts = tracked.rules.observe(step, rows)
+        if self.blocking_alerts:
+            alerts = tracked.rules.observe(step, rows)
+        else:
+            tracked.unchecked.append((step, self._axis(step), HostCopy(rows)))
+            alerts = []
         if tracked.sums is None or tracked.sums.shape != rows.shape:
             tracked.sums = torch.zeros_like(rows) if tracked.sums is None else self._resize(tracked.sums, rows)
         tracked.sums.add_(rows)
@@ -241,10 +264,27 @@ class Monitor:
         tracked.step = step
         if alerts:
             self._handle(alerts, step)
+        self._check_unchecked(tracked, wait=False)
         if self.log_every_n_steps is not None and step % self.log_every_n_steps == 0:
             self._flush_one(tracked, step)
 
+    def _check_unchecked(self, tracked: _Tracked, *, wait: bool) -> None:
+        """Run the rules on the steps whose rows have reached the host, in step order (all of
+        them with ``wait``)."""
+        while tracked.unchecked and (wait or tracked.unchecked[0][2].ready()):
+            step, x, copy = tracked.unchecked.popleft()
+            self._handle(tracked.rules.observe(step, copy.wait()), step, x)
+
+    def check_alerts(self) -> list[Alert]:
+        """Run the rules on every step they have not seen yet (``blocking_alerts=False`` on CUDA
+        keeps the last step or two in flight); returns the alerts this found."""
+        before = len(self.alerts)
+        for tracked in self._tracked:
+            self._check_unchecked(tracked, wait=True)
+        return self.alerts[before:]
+
     def _drop(self, tracked: _Tracked, reason: str) -> None:
+        self._check_unchecked(tracked, wait=True)
         _warn(f"adam-monitor stopped monitoring {type(tracked.optimizer).__name__}: {reason}. Training goes on; nothing more is logged for it.")
         if tracked.hook is not None:
             tracked.hook.remove()
@@ -292,6 +332,7 @@ class Monitor:
         if betas == tracked.betas:
             return []
         if tracked.betas is not None:
+            self._check_unchecked(tracked, wait=True)
             tracked.rules = None  # betas changed mid-run: the rules' constants depend on them
         tracked.betas = betas
         fresh = []
@@ -304,11 +345,16 @@ class Monitor:
         self._handle(fresh, step)
         return fresh
 
-    def _handle(self, alerts: list[Alert], step: int) -> None:
+    def _axis(self, step: int) -> int:
+        """The x-axis value of the current step (``step_axis``, else the optimizer's step)."""
+        return self._step_axis() if self._step_axis is not None else step
+
+    def _handle(self, alerts: list[Alert], step: int, x: int | None = None) -> None:
+        """Record, warn about and act on ``alerts`` of ``step`` (``x``: its x-axis value, if not now)."""
         if not alerts:
             return
         self.alerts.extend(alerts)
-        x = self._step_axis() if self._step_axis is not None else step
+        x = self._axis(step) if x is None else x
         self._alert_log.record(alerts, x)  # on disk before anything acts on it
         acting = [a for a in alerts if SEVERITY_ORDER[a.severity] >= SEVERITY_ORDER[self.fail_on]]
         for a in alerts:
@@ -333,6 +379,7 @@ class Monitor:
 
     def summary(self) -> str:
         """A table of every alert so far."""
+        self.check_alerts()
         return summary_table(self.alerts)
 
     @staticmethod
@@ -372,6 +419,9 @@ class Monitor:
         per_param = diagnostics_from_statistics(tracked.sums)
         packed = torch.cat([pooled, per_param.reshape(-1)]) if self.per_parameter else pooled
         values = packed.tolist()  # the one host transfer of this log point
+        # That transfer waited for the device: the steps' rows in flight have landed, so the rules
+        # see them now at no further sync, and the alert count below includes them.
+        self._check_unchecked(tracked, wait=True)
         metrics = {f"{tracked.prefix}/{d}": v for d, v in zip(DIAGNOSTICS, values[:4]) if v == v}
         metrics[f"{tracked.prefix}/skipped_steps"] = float(tracked.skipped)
         metrics["adam/alerts"] = float(len(self.alerts))
@@ -443,14 +493,18 @@ class Monitor:
         Under ``on_alert="stop"``, raises :class:`InstabilityError` after everything is written if
         an alert asked the run to stop, so a script ends with a non-zero exit status.
         """
-        for tracked in self._tracked:
-            if tracked.pending_steps:
-                self._flush_one(tracked, None)
-            if tracked.hook is not None:
-                tracked.hook.remove()
-                tracked.hook = None
-            tracked.reader.release()
-        self._flush_writer()
+        try:
+            for tracked in self._tracked:
+                if tracked.pending_steps:
+                    self._flush_one(tracked, None)
+                self._check_unchecked(tracked, wait=True)
+        finally:  # an alert raised on the last steps still leaves the optimizers unhooked
+            for tracked in self._tracked:
+                if tracked.hook is not None:
+                    tracked.hook.remove()
+                    tracked.hook = None
+                tracked.reader.release()
+            self._flush_writer()
         if raise_on_stop and self.stop_alerts:
             stop, self.stop_alerts = self.stop_alerts, []
             raise InstabilityError(stop, where=self.alerts_file)
@@ -467,6 +521,7 @@ class Monitor:
 
     def state_dict(self) -> dict:
         """Accumulated sums and step counts, so a resumed run logs what an uninterrupted one would."""
+        self.check_alerts()  # the rules' state must include every step the sums do
         return {
             "version": 1,
             "optimizers": [

@@ -23,3 +23,36 @@ def host_values(values: Sequence[float] | Sequence[int], dtype: torch.dtype, dev
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+class HostCopy:
+    """A host copy of a small device tensor that does not wait for the device.
+
+    On CUDA the values go to pinned memory with a queued copy and an event marks their arrival:
+    :meth:`ready` asks the event without blocking, :meth:`wait` blocks until then. A CPU tensor is
+    its own copy, ready at once; other devices copy synchronously (no portable event to poll).
+    """
+
+    __slots__ = ("tensor", "_event")
+
+    def __init__(self, values: Tensor):
+        self._event = None
+        if values.device.type == "cuda":
+            self.tensor = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.tensor.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(values.device))  # the stream the copy went to
+        elif values.device.type == "cpu":
+            self.tensor = values
+        else:
+            self.tensor = values.cpu()
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> Tensor:
+        # query() first: once a later sync has drained the stream the copy is known done, and
+        # torch's sync debug mode would still count an event synchronize as a sync.
+        if self._event is not None and not self._event.query():
+            self._event.synchronize()
+        return self.tensor
