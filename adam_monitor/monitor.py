@@ -238,7 +238,7 @@ class Monitor:
 
     def _on_step(self, tracked: _Tracked) -> None:
         try:
-            result = tracked.reader.read()
+            result = tracked.reader.read(after_step=True)  # called once per step(), from its post-hook
         except UnsupportedOptimizer as err:
             # State that does not look like Adam's only shows once stepping: stop watching it, once.
             self._drop(tracked, str(err))

@@ -91,6 +91,14 @@ def _cpu_steps(raw: list) -> list[float] | None:
     return None
 
 
+def _read_steps(raw: list) -> list[float]:
+    """Step counts held on a device, in one host read (two ops, whatever the number of tensors)."""
+    first = raw[0]
+    if all(isinstance(r, Tensor) and r.dim() == 0 and r.device == first.device and r.dtype == first.dtype for r in raw):
+        return torch.stack(raw).to(torch.float64).tolist()
+    return torch.stack([torch.as_tensor(r).detach().reshape(()).to(first.device, torch.float64) for r in raw]).tolist()
+
+
 def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -116,6 +124,9 @@ class StepReader:
         self.params: list[Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._last_step: dict[int, float] = {}
+        # id(param) -> (its step tensor, the count it held at the last hook): device-resident counts
+        # (fused, capturable) known without a read.
+        self._known_step: dict[int, tuple[Tensor, float]] = {}
         groups = [shard_group(p) for p in self.params]
         sharded = [g for g in groups if g is not None]
         self._group = None
@@ -132,7 +143,7 @@ class StepReader:
         if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
             self._refresh_params()
 
-    def _stepped(self) -> list[tuple[int, dict, Tensor, dict, float]]:
+    def _stepped(self, after_step: bool) -> list[tuple[int, dict, Tensor, dict, float]]:
         """(group index, group, param, state, step) of the params whose step count advanced."""
         candidates = []
         for gi, group in enumerate(self.optimizer.param_groups):
@@ -146,17 +157,14 @@ class StepReader:
         if not candidates:
             return []
         raw = [s["step"] for _, _, _, s in candidates]
-        steps = _cpu_steps(raw)
-        if steps is not None:
-            pass  # CPU-resident counts (torch's default): read in place, no device round trip
-        elif isinstance(raw[0], Tensor):
-            # One host read for all step counts: they live on the CPU unless fused/capturable.
-            first = raw[0]
-            if all(isinstance(r, Tensor) and r.dim() == 0 and r.device == first.device and r.dtype == first.dtype for r in raw):
-                steps = torch.stack(raw).to(torch.float64).tolist()  # two ops, whatever the number of tensors
-            else:
-                steps = torch.stack([r.detach().reshape(()).to(first.device, torch.float64) for r in raw]).tolist()
-        else:
+        steps = _cpu_steps(raw)  # CPU-resident counts (torch's default): read in place
+        if steps is None and isinstance(raw[0], Tensor):
+            steps = self._counted_steps(candidates, raw) if after_step else None
+            if steps is None:
+                steps = _read_steps(raw)
+            for (_, _, p, _), r, step in zip(candidates, raw, steps):
+                self._known_step[id(p)] = (r, step)
+        elif steps is None:
             steps = [float(r) for r in raw]
         out = []
         for (gi, group, p, state), step in zip(candidates, steps):
@@ -168,13 +176,35 @@ class StepReader:
             out.append((gi, group, p, state, step))
         return out
 
-    def read(self) -> tuple[Tensor, int] | None:
+    def _counted_steps(self, candidates, raw) -> list[float] | None:
+        """Step counts kept on the device, from the host's own count where that is certain.
+
+        Reading them is a sync per step. Without a GradScaler every ``step()`` adds one to the
+        count of each parameter with a gradient, so a count this reader has seen before (the same
+        tensor object: a loaded state brings new ones) is one more now. Under a GradScaler a fused
+        kernel takes the increment back on an inf/NaN step, which only the device knows: the
+        scaler sets ``optimizer.found_inf`` for the duration of the step, and then this returns
+        ``None`` (read them).
+        """
+        if getattr(self.optimizer, "found_inf", None) is not None or getattr(self.optimizer, "grad_scale", None) is not None:
+            return None
+        steps = []
+        for (_, _, p, _), r in zip(candidates, raw):
+            known = self._known_step.get(id(p))
+            if known is None or known[0] is not r:
+                return None
+            steps.append(known[1] + 1)
+        return steps
+
+    def read(self, *, after_step: bool = False) -> tuple[Tensor, int] | None:
         """Rows ``(len(params), NUM_STATS)`` (float64) for the step just taken and its step count.
 
         Returns ``None`` when no parameter's step count advanced (a skipped step).
+        ``after_step=True`` promises one call per ``optimizer.step()`` call, right after it (a step
+        post-hook): step counts kept on the device are then known without reading them.
         """
         self._check_params()
-        stepped = self._stepped()
+        stepped = self._stepped(after_step)
         if not stepped:
             return None
         device = local_tensor(stepped[0][2]).device

@@ -1,5 +1,6 @@
 """Reading torch Adam/AdamW state: the rebuilt update and the statistics, over all configurations."""
 
+import copy
 import itertools
 import warnings
 
@@ -139,3 +140,59 @@ def test_an_adam_subclass_with_other_state_keys_is_dropped_with_one_warning():
     messages = [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
     assert len(messages) == 1 and "RenamedState" in messages[0] and "exp_avg" in messages[0]
     assert monitor.optimizers == [] and not opt._optimizer_step_post_hooks
+
+
+def test_step_counts_on_the_device_are_read_once_then_counted_on_the_host(monkeypatch):
+    """Fused and capturable Adam keep ``step`` on the device, where each read is a host sync.
+
+    Made to take that route on the CPU, the monitor reads the counts at the first step, after a
+    loaded state (new count tensors) and on a GradScaler's steps (whose inf/NaN skip only the
+    device knows), and counts them itself otherwise; its records equal those of a reader that
+    reads every step.
+    """
+    import adam_monitor.state as state_module
+
+    def run(counts_on_device: bool):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(8))]
+        opt = torch.optim.AdamW(params, betas=(0.9, 0.95), fused=True)
+        monitor = Monitor(opt, log_every_n_steps=None)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        scaler.scale(torch.ones(()))  # what scaling a loss does first: create the scale
+        reads = []
+        with monkeypatch.context() as m:
+            if counts_on_device:
+                m.setattr(state_module, "_cpu_steps", lambda raw: None)
+            real_tolist = torch.Tensor.tolist
+            m.setattr(torch.Tensor, "tolist", lambda t: reads.append(len(reads)) or real_tolist(t))
+            steps_read = []
+            for t in range(1, 13):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                before = len(reads)
+                if t in (6, 7):  # through a GradScaler; step 6's gradient overflows
+                    for p in params:
+                        p.grad.mul_(scaler.get_scale())
+                    if t == 6:
+                        params[1].grad[0] = float("inf")
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                if t == 5:
+                    saved = copy.deepcopy(opt.state_dict())
+                if t == 9:
+                    opt.load_state_dict(saved)  # back to step 5's counts, in new tensors
+                steps_read.append(len(reads) > before)
+            tracked = monitor._tracked[0]
+            record = (monitor.compute(), tracked.applied, tracked.hook_skips, tracked.step)
+        monitor.close()
+        return record, steps_read, [int(s["step"]) for s in opt.state.values()]
+
+    reference, _, ref_counts = run(counts_on_device=False)
+    record, steps_read, counts = run(counts_on_device=True)
+    assert counts == ref_counts == [8, 8]  # 12 calls, one skipped by the scaler, 3 undone by the load
+    assert record == reference
+    assert record[1:] == (11, 1, 8)
+    # Read at step 1, at the scaler's steps 6 and 7, and at 10 (after the load at 9); counted otherwise.
+    assert steps_read == [t in (1, 6, 7, 10) for t in range(1, 13)]
