@@ -16,7 +16,8 @@ betas. Rules (severity):
 * ``gradient_growth`` (warning): the gradient grew geometrically against v̂ for several steps in a
   row while v̂, not ε, sets the step: the oscillation of Adam's adaptive edge of stability building
   up (once the gradient has vanished, √v̂ decays like β2^{k/2} and the effective step η/(√v̂+ε)
-  grows until the preconditioned sharpness crosses (2+2β1)/(1-β1)).
+  grows until the preconditioned sharpness crosses (2+2β1)/(1-β1)). Within a window after a
+  spike-precursor alert, shorter bursts count: such a run keeps spiking.
 * ``eps_dominance`` (warning): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
   regime, not a spike precursor: Adam has become SGD with lr η/ε there (fine when meant: ε that
   large is what keeps a converged full-batch run stable; harmful under gradient underflow).
@@ -187,6 +188,13 @@ class Thresholds:
         eps_clear: the episode ends once the fraction falls to this or below.
         min_numel: tensors with fewer elements are judged pooled with the other small tensors of
             the same betas (a mean over a handful of coordinates is too noisy to judge alone).
+        growth_steps_after_alert: for ``after_alert_window`` steps after a spike-precursor alert
+            of the same optimizer (``stale_second_moment``, ``update_rms_spike``,
+            ``gradient_growth``), ``gradient_growth`` fires after this many steps of growth instead
+            of ``growth_steps``: a run that has shown instability spikes again after shorter bursts
+            (at Adam's adaptive edge of stability the loss spikes every 3–50 steps), while a stable
+            run never enters this state.
+        after_alert_window: see ``growth_steps_after_alert``.
     """
 
     stale_peak: float = 2.0
@@ -201,6 +209,8 @@ class Thresholds:
     eps_steps: int = 20
     eps_clear: float = 0.25
     min_numel: int = 256
+    growth_steps_after_alert: int = 2
+    after_alert_window: int = 50
 
     def __post_init__(self):
         def check(name: str, ok: bool, what: str) -> None:
@@ -220,6 +230,12 @@ class Thresholds:
         check("eps_clear", 0 <= self.eps_clear <= self.eps_fraction, "in [0, eps_fraction]")
         check("eps_steps", isinstance(self.eps_steps, int) and self.eps_steps >= 1, "an int >= 1")
         check("min_numel", isinstance(self.min_numel, int) and self.min_numel >= 1, "an int >= 1")
+        check(
+            "growth_steps_after_alert",
+            isinstance(self.growth_steps_after_alert, int) and 1 <= self.growth_steps_after_alert <= self.growth_steps,
+            "an int in [1, growth_steps]",
+        )
+        check("after_alert_window", isinstance(self.after_alert_window, int) and self.after_alert_window >= 0, "an int >= 0")
 
 
 def _jump_grid(max_k: int = 2000, ratio: float = 1.25) -> list[int]:
@@ -240,10 +256,10 @@ def _is_pair(betas) -> bool:
     _NF_NEW, _NF_IDX, _NF_VAL,
     _ST_NEW, _ST_IDX, _ST_PEAK, _ST_JUMP, _ST_STALE, _ST_MEMBER,
     _SP_NEW, _SP_IDX, _SP_VAL, _SP_THR, _SP_BASE, _SP_BOUND, _SP_MEMBER,
-    _GR_NEW, _GR_IDX, _GR_RATIO, _GR_STALE, _GR_MEMBER,
+    _GR_NEW, _GR_IDX, _GR_RATIO, _GR_STALE, _GR_MEMBER, _GR_STEPS,
     _EPS_NEW, _EPS_IDX, _EPS_VAL,
     _VEC_LEN,
-) = range(25)
+) = range(26)
 
 
 class AlertRules:
@@ -317,6 +333,7 @@ class AlertRules:
             "growth_active": np.zeros(s, dtype=bool),
             "eps_run": np.zeros(n, dtype=np.float64),
             "eps_active": np.zeros(n, dtype=bool),
+            "alerted_until": np.zeros((), dtype=np.float64),  # last step of the window after a precursor alert
         }
         self._state_keys = tuple(self._t)
         self.last_step = 0
@@ -427,7 +444,8 @@ class AlertRules:
         grew = (stale_sq >= th.growth_ratio**2 * prev) & (prev > 0)
         run = np.where(grew, T["growth_run"] + 1, 0.0)
         base = np.where(grew & (T["growth_run"] == 0), prev, T["growth_base"])
-        gr_cond = judged & (run >= th.growth_steps) & (s_frac < th.eps_fraction)
+        growth_steps = th.growth_steps_after_alert if step <= T["alerted_until"] else th.growth_steps
+        gr_cond = judged & (run >= growth_steps) & (s_frac < th.eps_fraction)
         gr_new = gr_cond & ~T["growth_active"]
         gr_keep = T["growth_active"] & (stale_sq > prev)
         ok = s_stepped & np.isfinite(stale_sq)
@@ -449,11 +467,14 @@ class AlertRules:
         T["eps_active"] = np.where(stepped, eps_cond | eps_keep, T["eps_active"])
         eps_idx = int(np.where(eps_new, frac, neg_inf).argmax())
 
+        if st_new.any() or sp_new.any() or gr_new.any():
+            T["alerted_until"] = np.array(float(step + th.after_alert_window))
+
         vec = [
             nf_new, nf_idx, nf_val,
             st_new.sum(), st_idx, peak[st_idx], jump[st_idx], np.sqrt(stale_sq[st_idx]), st_member,
             sp_new.sum(), sp_idx, update_rms[sp_idx], sp_thr[sp_idx], baseline[sp_idx], bound[sp_idx], sp_member,
-            gr_new.sum(), gr_idx, gr_ratio[gr_idx], np.sqrt(stale_sq[gr_idx]), gr_member,
+            gr_new.sum(), gr_idx, gr_ratio[gr_idx], np.sqrt(stale_sq[gr_idx]), gr_member, growth_steps,
             eps_new.sum(), eps_idx, frac[eps_idx],
         ]
         return [float(x) for x in vec]
@@ -574,7 +595,7 @@ class AlertRules:
             add(
                 "gradient_growth", "warning", name,
                 f"{what}: its gradient grew about {v[_GR_RATIO]:.3g}x per step against sqrt(v_hat) for "
-                f"{th.growth_steps}+ steps in a row (staleness now {v[_GR_STALE]:.3g}): an oscillation is "
+                f"{int(v[_GR_STEPS])}+ steps in a row (staleness now {v[_GR_STALE]:.3g}): an oscillation is "
                 "building up. Typical of Adam's adaptive edge of stability: after the gradient vanished, "
                 "sqrt(v_hat) decayed, the effective step lr/(sqrt(v_hat)+eps) grew and the preconditioned "
                 f"sharpness crossed (2+2*beta1)/(1-beta1) = {(2 + 2 * b1) / (1 - b1):.3g}. A loss spike may "

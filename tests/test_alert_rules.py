@@ -96,6 +96,37 @@ def test_gradient_growth_fires_on_geometric_growth_while_v_hat_sets_the_step():
     assert "eps" in growth[0].message and "edge of stability" in growth[0].message
 
 
+def _bursts(starts_and_lengths):
+    # unit noise, a quiet stretch, and bursts growing x1.5 per step for the given number of steps
+    def scale(t):
+        if t < 300:
+            return 1.0
+        for start, length in starts_and_lengths:
+            if start <= t < start + length:
+                return 1e-3 * 1.5 ** (t - start + 1)
+        return 1e-3
+
+    return scale
+
+
+def test_after_an_alert_shorter_growth_bursts_alert_for_a_window():
+    th = Thresholds()
+    assert (th.growth_steps_after_alert, th.after_alert_window) == (2, 50)
+    # A 4-step burst alerts at 603 and opens the window to 653: a 2-step burst inside it alerts,
+    # one after it does not.
+    alerts, _ = drive((0.9, 0.99), 720, scale=_bursts([(600, 4), (620, 2), (700, 2)]))
+    growth = [a for a in alerts if a.rule == "gradient_growth"]
+    assert [a.step for a in growth] == [603, 621]
+    assert "for 4+ steps" in growth[0].message and "for 2+ steps" in growth[1].message
+    # Without an earlier alert the same 2-step bursts are not enough.
+    cold, _ = drive((0.9, 0.99), 720, scale=_bursts([(620, 2), (700, 2)]))
+    assert [a for a in cold if a.rule == "gradient_growth"] == []
+    # The window is a threshold like the others: 0 turns it off.
+    off_rules = AlertRules(["w", "b"], optimizer="Adam", betas=(0.9, 0.99), thresholds=Thresholds(after_alert_window=0))
+    off, _ = drive((0.9, 0.99), 720, scale=_bursts([(600, 4), (620, 2)]), rules=off_rules)
+    assert [a.step for a in off if a.rule == "gradient_growth"] == [603]
+
+
 def test_gradient_growth_ignores_a_single_jump_and_eps_dominated_tensors():
     jump, _ = drive((0.9, 0.99), 400, scale=lambda t: 10.0 if t >= 300 else 1.0)
     assert [a for a in jump if a.rule == "gradient_growth"] == []
