@@ -42,6 +42,16 @@ def run(optimizer, params, grads):
         optimizer.step()
 
 
+def run_twins(optimizer, twin_optimizer, params, twins, grads):
+    """Step two optimizers of twin params on the same gradients; yields after each step."""
+    for step_grads in grads:
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        optimizer.step()
+        twin_optimizer.step()
+        yield
+
+
 # ----------------------------------------------------------------------------- plain-loop reference
 
 
@@ -169,12 +179,8 @@ def test_bias_corrected_adam_equals_torch_adamw():
     p0 = clone_params(params)
     ours = Adam(grouped(params), momentum_bias_correction=True, fused=False)
     torch_opt = torch.optim.AdamW(grouped(twins))
-    grads = gradient_sequence(params, 100, heavy=True)
-    for step_grads in grads:
-        for p, q, g in zip(params, twins, step_grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        torch_opt.step()
+    for _ in run_twins(ours, torch_opt, params, twins, gradient_sequence(params, 100, heavy=True)):
+        pass
     for p, q, z in zip(params, twins, p0):
         assert_close_rel(p.detach(), q.detach(), 1e-12)
         assert_close_rel(p.detach() - z.detach(), q.detach() - z.detach(), 1e-12)
@@ -401,11 +407,7 @@ def fast_vs_spec(make, dtype, shapes, steps=5, record=True):
     fast, spec = make(params, True), make(twins, False)
     fast.record_statistics = spec.record_statistics = record
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=2e-5, atol=1e-6)
-    for step_grads in gradient_sequence(params, steps, heavy=True):
-        for p, q, g in zip(params, twins, step_grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        fast.step()
-        spec.step()
+    for _ in run_twins(fast, spec, params, twins, gradient_sequence(params, steps, heavy=True)):
         for p, q in zip(params, twins):
             torch.testing.assert_close(p, q, **tol)
             for key in ("exp_avg", "exp_avg_sq"):
@@ -433,11 +435,8 @@ def test_compiled_step_matches_spec():
         q.data = p.data.clone(memory_format=torch.preserve_format)
     fast, spec = make(params, True), make(twins, False)
     fast.record_statistics = spec.record_statistics = True
-    for step_grads in gradient_sequence(params, 4, heavy=True):
-        for p, q, g in zip(params, twins, step_grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        fast.step()
-        spec.step()
+    for _ in run_twins(fast, spec, params, twins, gradient_sequence(params, 4, heavy=True)):
+        pass
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5, atol=1e-6)
@@ -610,11 +609,7 @@ def test_multi_tensor_step_matches_spec(monkeypatch, make, dtype):
     twins = clone_params(params)
     multi, spec = make(params), make(twins, fused=False)
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=2e-5, atol=1e-6)
-    for step_grads in gradient_sequence(params, 6, heavy=True):
-        for p, q, g in zip(params, twins, step_grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        multi.step()
-        spec.step()
+    for _ in run_twins(multi, spec, params, twins, gradient_sequence(params, 6, heavy=True)):
         for p, q in zip(params, twins):
             torch.testing.assert_close(p, q, **tol)
             for key in ("step", "exp_avg", "exp_avg_sq"):
@@ -719,11 +714,8 @@ def test_multi_tensor_step_runs_in_bounded_chunks(monkeypatch):
     params = make_params(shapes=((30, 20), (64,), (1,), (5, 9), (40, 20)))
     twins = clone_params(params)
     multi, spec = StableAdamW(params, lr=0.01, weight_decay=0.1), StableAdamW(twins, lr=0.01, weight_decay=0.1, fused=False)
-    for step_grads in gradient_sequence(params, 3, heavy=True):
-        for p, q, g in zip(params, twins, step_grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        multi.step()
-        spec.step()
+    for _ in run_twins(multi, spec, params, twins, gradient_sequence(params, 3, heavy=True)):
+        pass
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
     assert sizes[:3] == [[600, 64, 1], [45], [800]]  # runs of at most 700 elements, a larger tensor alone
