@@ -74,7 +74,7 @@ def small_compiled(monkeypatch):
 def uncompiled_kernel(small_compiled, monkeypatch):
     # The same Python function executed eagerly: checks the fast path's math in every
     # configuration without paying one compilation each.
-    monkeypatch.setattr(kernels, "_compiled", lambda amsgrad, dtype: kernels.block_sums)
+    monkeypatch.setattr(kernels, "_compiled", lambda amsgrad, dtype: kernels.block_sums_heads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -101,6 +101,23 @@ def test_compiled_matches_and_does_not_recompile(small_compiled):
         fast = fast_adam_statistics(*lists, **kw, compiled=True)
         assert_rows_close(fast, specification(lists, kw), 2e-6)
     # One graph for every size, step, ε (the first call may find it compiled by an earlier test).
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
+
+
+def test_one_graph_for_any_number_and_sizes_of_tensors(small_compiled):
+    # HEADS_PER_CALL tensors a call, the last call padded: 1, 5 and 6 tensors of sizes equal and
+    # unequal within a call all run the graph of the test above.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=3)
+    gen = torch.Generator().manual_seed(0)
+    for sizes in ([5 * BLOCK + 3], [2 * BLOCK] * 5, [2 * BLOCK, 9 * BLOCK, 2 * BLOCK + 1, 4 * BLOCK, 3 * BLOCK, 2 * BLOCK]):
+        g = [torch.randn(n, generator=gen) for n in sizes]
+        v = [0.01 * x * x + torch.rand(n, generator=gen) for x, n in zip(g, sizes)]
+        m = [0.1 * x for x in g]
+        fast = fast_adam_statistics(g, m, v, **kw, compiled=True)
+        assert_rows_close(fast, specification((g, m, v), kw), 2e-6)
     assert counters["stats"]["unique_graphs"] - graphs <= 1
 
 

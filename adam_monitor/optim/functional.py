@@ -40,9 +40,9 @@ import warnings
 from typing import Any, Callable
 
 import torch
-import torch.fx.experimental._config as _fx_config
 from torch import Tensor
 
+from adam_monitor.kernels import independent_sizes
 from adam_monitor.transfer import host_values
 
 __all__ = [
@@ -509,16 +509,10 @@ def fused_step_(
     """
     if layout is None or layout.max_per_call != heads_per_call(normalize):
         layout = FusedLayout(params, exp_avgs, exp_avg_sqs, heads_per_call(normalize))
-    # Without duck sizing, heads of equal size in a call get a size symbol each: no guard ties
-    # them, and one graph serves calls of any sizes (instead of one per pattern of equal sizes).
-    duck_shape = getattr(_fx_config, "use_duck_shape", None)
-    if duck_shape is None:
+    # Heads of equal size in a call get a size symbol each: one graph serves calls of any sizes
+    # (instead of one per pattern of equal sizes).
+    with independent_sizes():
         return _fused_step(layout, grads, update_clip, normalize, statistics, scalars)
-    _fx_config.use_duck_shape = False
-    try:
-        return _fused_step(layout, grads, update_clip, normalize, statistics, scalars)
-    finally:
-        _fx_config.use_duck_shape = duck_shape
 
 
 def _fused_step(
