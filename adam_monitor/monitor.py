@@ -76,6 +76,23 @@ def is_rank_zero() -> bool:
     )
 
 
+#: Once a warning-level rule has warned in full on an optimizer, its later alerts there are
+#: counted and warned as one short line at most every this many optimizer steps (and at
+#: ``close()``). A run at Adam's edge of stability raises a precursor alert every few steps; the
+#: full text each time buries the console. Every alert is still recorded (``Monitor.alerts``,
+#: alerts.jsonl, TensorBoard) and acted on.
+REPEAT_WARNING_STEPS = 100
+
+
+@dataclass
+class _Repeats:
+    """Alerts of one (optimizer, rule) not warned in full since the step ``since``."""
+
+    since: int
+    count: int = 0
+    latest: Alert | None = None
+
+
 def _warn(message: str, category: type[Warning] = UserWarning) -> None:
     if is_rank_zero():
         # Raised from inside optimizer.step: no line of the user's code to point at, and a line of
@@ -212,6 +229,7 @@ class Monitor:
         #: Alerts that asked the run to stop (``on_alert="stop"``).
         self.stop_alerts: list[Alert] = []
         self._config_seen: set[str] = set()
+        self._repeats: dict[tuple[str, str], _Repeats] = {}
         if log_dir is None and writer is not None:
             log_dir = getattr(writer, "log_dir", None) or (writer.get_logdir() if hasattr(writer, "get_logdir") else None)
         self.log_dir = log_dir
@@ -359,13 +377,41 @@ class Monitor:
         acting = [a for a in alerts if SEVERITY_ORDER[a.severity] >= SEVERITY_ORDER[self.fail_on]]
         for a in alerts:
             if self.on_alert == "warn" or a not in acting:
-                _warn(f"adam-monitor [{a.severity}] {a.rule} at step {a.step}: {a.message}", InstabilityWarning)
+                self._warn_alert(a)
         if not acting or self.on_alert == "warn":
             return
         if self.on_alert == "raise":
             self._flush_writer()
             raise InstabilityError(acting, where=self.alerts_file)
         self.stop_alerts.extend(acting)
+
+    def _warn_alert(self, alert: Alert) -> None:
+        """The first alert of a warning-level rule on an optimizer (and every error) in full, the
+        repeats condensed (see ``REPEAT_WARNING_STEPS``)."""
+        key = (alert.optimizer, alert.rule)
+        repeats = self._repeats.get(key)
+        if alert.severity != "warning" or repeats is None:
+            if alert.severity == "warning":
+                self._repeats[key] = _Repeats(since=alert.step)
+            _warn(f"adam-monitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}", InstabilityWarning)
+            return
+        repeats.count += 1
+        repeats.latest = alert
+        if alert.step - repeats.since >= REPEAT_WARNING_STEPS:
+            self._warn_repeats(repeats)
+
+    def _warn_repeats(self, repeats: _Repeats) -> None:
+        a = repeats.latest
+        if a is None or not repeats.count:
+            return
+        where = self.alerts_file or "Monitor.alerts"
+        more = f"{repeats.count} more alert{'s' if repeats.count > 1 else ''}"
+        _warn(
+            f"adam-monitor [{a.severity}] {a.rule}: {more} on {a.optimizer} after step {repeats.since}, the "
+            f"latest at step {a.step} ({a.parameter}); each one is in {where}",
+            InstabilityWarning,
+        )
+        repeats.since, repeats.count, repeats.latest = a.step, 0, None
 
     @property
     def alerts_file(self) -> str | None:
@@ -498,6 +544,8 @@ class Monitor:
                 if tracked.pending_steps:
                     self._flush_one(tracked, None)
                 self._check_unchecked(tracked, wait=True)
+            for repeats in self._repeats.values():
+                self._warn_repeats(repeats)
         finally:  # an alert raised on the last steps still leaves the optimizers unhooked
             for tracked in self._tracked:
                 if tracked.hook is not None:

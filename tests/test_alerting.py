@@ -279,3 +279,39 @@ def test_betas_changed_mid_run_are_checked_again():
             opt.step()
     monitor.close()
     assert [(a.rule, a.step) for a in monitor.alerts] == [("beta_coupling", 6)]
+
+
+def test_repeated_warnings_of_a_rule_are_condensed_and_every_alert_is_kept(tmp_path):
+    from adam_monitor import Alert
+    from adam_monitor.monitor import REPEAT_WARNING_STEPS
+
+    p = torch.nn.Parameter(torch.zeros(8))
+    monitor = Monitor(torch.optim.Adam([p]), log_dir=str(tmp_path), log_every_n_steps=None)
+
+    def alert(rule, step, severity="warning", optimizer="Adam"):
+        return Alert(rule, severity, step, f"{rule} text at {step}", optimizer, "w", 2.0, 1.0)
+
+    growth = [10, 12, 40, 10 + REPEAT_WARNING_STEPS, 10 + REPEAT_WARNING_STEPS + 5]
+    raised = [alert("gradient_growth", s) for s in growth]
+    raised += [alert("stale_second_moment", 20), alert("gradient_growth", 30, optimizer="Adam[1]")]
+    raised += [alert("nonfinite", 50, "error"), alert("nonfinite", 60, "error")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for a in sorted(raised, key=lambda a: a.step):
+            monitor._handle([a], a.step)
+        monitor.close()
+    lines = [str(w.message) for w in caught if issubclass(w.category, InstabilityWarning)]
+    where = alerts_path(tmp_path)
+    assert lines == [
+        "adam-monitor [warning] gradient_growth at step 10: gradient_growth text at 10",
+        "adam-monitor [warning] stale_second_moment at step 20: stale_second_moment text at 20",
+        "adam-monitor [warning] gradient_growth at step 30: gradient_growth text at 30",  # another optimizer
+        "adam-monitor [error] nonfinite at step 50: nonfinite text at 50",  # errors: always in full
+        "adam-monitor [error] nonfinite at step 60: nonfinite text at 60",
+        f"adam-monitor [warning] gradient_growth: 3 more alerts on Adam after step 10, the latest at step "
+        f"{10 + REPEAT_WARNING_STEPS} (w); each one is in {where}",
+        f"adam-monitor [warning] gradient_growth: 1 more alert on Adam after step {10 + REPEAT_WARNING_STEPS}, "
+        f"the latest at step {15 + REPEAT_WARNING_STEPS} (w); each one is in {where}",  # at close()
+    ]
+    assert monitor.alerts == sorted(raised, key=lambda a: a.step)
+    assert read_alerts(where) == monitor.alerts
