@@ -16,8 +16,9 @@ betas. Rules (severity):
 * ``gradient_growth`` (warning): the gradient grew geometrically against v̂ for several steps in a
   row while v̂, not ε, sets the step: the oscillation of Adam's adaptive edge of stability building
   up (once the gradient has vanished, √v̂ decays like β2^{k/2} and the effective step η/(√v̂+ε)
-  grows until the preconditioned sharpness crosses (2+2β1)/(1-β1)). Within a window after a
-  spike-precursor alert, shorter bursts count: such a run keeps spiking.
+  grows until the preconditioned sharpness crosses (2+2β1)/(1-β1)), once the gradient is at
+  least ``growth_floor`` of √v̂. Within a window after a spike precursor, shorter bursts count:
+  such a run keeps spiking.
 * ``eps_dominance`` (warning): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
   regime, not a spike precursor: Adam has become SGD with lr η/ε there (fine when meant: ε that
   large is what keeps a converged full-batch run stable; harmful under gradient underflow).
@@ -188,13 +189,18 @@ class Thresholds:
         eps_clear: the episode ends once the fraction falls to this or below.
         min_numel: tensors with fewer elements are judged pooled with the other small tensors of
             the same betas (a mean over a handful of coordinates is too noisy to judge alone).
-        growth_steps_after_alert: for ``after_alert_window`` steps after a spike-precursor alert
-            of the same optimizer (``stale_second_moment``, ``update_rms_spike``,
-            ``gradient_growth``), ``gradient_growth`` fires after this many steps of growth instead
-            of ``growth_steps``: a run that has shown instability spikes again after shorter bursts
-            (at Adam's adaptive edge of stability the loss spikes every 3–50 steps), while a stable
-            run never enters this state.
+        growth_steps_after_alert: for ``after_alert_window`` steps after a new
+            ``stale_second_moment`` or ``update_rms_spike`` alert of the same optimizer, or after a
+            step on which a subject's growth met the full ``gradient_growth`` condition
+            (``growth_steps``), ``gradient_growth`` fires after this many steps of growth: a run
+            that has shown instability spikes again after shorter bursts (at Adam's adaptive edge
+            of stability the loss spikes every 3–50 steps). The alerts of these short bursts do not
+            extend the window: otherwise one noise burst of a healthy minibatch run reaching
+            ``growth_steps`` would keep it open for good.
         after_alert_window: see ``growth_steps_after_alert``.
+        growth_floor: ``gradient_growth`` fires only once the staleness has reached this level (the
+            gradient at least this fraction of √v̂): below it the growing gradient does not yet move
+            the update, which the momentum and v̂ of earlier steps set.
     """
 
     stale_peak: float = 2.0
@@ -211,6 +217,7 @@ class Thresholds:
     min_numel: int = 256
     growth_steps_after_alert: int = 2
     after_alert_window: int = 50
+    growth_floor: float = 0.05
 
     def __post_init__(self):
         def check(name: str, ok: bool, what: str) -> None:
@@ -235,6 +242,7 @@ class Thresholds:
             isinstance(self.growth_steps_after_alert, int) and 1 <= self.growth_steps_after_alert <= self.growth_steps,
             "an int in [1, growth_steps]",
         )
+        check("growth_floor", self.growth_floor >= 0, "a number >= 0")
         check("after_alert_window", isinstance(self.after_alert_window, int) and self.after_alert_window >= 0, "an int >= 0")
 
 
@@ -445,7 +453,7 @@ class AlertRules:
         run = np.where(grew, T["growth_run"] + 1, 0.0)
         base = np.where(grew & (T["growth_run"] == 0), prev, T["growth_base"])
         growth_steps = th.growth_steps_after_alert if step <= T["alerted_until"] else th.growth_steps
-        gr_cond = judged & (run >= growth_steps) & (s_frac < th.eps_fraction)
+        gr_cond = judged & (run >= growth_steps) & (s_frac < th.eps_fraction) & (stale_sq >= th.growth_floor**2)
         gr_new = gr_cond & ~T["growth_active"]
         gr_keep = T["growth_active"] & (stale_sq > prev)
         ok = s_stepped & np.isfinite(stale_sq)
@@ -467,7 +475,12 @@ class AlertRules:
         T["eps_active"] = np.where(stepped, eps_cond | eps_keep, T["eps_active"])
         eps_idx = int(np.where(eps_new, frac, neg_inf).argmax())
 
-        if st_new.any() or sp_new.any() or gr_new.any():
+        # The window opens (or is extended) by a new stale or spike alert, or by a step on which the
+        # growth met the full growth_steps; not by the alerts of short bursts inside it: were they to
+        # extend it, the noise bursts of a healthy minibatch run would keep it open for good once
+        # one noise burst had reached growth_steps.
+        full_growth = gr_cond & (run >= th.growth_steps)
+        if st_new.any() or sp_new.any() or full_growth.any():
             T["alerted_until"] = np.array(float(step + th.after_alert_window))
 
         vec = [

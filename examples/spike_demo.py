@@ -128,9 +128,7 @@ def main(argv=None):
         runs[name] = (betas, losses, alerts, log_dir, time.perf_counter() - start)
 
     print(f"\nLoss weight falls to {LOW_WEIGHT:g} over steps {DROP}..{DROP + FALL}, back to 1 at step {RETURN}.\n")
-    header = f"{'run':<26}{'alerts (first step)':<52}{'loss spike':<12}{'lead':<6}{'peak loss (step)':<24}{'time':>6}"
-    print(header)
-    print("-" * len(header))
+    rows = []
     for name, (betas, losses, alerts, log_dir, seconds) in runs.items():
         spikes = loss_spikes(losses)
         first = {}
@@ -145,10 +143,13 @@ def main(argv=None):
         after = losses[RETURN - 1 :]
         peak_at = max(range(len(after)), key=after.__getitem__) + RETURN
         peak = after[peak_at - RETURN]
-        print(
-            f"{name:<26}{listed:<52}{spike if spike else 'none':<12}{lead:<6}"
-            f"{f'{peak / before_return:.0f}x median ({peak_at})':<24}{seconds:>5.0f}s"
-        )
+        rows.append((name, listed, spike if spike else "none", lead, f"{peak / before_return:.0f}x median ({peak_at})", seconds))
+    width = max(len("alerts (first step)"), *(len(r[1]) for r in rows)) + 2
+    header = f"{'run':<26}{'alerts (first step)':<{width}}{'loss spike':<12}{'lead':<6}{'peak loss (step)':<24}{'time':>6}"
+    print(header)
+    print("-" * len(header))
+    for name, listed, spike, lead, peak, seconds in rows:
+        print(f"{name:<26}{listed:<{width}}{spike:<12}{lead:<6}{peak:<24}{seconds:>5.0f}s")
     try:
         from adam_monitor.report import write_report
 

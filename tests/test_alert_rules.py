@@ -89,21 +89,28 @@ def _growth(t):
 
 
 def test_gradient_growth_fires_on_geometric_growth_while_v_hat_sets_the_step():
+    # Without the floor: after 4 steps of growth (600..603). With it (default 0.05): once the
+    # gradient has also reached 5% of √v̂ (√v̂ ≈ 0.22 here: 1e-3·1.5^k ≥ 0.011 from k = 6, step 605).
+    unfloored = AlertRules(["w", "b"], optimizer="Adam", betas=(0.9, 0.99), thresholds=Thresholds(growth_floor=0.0))
+    early, _ = drive((0.9, 0.99), 615, scale=_growth, rules=unfloored)
+    assert [(a.step, a.parameter) for a in early if a.rule == "gradient_growth"] == [(603, "w")]
     alerts, _ = drive((0.9, 0.99), 615, scale=_growth)
     growth = [a for a in alerts if a.rule == "gradient_growth"]
-    assert [(a.step, a.parameter) for a in growth] == [(603, "w")]  # 4 steps of growth: 600..603
+    assert [(a.step, a.parameter) for a in growth] == [(605, "w")]
+    assert 0.05 <= float(growth[0].message.split("staleness now ")[1].split(")")[0]) < 0.05 * 1.5
     assert growth[0].value == pytest.approx(1.5, rel=0.05) and growth[0].threshold == Thresholds().growth_ratio
     assert "eps" in growth[0].message and "edge of stability" in growth[0].message
 
 
 def _bursts(starts_and_lengths):
-    # unit noise, a quiet stretch, and bursts growing x1.5 per step for the given number of steps
+    # unit noise, a quiet stretch (√v̂ decays to ~0.2), and bursts growing x1.5 per step for the
+    # given number of steps, from 0.01: above the growth floor from their first step
     def scale(t):
         if t < 300:
             return 1.0
         for start, length in starts_and_lengths:
             if start <= t < start + length:
-                return 1e-3 * 1.5 ** (t - start + 1)
+                return 1e-2 * 1.5 ** (t - start + 1)
         return 1e-3
 
     return scale
@@ -125,6 +132,28 @@ def test_after_an_alert_shorter_growth_bursts_alert_for_a_window():
     off_rules = AlertRules(["w", "b"], optimizer="Adam", betas=(0.9, 0.99), thresholds=Thresholds(after_alert_window=0))
     off, _ = drive((0.9, 0.99), 720, scale=_bursts([(600, 4), (620, 2)]), rules=off_rules)
     assert [a.step for a in off if a.rule == "gradient_growth"] == [603]
+
+
+def test_only_full_strength_alerts_open_or_extend_the_window():
+    # The 2-step burst at 620 alerts inside the window of 603 (to 653) but does not extend it: the
+    # one at 660 falls outside and stays quiet. Were short-burst alerts to extend the window, the
+    # noise bursts of a healthy minibatch run would keep it open once one had reached growth_steps.
+    alerts, _ = drive((0.9, 0.99), 700, scale=_bursts([(600, 4), (620, 2), (660, 2)]))
+    assert [a.step for a in alerts if a.rule == "gradient_growth"] == [603, 621]
+    # A 4-step burst inside the window alerts at its second step (641) and, once it has grown for
+    # the full 4 steps (643), extends the window to 693: the 2-step burst at 680 then alerts.
+    alerts, _ = drive((0.9, 0.99), 720, scale=_bursts([(600, 4), (640, 4), (680, 2)]))
+    assert [a.step for a in alerts if a.rule == "gradient_growth"] == [603, 641, 681]
+
+
+def test_gradient_growth_below_the_floor_is_not_an_alert():
+    # The same growth from a gradient 1e-5 of √v̂: 4+ steps of x1.5 that stay under 5% of √v̂.
+    def scale(t):
+        return 1.0 if t < 300 else 1e-6 * 1.5 ** max(0, t - 599)
+    alerts, _ = drive((0.9, 0.99), 612, scale=scale)
+    assert "gradient_growth" not in {a.rule for a in alerts}
+    with pytest.raises(ValueError, match="growth_floor"):
+        Thresholds(growth_floor=-0.1)
 
 
 def test_gradient_growth_ignores_a_single_jump_and_eps_dominated_tensors():
