@@ -388,17 +388,17 @@ class Monitor:
     def _warn_alert(self, alert: Alert) -> None:
         """The first alert of a warning-level rule on an optimizer (and every error) in full, the
         repeats condensed (see ``REPEAT_WARNING_STEPS``)."""
-        key = (alert.optimizer, alert.rule)
-        repeats = self._repeats.get(key)
-        if alert.severity != "warning" or repeats is None:
-            if alert.severity == "warning":
-                self._repeats[key] = _Repeats(since=alert.step)
-            _warn(f"adam-monitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}", InstabilityWarning)
-            return
-        repeats.count += 1
-        repeats.latest = alert
-        if alert.step - repeats.since >= REPEAT_WARNING_STEPS:
-            self._warn_repeats(repeats)
+        if alert.severity == "warning":
+            key = (alert.optimizer, alert.rule)
+            repeats = self._repeats.get(key)
+            if repeats is not None:
+                repeats.count += 1
+                repeats.latest = alert
+                if alert.step - repeats.since >= REPEAT_WARNING_STEPS:
+                    self._warn_repeats(repeats)
+                return
+            self._repeats[key] = _Repeats(since=alert.step)
+        _warn(f"adam-monitor [{alert.severity}] {alert.rule} at step {alert.step}: {alert.message}", InstabilityWarning)
 
     def _warn_repeats(self, repeats: _Repeats) -> None:
         a = repeats.latest
