@@ -32,7 +32,8 @@ class AdamMonitor(Callback):
             optimizer step is measured; a written value pools all steps since the previous write.
         per_parameter: also write one scalar per parameter tensor and diagnostic.
         histograms: also write a histogram of each tensor's update direction (TensorBoard only).
-        on_alert: ``"warn"`` (a Python warning, the run goes on), ``"raise"`` (``InstabilityError``
+        on_alert: ``"warn"`` (a Python warning, the run goes on; a rule's repeats are summed up in
+            one line at most every 100 steps), ``"raise"`` (``InstabilityError``
             at the step of the alert, on every rank, after the alert is written) or ``"stop"``
             (a graceful stop: the current batch ends, checkpoints and logs are written, then ``fit``
             ends in ``InstabilityError`` so the script exits non-zero).

@@ -168,6 +168,8 @@ class Monitor:
             neither, alerts are kept in :attr:`alerts` and warned about only).
         on_alert: ``"warn"``, ``"raise"`` (:class:`InstabilityError` at the alert's step, after it is
             written) or ``"stop"`` (:attr:`should_stop` turns true; :meth:`close` then raises).
+            Warnings: each rule's first alert on an optimizer in full, its repeats in one line at
+            most every ``REPEAT_WARNING_STEPS`` steps.
         fail_on: the lowest severity ``"raise"``/``"stop"`` act on: ``"error"`` or ``"warning"``.
         blocking_alerts: whether the rules see each step's statistics before ``optimizer.step``
             returns. On a CUDA device that is one host sync per step, which stops the host from
