@@ -93,7 +93,7 @@ def test_fast_statistics_on_cuda_equal_the_float64_reference():
     lists = [[p.grad for p in params], [opt.state[p]["exp_avg"] for p in params], [opt.state[p]["exp_avg_sq"] for p in params]]
     kw = dict(beta1=0.9, beta2=0.95, eps=1e-8, step=3)
     reference = adam_statistics(*([t.double().cpu() for t in ts] for ts in lists), **kw)
-    for compiled in (True, None):  # None: the eager foreach path, the default on CUDA
+    for compiled in (True, False, None):  # None: the default, the compiled path
         fast = fast_adam_statistics(*lists, **kw, compiled=compiled)
         torch.testing.assert_close(fast.cpu(), reference, rtol=1e-5, atol=1e-6)
 
@@ -112,9 +112,9 @@ def synchronizations(fn) -> int:
 
 
 def per_step_syncs(
-    make_optimizer, num_tensors: int, monitored: bool, steps: int = 6, blocking_alerts: bool | None = None
+    make_optimizer, num_tensors: int, monitored: bool, steps: int = 6, blocking_alerts: bool | None = None, numel: int = 4096
 ) -> tuple[list[int], int | None]:
-    params = [torch.nn.Parameter(torch.randn(4096, device=CUDA)) for _ in range(num_tensors)]
+    params = [torch.nn.Parameter(torch.randn(numel, device=CUDA)) for _ in range(num_tensors)]
     opt = make_optimizer(params)
     monitor = Monitor(opt, log_every_n_steps=None, blocking_alerts=blocking_alerts) if monitored else None
     counts = []
@@ -143,12 +143,15 @@ def per_step_syncs(
 def test_monitor_adds_no_sync_per_step_on_cuda_unless_alerts_block(make_optimizer):
     # The fused kernel's device-resident step counts are read at the first step only (the counted
     # steps start at the third); the rules' rows travel without a sync unless alerts block.
-    for num_tensors in (3, 40):
-        baseline, _ = per_step_syncs(make_optimizer, num_tensors, monitored=False)
+    # Tensors of 4096 elements take the eager statistics, those of 300,000 the compiled ones.
+    for num_tensors, numel in ((3, 4096), (40, 4096), (3, 300_000)):
+        baseline, _ = per_step_syncs(make_optimizer, num_tensors, monitored=False, numel=numel)
         for blocking, rules_syncs in ((None, 0), (True, 1)):
-            monitored, flush = per_step_syncs(make_optimizer, num_tensors, monitored=True, blocking_alerts=blocking)
+            monitored, flush = per_step_syncs(
+                make_optimizer, num_tensors, monitored=True, blocking_alerts=blocking, numel=numel
+            )
             added = [m - b for m, b in zip(monitored, baseline)]
-            print(f"{num_tensors} tensors, blocking_alerts={blocking}: syncs per step {baseline} alone, "
+            print(f"{num_tensors} tensors of {numel}, blocking_alerts={blocking}: syncs per step {baseline} alone, "
                   f"{monitored} monitored; flush {flush}")
             assert max(added) <= rules_syncs, (num_tensors, blocking, added)
             assert flush is not None and flush <= 1
