@@ -1,15 +1,18 @@
 """What monitoring costs: per-step statistics against a fused AdamW step, training overhead, memory.
 
-Run as ``python tests/benchmarks/bench_monitor.py [--quick] [--rounds 7] [--device cuda]``; threads
+Run as ``python tests/benchmarks/bench_monitor.py [--quick] [--rounds 7] [--device cuda --repeat 10]``; threads
 are torch's default unless ``--threads`` is given; ``--device`` moves (a) and (d) to that device. Variants are interleaved round by round, so machine noise
 hits them alike, and the median over rounds is reported.
 
 (a) about 20M float32 parameters in about 50 transformer-shaped tensors: a torch fused AdamW step,
     and what each way of computing the statistics adds to it: the eager foreach
     ``adam_statistics``, ``fast_adam_statistics``, and the whole ``Monitor`` post-step hook
-    (``StepReader`` + ``AlertRules`` + accumulation) as it is and with the fast path swapped in.
+    (``StepReader`` + ``AlertRules`` + accumulation) with eager and with compiled statistics.
     The floor is about 3/7 of the step in memory traffic (the statistics read g, m, v; the step reads
     p, g, m, v and writes p, m, v); the row "reading g, m, v once" measures it on the machine at hand.
+    On CUDA, ``--load-ms L`` queues L ms of matrix products before each step, as a training step's
+    forward and backward passes would: the monitor's host work then overlaps the device's, and what
+    it adds is its device time (without a load a small model's step times the host alone).
 (b) ``AdamMonitor()`` with default settings on ``examples/quickstart.py``: Lightning step time with
     and without the callback.
 (c) peak and resident memory of (a) with and without the monitor, in fresh processes, and whether
@@ -43,6 +46,7 @@ from adam_monitor.kernels import fast_adam_statistics  # noqa: E402
 
 
 DEVICE = torch.device("cpu")  # of (a) and (d): --device
+REPEAT = 1  # calls per timed sample: --repeat
 
 
 def sync() -> None:
@@ -78,11 +82,14 @@ def reader_uses(fn):
 
 
 def timed(fn) -> float:
+    """Seconds per call of ``fn``, over ``REPEAT`` calls in a row: on a GPU, one call with a sync
+    on each side would time the launch latency rather than the work of a step in a loop."""
     sync()
     start = time.perf_counter()
-    fn()
+    for _ in range(REPEAT):
+        fn()
     sync()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / REPEAT
 
 
 def median_ms(samples: list[float]) -> float:
@@ -90,55 +97,111 @@ def median_ms(samples: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------- (a)
-def bench_statistics(scale: float, rounds: int) -> dict[str, float]:
+def device_load(load_ms: float):
+    """A callable that queues about ``load_ms`` of matrix products on the device: a stand-in for a
+    training step's forward and backward passes, which the host's work can then overlap (CUDA)."""
+    if not load_ms:
+        return lambda: None
+    a = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    sync()
+    count = max(1, round(load_ms / ((time.perf_counter() - start) / 20 * 1e3)))
+
+    def load():
+        for _ in range(count):
+            a @ a
+
+    return load
+
+
+def bench_statistics(scale: float, rounds: int, load_ms: float = 0.0) -> dict[str, float]:
     params = make_params(scale)
     numel = sum(p.numel() for p in params)
     kw = dict(lr=1e-4, weight_decay=0.1)
+    on_cuda = DEVICE.type == "cuda"
     plain = torch.optim.AdamW(params, fused=True, **kw)
+    # Each monitor on its own optimizer (own state) over the same parameters.
     hooked = torch.optim.AdamW(params, fused=True, **kw)
-    hooked_fast = torch.optim.AdamW(params, fused=True, **kw)
+    hooked_eager = torch.optim.AdamW(params, fused=True, **kw)
     monitor = Monitor(hooked, log_every_n_steps=None)
-    # A second monitor on its own optimizer; its reader is switched to the fast path at step time.
-    monitor_fast = Monitor(hooked_fast, log_every_n_steps=None)
-    for opt in (plain, hooked):
-        opt.step()
-    with reader_uses(fast_adam_statistics):
-        start = time.perf_counter()
-        hooked_fast.step()  # compiles here (first use)
-        compile_s = time.perf_counter() - start
+    monitor_eager = Monitor(hooked_eager, log_every_n_steps=None)
+    monitors = [monitor, monitor_eager]
+    if on_cuda:  # there alerts do not wait for the device unless asked to: time that too
+        blocking = torch.optim.AdamW(params, fused=True, **kw)
+        monitors.append(Monitor(blocking, log_every_n_steps=None, blocking_alerts=True))
+    plain.step()
+    start = time.perf_counter()
+    hooked.step()  # compiles the statistics here (first use)
+    compile_s = time.perf_counter() - start
+    with reader_uses(adam_statistics):
+        hooked_eager.step()
+    if on_cuda:
+        blocking.step()
     step = int(plain.state[params[0]]["step"])
     stat_kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=step)
     lists = state_lists(plain, params)
-    fast_adam_statistics(*lists, **stat_kw)
+    load = device_load(load_ms)
 
-    samples: dict[str, list[float]] = {k: [] for k in ("step", "read", "eager", "fast", "monitor", "monitor_fast")}
+    def under_load(fn):
+        return lambda: (load(), fn())
+
+    def read_once():
+        # What any pass over g, m and v costs here: the floor of a separate statistics pass. On
+        # CUDA one multi-tensor reduction per list; a kernel per tensor would time the launches.
+        if on_cuda:
+            return [torch._foreach_norm(ts, 1) for ts in lists]
+        return [t.sum() for ts in lists for t in ts]
+
+    def eager_hook():
+        with reader_uses(adam_statistics):
+            hooked_eager.step()
+
+    variants = {
+        "load": load,
+        "step": plain.step,
+        "read": read_once,
+        "eager": lambda: adam_statistics(*lists, **stat_kw),
+        "fast": lambda: fast_adam_statistics(*lists, **stat_kw),
+        "monitor_eager": eager_hook,
+        "monitor": hooked.step,
+    }
+    if on_cuda:
+        variants["monitor_blocking"] = blocking.step
+    if not load_ms:
+        del variants["load"]
+    samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
-        samples["step"].append(timed(plain.step))
-        # What any pass over g, m and v costs on this machine: the floor of a separate statistics pass.
-        samples["read"].append(timed(lambda: [t.sum() for ts in lists for t in ts]))
-        samples["eager"].append(timed(lambda: adam_statistics(*lists, **stat_kw)))
-        samples["fast"].append(timed(lambda: fast_adam_statistics(*lists, **stat_kw)))
-        samples["monitor"].append(timed(hooked.step))
-        with reader_uses(fast_adam_statistics):
-            samples["monitor_fast"].append(timed(hooked_fast.step))
-    monitor.close()
-    monitor_fast.close()
+        for key, fn in variants.items():
+            samples[key].append(timed(fn if key == "load" else under_load(fn)))
+    for m in monitors:
+        m.close()
     ms = {k: median_ms(v) for k, v in samples.items()}
-    ms["monitor"] -= ms["step"]
-    ms["monitor_fast"] -= ms["step"]
-    print(f"\n(a) {numel / 1e6:.1f}M float32 parameters in {len(params)} tensors, {torch.get_num_threads()} threads, "
-          f"median of {rounds} interleaved rounds (fast path compiled in {compile_s:.1f} s)")
-    print(f"    {'':44s}{'ms/step':>9s}{'× fused step':>14s}")
+    loaded = ms.pop("load", 0.0)
+    for key in ms:  # what each adds: to the load alone, the monitors to the load and the step
+        ms[key] -= loaded
+        if key.startswith("monitor"):
+            ms[key] -= ms["step"]
+    where = f"on {torch.cuda.get_device_name(DEVICE)}" if on_cuda else f"{torch.get_num_threads()} threads"
+    print(f"\n(a) {numel / 1e6:.1f}M float32 parameters in {len(params)} tensors, {where}, "
+          f"median of {rounds} interleaved rounds (statistics compiled in {compile_s:.1f} s)")
+    if load_ms:
+        print(f"    each step after {loaded:.1f} ms of matrix products on the device (forward and backward stand-in)")
+    print(f"    {'':46s}{'ms/step':>9s}{'× fused step':>14s}")
     rows = [
         ("fused AdamW step alone", "step"),
-        ("+ reading g, m, v once (a sum each): floor", "read"),
-        ("+ adam_statistics (eager foreach)", "eager"),
-        ("+ fast_adam_statistics", "fast"),
-        ("+ Monitor hook, as is (eager reader)", "monitor"),
-        ("+ Monitor hook, reader on the fast path", "monitor_fast"),
+        ("+ reading g, m, v once: floor of a pass", "read"),
+        ("+ adam_statistics (eager foreach passes)", "eager"),
+        ("+ fast_adam_statistics (compiled)", "fast"),
+        ("+ Monitor hook, eager statistics", "monitor_eager"),
+        ("+ Monitor hook (default)", "monitor"),
+        ("+ Monitor hook, alerts checked every step", "monitor_blocking"),
     ]
     for label, key in rows:
-        print(f"    {label:44s}{ms[key]:9.1f}{ms[key] / ms['step']:14.2f}")
+        if key in ms:
+            print(f"    {label:46s}{ms[key]:9.2f}{ms[key] / ms['step']:14.2f}")
     return ms
 
 
@@ -281,10 +344,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ab'")
     parser.add_argument("--device", default="cpu", help="where (a) and (d) run (cpu, cuda)")
+    parser.add_argument("--repeat", type=int, default=1, help="calls per timed sample in (a) and (d) (10 or so on a GPU)")
+    parser.add_argument("--load-ms", type=float, default=0.0,
+                        help="CUDA: precede each step of (a) with this many ms of matrix products on the device")
     parser.add_argument("--memory-child", choices=("none", "eager", "fast"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, REPEAT
+    DEVICE, REPEAT = torch.device(args.device), args.repeat
+    if args.load_ms and DEVICE.type != "cuda":
+        parser.error("--load-ms needs --device cuda: on the CPU the load and the monitor share the same cores")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     scale = args.scale if args.scale is not None else (0.5 if args.quick else 1.0)
@@ -295,7 +363,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
           + (f", (a) and (d) on {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""))
     if "a" in args.only:
-        bench_statistics(scale, rounds)
+        bench_statistics(scale, rounds, args.load_ms)
     if "b" in args.only:
         bench_lightning(steps=args.steps or (60 if args.quick else 300), rounds=min(rounds, 2 if args.quick else 5))
     if "c" in args.only:
