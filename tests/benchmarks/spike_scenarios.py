@@ -416,6 +416,24 @@ def control_spikes(runs: Sequence[Run]) -> int:
     return sum(len(label_spikes(r.losses)) for r in runs if r.kind == "control")
 
 
+def combined(table: dict[str, dict[str, Score]]) -> dict[str, Score]:
+    """The scores of all scenarios together (leads pooled, not a mean of medians)."""
+    total = {"monitor": Score(), "baseline": Score()}
+    for row in table.values():
+        for who, t in total.items():
+            s = row[who]
+            t.runs += s.runs
+            t.spikes += s.spikes
+            t.caught += s.caught
+            t.leads += s.leads
+            t.control_steps += s.control_steps
+            t.control_alerts += s.control_alerts
+            t.episodes += s.episodes
+            t.episodes_caught += s.episodes_caught
+            t.regime_alerts += s.regime_alerts
+    return total
+
+
 def format_table(table: dict[str, dict[str, Score]]) -> str:
     head = (
         "| scenario | runs | spikes | monitor recall | monitor median lead | monitor false/1000 | "
@@ -423,21 +441,8 @@ def format_table(table: dict[str, dict[str, Score]]) -> str:
         "episode recall |"
     )
     lines = [head, "|" + "---|" * 11]
-    total = {"monitor": Score(), "baseline": Score()}
-    for name, row in list(table.items()) + [("all", total)]:
+    for name, row in list(table.items()) + [("all", combined(table))]:
         m, b = row["monitor"], row["baseline"]
-        if name != "all":
-            for who in ("monitor", "baseline"):
-                t, s = total[who], row[who]
-                t.runs += s.runs
-                t.spikes += s.spikes
-                t.caught += s.caught
-                t.leads += s.leads
-                t.control_steps += s.control_steps
-                t.control_alerts += s.control_alerts
-                t.episodes += s.episodes
-                t.episodes_caught += s.episodes_caught
-                t.regime_alerts += s.regime_alerts
         lines.append(
             f"| {name} | {m.runs} | {m.spikes} | {m.recall:.2f} | {m.median_lead:g} | {m.false_per_1000:.2f} | "
             f"{b.recall:.2f} | {b.median_lead:g} | {b.false_per_1000:.2f} | {m.episodes} | "
@@ -449,13 +454,23 @@ def format_table(table: dict[str, dict[str, Score]]) -> str:
 
 
 def goal_met(table: dict[str, dict[str, Score]], min_recall=0.9, min_lead=3.0, max_false=0.5) -> dict[str, bool]:
-    """Per scenario: recall, median lead and false-alert rate of the monitor meet the goal."""
+    """Whether recall, median lead and false-alert rate of the monitor meet the goal: for all
+    scenarios together (``"all"``, the goal as stated) and for each scenario."""
+    rows = {"all": combined(table), **table}
     return {
         name: row["monitor"].recall >= min_recall
         and row["monitor"].median_lead >= min_lead
         and row["monitor"].false_per_1000 <= max_false
-        for name, row in table.items()
+        for name, row in rows.items()
     }
+
+
+def coupling_flagged_at_step_1(runs: Sequence[Run]) -> bool | None:
+    """Every run whose betas have β1² ≥ β2 raised ``beta_coupling`` at step 1 (None: no such run)."""
+    coupled = [r for r in runs if r.scenario == "beta_coupling" and r.kind == "spike"]
+    if not coupled:
+        return None
+    return all(any(a.rule == "beta_coupling" and a.step == 1 for a in r.alerts) for r in coupled)
 
 
 def quick(thresholds: Thresholds | None = None, jobs: int = 2) -> dict[str, dict[str, Score]]:
@@ -478,7 +493,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = score(runs)
     print(format_table(table))
     print(f"\nspikes labelled in control runs: {control_spikes(runs)}")
-    print(f"goal met: {goal_met(table)}")
+    met = goal_met(table)
+    print("goal (recall >= 0.9, median lead >= 3 steps, <= 0.5 false alerts per 1000 control steps): "
+          f"all scenarios together {'met' if met.pop('all') else 'NOT met'}; per scenario {met}")
+    print(f"beta_coupling raised at step 1 in every β1² > β2 run: {coupling_flagged_at_step_1(runs)}")
     print(f"Thresholds: {Thresholds()}")
     print(f"{len(runs)} runs, {sum(len(r.losses) for r in runs)} steps in {time.perf_counter() - start:.0f} s")
     return 0
