@@ -17,8 +17,9 @@ betas. Rules (severity):
   row while v̂, not ε, sets the step: the oscillation of Adam's adaptive edge of stability building
   up (once the gradient has vanished, √v̂ decays like β2^{k/2} and the effective step η/(√v̂+ε)
   grows until the preconditioned sharpness crosses (2+2β1)/(1-β1)), once the gradient is at
-  least ``growth_floor`` of √v̂. Within a window after a spike precursor, shorter bursts count:
-  such a run keeps spiking.
+  least ``growth_floor`` of √v̂; or by a large factor on two steps in a row (an oscillation that
+  would spike before the slower test sees it). Within a window after a spike precursor, shorter
+  bursts count: such a run keeps spiking.
 * ``eps_dominance`` (warning): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
   regime, not a spike precursor: Adam has become SGD with lr η/ε there (fine when meant: ε that
   large is what keeps a converged full-batch run stable; harmful under gradient underflow).
@@ -201,6 +202,12 @@ class Thresholds:
         growth_floor: ``gradient_growth`` fires only once the staleness has reached this level (the
             gradient at least this fraction of √v̂): below it the growing gradient does not yet move
             the update, which the momentum and v̂ of earlier steps set.
+        fast_growth_ratio: ``gradient_growth`` also fires when staleness grew by at least this
+            factor on each of ``fast_growth_steps`` consecutive steps (same floor and ε condition):
+            an oscillation growing so fast that the loss spikes before ``growth_steps`` steps have
+            passed (stale v̂ after a gradient-scale jump: ×2–5 per step). It opens no after-alert
+            window. ``math.inf`` turns it off.
+        fast_growth_steps: see ``fast_growth_ratio``.
     """
 
     stale_peak: float = 2.0
@@ -218,6 +225,8 @@ class Thresholds:
     growth_steps_after_alert: int = 2
     after_alert_window: int = 50
     growth_floor: float = 0.05
+    fast_growth_ratio: float = 2.5
+    fast_growth_steps: int = 2
 
     def __post_init__(self):
         def check(name: str, ok: bool, what: str) -> None:
@@ -243,6 +252,10 @@ class Thresholds:
             "an int in [1, growth_steps]",
         )
         check("growth_floor", self.growth_floor >= 0, "a number >= 0")
+        check("fast_growth_ratio", self.fast_growth_ratio > 1, "a number > 1 (math.inf turns it off)")
+        check(
+            "fast_growth_steps", isinstance(self.fast_growth_steps, int) and self.fast_growth_steps >= 1, "an int >= 1"
+        )
         check("after_alert_window", isinstance(self.after_alert_window, int) and self.after_alert_window >= 0, "an int >= 0")
 
 
@@ -264,10 +277,10 @@ def _is_pair(betas) -> bool:
     _NF_NEW, _NF_IDX, _NF_VAL,
     _ST_NEW, _ST_IDX, _ST_PEAK, _ST_JUMP, _ST_STALE, _ST_MEMBER,
     _SP_NEW, _SP_IDX, _SP_VAL, _SP_THR, _SP_BASE, _SP_BOUND, _SP_MEMBER,
-    _GR_NEW, _GR_IDX, _GR_RATIO, _GR_STALE, _GR_MEMBER, _GR_STEPS,
+    _GR_NEW, _GR_IDX, _GR_RATIO, _GR_STALE, _GR_MEMBER, _GR_STEPS, _GR_THR,
     _EPS_NEW, _EPS_IDX, _EPS_VAL,
     _VEC_LEN,
-) = range(26)
+) = range(27)
 
 
 class AlertRules:
@@ -336,6 +349,7 @@ class AlertRules:
             "spike_ema": np.zeros(s, dtype=np.float64),
             "spike_seen": np.zeros(s, dtype=np.float64),
             "growth_prev": np.zeros(s, dtype=np.float64),
+            "fast_growth_run": np.zeros(s, dtype=np.float64),
             "growth_run": np.zeros(s, dtype=np.float64),
             "growth_base": np.zeros(s, dtype=np.float64),
             "growth_active": np.zeros(s, dtype=bool),
@@ -444,26 +458,37 @@ class AlertRules:
         sp_idx = int(np.where(sp_new, update_rms / sp_thr, neg_inf).argmax())
         sp_member = self._worst_member(sp_idx, small, update_rms[:n])
 
-        # gradient_growth: staleness grew by growth_ratio or more on growth_steps steps in a row,
-        # on subjects whose step v̂ (not ε) sets. Staleness is bounded (≤ √(c2/(1-β2))), defined from
-        # step 1, and ≈ gradient_jump while the gradient is small against √v̂.
+        # gradient_growth: staleness grew by growth_ratio or more on growth_steps steps in a row, or
+        # by fast_growth_ratio on fast_growth_steps, on subjects whose step v̂ (not ε) sets.
+        # Staleness is bounded (≤ √(c2/(1-β2))), defined from step 1, and ≈ gradient_jump while the
+        # gradient is small against √v̂.
         s_frac = subj[:, EPS_COUNT] / safe
         prev = T["growth_prev"]
         grew = (stale_sq >= th.growth_ratio**2 * prev) & (prev > 0)
         run = np.where(grew, T["growth_run"] + 1, 0.0)
         base = np.where(grew & (T["growth_run"] == 0), prev, T["growth_base"])
+        grew_fast = (stale_sq >= th.fast_growth_ratio**2 * prev) & (prev > 0)
+        fast_run = np.where(grew_fast, T["fast_growth_run"] + 1, 0.0)
         growth_steps = th.growth_steps_after_alert if step <= T["alerted_until"] else th.growth_steps
-        gr_cond = judged & (run >= growth_steps) & (s_frac < th.eps_fraction) & (stale_sq >= th.growth_floor**2)
+        steady_met = run >= growth_steps
+        fast_met = fast_run >= th.fast_growth_steps
+        gr_cond = (
+            judged & (steady_met | fast_met) & (s_frac < th.eps_fraction) & (stale_sq >= th.growth_floor**2)
+        )
         gr_new = gr_cond & ~T["growth_active"]
         gr_keep = T["growth_active"] & (stale_sq > prev)
         ok = s_stepped & np.isfinite(stale_sq)
         T["growth_active"] = np.where(s_stepped, gr_cond | gr_keep, T["growth_active"])
         T["growth_run"] = np.where(ok, run, T["growth_run"])
+        T["fast_growth_run"] = np.where(ok, fast_run, T["fast_growth_run"])
         T["growth_base"] = np.where(ok, base, T["growth_base"])
         T["growth_prev"] = np.where(ok, stale_sq, prev)
         gr_ratio = np.sqrt(stale_sq / np.maximum(base, 1e-300)) ** (1 / np.maximum(run, 1))  # per step
         gr_idx = int(np.where(gr_new, gr_ratio, neg_inf).argmax())
         gr_member = self._worst_member(gr_idx, small, gr_ratio[:n])
+        gr_steady = bool(steady_met[gr_idx])  # else only the fast condition was met
+        gr_steps = growth_steps if gr_steady else th.fast_growth_steps
+        gr_thr = th.growth_ratio if gr_steady else th.fast_growth_ratio
 
         # eps_dominance: per tensor, a run of steps with most coordinates under ε.
         frac = s_frac[:n]
@@ -487,7 +512,7 @@ class AlertRules:
             nf_new, nf_idx, nf_val,
             st_new.sum(), st_idx, peak[st_idx], jump[st_idx], np.sqrt(stale_sq[st_idx]), st_member,
             sp_new.sum(), sp_idx, update_rms[sp_idx], sp_thr[sp_idx], baseline[sp_idx], bound[sp_idx], sp_member,
-            gr_new.sum(), gr_idx, gr_ratio[gr_idx], np.sqrt(stale_sq[gr_idx]), gr_member, growth_steps,
+            gr_new.sum(), gr_idx, gr_ratio[gr_idx], np.sqrt(stale_sq[gr_idx]), gr_member, gr_steps, gr_thr,
             eps_new.sum(), eps_idx, frac[eps_idx],
         ]
         return [float(x) for x in vec]
@@ -615,7 +640,7 @@ class AlertRules:
                 "follow within a few steps: raise eps (eps >= lr*sharpness/"
                 f"{(2 + 2 * b1) / (1 - b1):.3g} caps the effective step), lower the learning rate, or clip "
                 "the update (update_clip / StableAdamW)." + self._others(v[_GR_NEW]),
-                v[_GR_RATIO], th.growth_ratio,
+                v[_GR_RATIO], v[_GR_THR],
             )
         if v[_EPS_NEW]:
             name = self.names[int(v[_EPS_IDX])]

@@ -146,6 +146,35 @@ def test_only_full_strength_alerts_open_or_extend_the_window():
     assert [a.step for a in alerts if a.rule == "gradient_growth"] == [603, 641, 681]
 
 
+def test_fast_growth_alerts_after_two_steps():
+    # After a quiet stretch (gradient 1e-3, √v̂ ≈ 0.2) the gradient jumps x10 at step 600 and grows
+    # x3 at 601 and 602: too short for the 4-step test, enough for the fast one (x2.5 on 2 steps).
+    def scale(t):
+        if t < 300:
+            return 1.0
+        return 1e-2 * 3.0 ** (t - 600) if 600 <= t <= 602 else 1e-3
+
+    alerts, _ = drive((0.9, 0.99), 640, scale=scale)
+    growth = [a for a in alerts if a.rule == "gradient_growth"]
+    assert [(a.step, a.parameter) for a in growth] == [(601, "w")]
+    assert growth[0].threshold == Thresholds().fast_growth_ratio and growth[0].value >= 2.5
+    assert "for 2+ steps" in growth[0].message
+    off = AlertRules(["w", "b"], optimizer="Adam", betas=(0.9, 0.99), thresholds=Thresholds(fast_growth_ratio=math.inf))
+    slow_only, _ = drive((0.9, 0.99), 640, scale=scale, rules=off)
+    assert "gradient_growth" not in {a.rule for a in slow_only}
+    # The same jump followed by x2 per step: below the fast ratio, and too short for the 4-step test.
+    alerts, _ = drive((0.9, 0.99), 640, scale=lambda t: 1.0 if t < 300 else 1e-2 * 2.0 ** (t - 600) if 600 <= t <= 602 else 1e-3)
+    assert "gradient_growth" not in {a.rule for a in alerts}
+    # A fast alert opens no after-alert window: a 2-step x1.5 burst 20 steps later stays quiet.
+    def then_a_short_burst(t):
+        return 1e-2 * 1.5 ** (t - 619) if 620 <= t < 622 else scale(t)
+
+    alerts, _ = drive((0.9, 0.99), 640, scale=then_a_short_burst)
+    assert [a.step for a in alerts if a.rule == "gradient_growth"] == [601]
+    with pytest.raises(ValueError, match="fast_growth_steps"):
+        Thresholds(fast_growth_steps=0)
+
+
 def test_gradient_growth_below_the_floor_is_not_an_alert():
     # The same growth from a gradient 1e-5 of √v̂: 4+ steps of x1.5 that stay under 5% of √v̂.
     def scale(t):
