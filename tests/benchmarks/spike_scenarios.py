@@ -484,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="only these scenarios")
     parser.add_argument("--jobs", type=int, default=2, help="training processes (default 2)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                        help="these seeds instead (the thresholds were chosen on seeds 0-17: 18 and up are held out)")
+                        help="these seeds instead (the thresholds were chosen on seeds 0-26: 27 and up are held out)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: a thread pool only adds spin-waits
     seeds = tuple(args.seeds) if args.seeds else (0,) if args.quick else (0, 1, 2)
