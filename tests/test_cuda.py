@@ -112,7 +112,12 @@ def synchronizations(fn) -> int:
 
 
 def per_step_syncs(
-    make_optimizer, num_tensors: int, monitored: bool, steps: int = 6, blocking_alerts: bool | None = None, numel: int = 4096
+    make_optimizer,
+    num_tensors: int,
+    monitored: bool,
+    steps: int = 6,
+    blocking_alerts: bool | None = None,
+    numel: int = 4096,
 ) -> tuple[list[int], int | None]:
     params = [torch.nn.Parameter(torch.randn(numel, device=CUDA)) for _ in range(num_tensors)]
     opt = make_optimizer(params)

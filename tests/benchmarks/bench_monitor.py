@@ -160,8 +160,7 @@ def bench_statistics(scale: float, rounds: int, load_ms: float = 0.0) -> dict[st
         with reader_uses(adam_statistics):
             hooked_eager.step()
 
-    variants = {
-        "load": load,
+    variants = ({"load": load} if load_ms else {}) | {
         "step": plain.step,
         "read": read_once,
         "eager": lambda: adam_statistics(*lists, **stat_kw),
@@ -171,8 +170,6 @@ def bench_statistics(scale: float, rounds: int, load_ms: float = 0.0) -> dict[st
     }
     if on_cuda:
         variants["monitor_blocking"] = blocking.step
-    if not load_ms:
-        del variants["load"]
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for key, fn in variants.items():
