@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -421,16 +421,8 @@ def combined(table: dict[str, dict[str, Score]]) -> dict[str, Score]:
     total = {"monitor": Score(), "baseline": Score()}
     for row in table.values():
         for who, t in total.items():
-            s = row[who]
-            t.runs += s.runs
-            t.spikes += s.spikes
-            t.caught += s.caught
-            t.leads += s.leads
-            t.control_steps += s.control_steps
-            t.control_alerts += s.control_alerts
-            t.episodes += s.episodes
-            t.episodes_caught += s.episodes_caught
-            t.regime_alerts += s.regime_alerts
+            for f in fields(Score):  # counts add up, lists of leads concatenate
+                setattr(t, f.name, getattr(t, f.name) + getattr(row[who], f.name))
     return total
 
 
