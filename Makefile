@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow test-all bench clean
+.PHONY: demo test test-slow test-all lint format bench clean
 
 # Installed without byte-compiling (--no-compile): pip would compile every module of torch,
 # lightning and the rest up front (~80 s on 2 cores, most of the install); Python compiles the few
@@ -30,6 +30,15 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff, configured in pyproject.toml: the formatter's check and the linter.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_optim.py

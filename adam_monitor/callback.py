@@ -8,9 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .alert_log import InstabilityError
-from .alerts import Alert, Thresholds
-from .monitor import Monitor, is_rank_zero, validate_options
+from .alerts.records import Alert, InstabilityError, Thresholds
+from .engine.monitor import Monitor, is_rank_zero, validate_options
 
 __all__ = ["AdamMonitor"]
 

@@ -105,8 +105,7 @@ def worst_case_bound(beta1: float, beta2: float, t: int) -> float:
     beta2 = _beta(beta2, "beta2")
     t = _count(t, "t", 1)
     prefactor = (
-        (1.0 - beta1) / math.sqrt(1.0 - beta2)
-        * math.sqrt(_one_minus_power(beta2, t)) / _one_minus_power(beta1, t)
+        (1.0 - beta1) / math.sqrt(1.0 - beta2) * math.sqrt(_one_minus_power(beta2, t)) / _one_minus_power(beta1, t)
     )
     gamma = _gamma(beta1, beta2)
     if t == 1 or gamma == 0.0:
@@ -296,8 +295,7 @@ def bound_table(beta1: float, beta2: float, steps=(10, 100, 1000, 10000)) -> str
     width = max([len("step")] + [len(str(s)) for s in steps] + [len("limit")])
 
     lines = [
-        f"Adam update bound for beta1 = {beta1:g}, beta2 = {beta2:g} "
-        f"(gamma = beta1^2/beta2 = {_fmt(gamma)})",
+        f"Adam update bound for beta1 = {beta1:g}, beta2 = {beta2:g} (gamma = beta1^2/beta2 = {_fmt(gamma)})",
         "Largest possible |update| / lr per coordinate over all gradients (eps = 0):",
         f"  {'step':>{width}}  B_t",
     ]
@@ -325,7 +323,6 @@ def bound_table(beta1: float, beta2: float, steps=(10, 100, 1000, 10000)) -> str
     else:
         lines.append(f"Verdict: fine. Every update stays below {_fmt(b_inf)} x lr.")
     lines.append(
-        f"Note: beta1 = beta2 gives B_inf = 1, the smallest bound for a fixed beta2 "
-        f"(here: beta1 = {beta2:g})."
+        f"Note: beta1 = beta2 gives B_inf = 1, the smallest bound for a fixed beta2 (here: beta1 = {beta2:g})."
     )
     return "\n".join(lines)

@@ -7,10 +7,10 @@ alert into ``InstabilityError`` at the step it fires, after writing it to alerts
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from quickstart import Regressor, data
 
 from adam_monitor import AdamMonitor
 from adam_monitor.cli import main as adam_monitor_cli
-from quickstart import Regressor, data
 
 
 def test_training_is_stable(tmp_path):

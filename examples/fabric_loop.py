@@ -1,6 +1,6 @@
 """Monitor with Lightning Fabric: hook the optimizer Fabric returns.
 
-    python examples/fabric_loop.py --steps 100
+python examples/fabric_loop.py --steps 100
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Monitor in a plain PyTorch loop: no Lightning, a SummaryWriter, alerts to runs/plain_loop.
 
-    python examples/plain_loop.py --steps 200
+python examples/plain_loop.py --steps 200
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Train a small regression model with AdamMonitor and write TensorBoard logs under runs/quickstart.
 
-    python examples/quickstart.py            # then: tensorboard --logdir runs
+python examples/quickstart.py            # then: tensorboard --logdir runs
 """
 
 import argparse

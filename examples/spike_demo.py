@@ -129,7 +129,7 @@ def main(argv=None):
 
     print(f"\nLoss weight falls to {LOW_WEIGHT:g} over steps {DROP}..{DROP + FALL}, back to 1 at step {RETURN}.\n")
     rows = []
-    for name, (betas, losses, alerts, log_dir, seconds) in runs.items():
+    for name, (_betas, losses, alerts, _log_dir, seconds) in runs.items():
         spikes = loss_spikes(losses)
         first = {}
         for a in alerts:
@@ -143,15 +143,19 @@ def main(argv=None):
         after = losses[RETURN - 1 :]
         peak_at = max(range(len(after)), key=after.__getitem__) + RETURN
         peak = after[peak_at - RETURN]
-        rows.append((name, listed, spike if spike else "none", lead, f"{peak / before_return:.0f}x median ({peak_at})", seconds))
+        rows.append(
+            (name, listed, spike if spike else "none", lead, f"{peak / before_return:.0f}x median ({peak_at})", seconds)
+        )
     width = max(len("alerts (first step)"), *(len(r[1]) for r in rows)) + 2
-    header = f"{'run':<26}{'alerts (first step)':<{width}}{'loss spike':<12}{'lead':<6}{'peak loss (step)':<24}{'time':>6}"
+    header = (
+        f"{'run':<26}{'alerts (first step)':<{width}}{'loss spike':<12}{'lead':<6}{'peak loss (step)':<24}{'time':>6}"
+    )
     print(header)
     print("-" * len(header))
     for name, listed, spike, lead, peak, seconds in rows:
         print(f"{name:<26}{listed:<{width}}{spike:<12}{lead:<6}{peak:<24}{seconds:>5.0f}s")
     try:
-        from adam_monitor.report import write_report
+        from adam_monitor.cli.report import write_report
 
         png = write_report(root, root / "report.png", title="spike demo: β2 = 0.999 vs 0.95 after a loss-scale return")
         print(f"\nReport: {png}")

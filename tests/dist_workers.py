@@ -43,7 +43,7 @@ def _init(rank, world, port):
 
 
 def distributed_worker(rank, world, port, kind, steps, log_every, out_dir):
-    import adam_monitor.state as state
+    import adam_monitor.engine.reader as state
 
     _init(rank, world, port)
     calls = []

@@ -7,7 +7,7 @@ import torch
 
 from adam_monitor.alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts
 from adam_monitor.diagnostics import NUM_STATS
-from adam_monitor.state import StepReader
+from adam_monitor.engine.reader import StepReader
 from adam_monitor.theory import worst_case_bound
 
 
@@ -163,8 +163,11 @@ def test_fast_growth_alerts_after_two_steps():
     slow_only, _ = drive((0.9, 0.99), 640, scale=scale, rules=off)
     assert "gradient_growth" not in {a.rule for a in slow_only}
     # The same jump followed by x2 per step: below the fast ratio, and too short for the 4-step test.
-    alerts, _ = drive((0.9, 0.99), 640, scale=lambda t: 1.0 if t < 300 else 1e-2 * 2.0 ** (t - 600) if 600 <= t <= 602 else 1e-3)
+    alerts, _ = drive(
+        (0.9, 0.99), 640, scale=lambda t: 1.0 if t < 300 else 1e-2 * 2.0 ** (t - 600) if 600 <= t <= 602 else 1e-3
+    )
     assert "gradient_growth" not in {a.rule for a in alerts}
+
     # A fast alert opens no after-alert window: a 2-step x1.5 burst 20 steps later stays quiet.
     def then_a_short_burst(t):
         return 1e-2 * 1.5 ** (t - 619) if 620 <= t < 622 else scale(t)
@@ -179,6 +182,7 @@ def test_gradient_growth_below_the_floor_is_not_an_alert():
     # The same growth from a gradient 1e-5 of √v̂: 4+ steps of x1.5 that stay under 5% of √v̂.
     def scale(t):
         return 1.0 if t < 300 else 1e-6 * 1.5 ** max(0, t - 599)
+
     alerts, _ = drive((0.9, 0.99), 612, scale=scale)
     assert "gradient_growth" not in {a.rule for a in alerts}
     with pytest.raises(ValueError, match="growth_floor"):
@@ -241,7 +245,12 @@ def test_small_tensors_are_judged_pooled():
 def test_state_dict_round_trip_continues_identically(tmp_path: Path):
     scale = lambda t: 10.0 if t >= 150 else 1.0  # noqa: E731
     thresholds = Thresholds(eps_steps=5)
-    _, first = drive((0.9, 0.99), 100, scale=scale, rules=AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.99), thresholds=thresholds))
+    _, first = drive(
+        (0.9, 0.99),
+        100,
+        scale=scale,
+        rules=AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.99), thresholds=thresholds),
+    )
     torch.save(first.state_dict(), tmp_path / "rules.pt")
     restored = AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.99), thresholds=thresholds)
     restored.load_state_dict(torch.load(tmp_path / "rules.pt", weights_only=True))

@@ -17,9 +17,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 
 from adam_monitor import AdamMonitor, InstabilityError, InstabilityWarning, Monitor
-from adam_monitor.alert_log import alerts_path, read_alerts
+from adam_monitor.alerts.log import alerts_path, read_alerts
 from adam_monitor.cli import main as cli
-from adam_monitor.events import read_scalars
+from adam_monitor.cli.events import read_scalars
 
 
 class BetasBoring(BoringModel):
@@ -182,8 +182,21 @@ def make_run(root, rules):
     path.parent.mkdir(parents=True)
     with open(path, "w") as f:
         for i, (rule, severity) in enumerate(rules):
-            f.write(json.dumps(dict(rule=rule, severity=severity, step=i + 1, message="m", optimizer="Adam",
-                                    parameter=None, value=2.0, threshold=1.0)) + "\n")
+            f.write(
+                json.dumps(
+                    dict(
+                        rule=rule,
+                        severity=severity,
+                        step=i + 1,
+                        message="m",
+                        optimizer="Adam",
+                        parameter=None,
+                        value=2.0,
+                        threshold=1.0,
+                    )
+                )
+                + "\n"
+            )
     return root
 
 
@@ -283,7 +296,7 @@ def test_betas_changed_mid_run_are_checked_again():
 
 def test_repeated_warnings_of_a_rule_are_condensed_and_every_alert_is_kept(tmp_path):
     from adam_monitor import Alert
-    from adam_monitor.monitor import REPEAT_WARNING_STEPS
+    from adam_monitor.engine.monitor import REPEAT_WARNING_STEPS
 
     p = torch.nn.Parameter(torch.zeros(8))
     monitor = Monitor(torch.optim.Adam([p]), log_dir=str(tmp_path), log_every_n_steps=None)

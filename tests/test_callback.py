@@ -11,7 +11,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from adam_monitor import DIAGNOSTICS, AdamMonitor
-from adam_monitor.events import read_scalars
+from adam_monitor.cli.events import read_scalars
 
 
 class AdamBoring(BoringModel):
@@ -54,7 +54,12 @@ def fit(tmp_path, model, *, callbacks=None, max_steps=10, name="run", ckpt_path=
 
 def test_exact_tags_on_lightnings_own_step_axis(tmp_path):
     trainer, scalars = fit(tmp_path, AdamBoring())
-    expected = {"adam/alerts", "adam/skipped_steps"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/worst/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/layer.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    expected = (
+        {"adam/alerts", "adam/skipped_steps"}
+        | {f"adam/{d}" for d in DIAGNOSTICS}
+        | {f"adam/worst/{d}" for d in DIAGNOSTICS}
+        | {f"adam/{d}/layer.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    )
     assert expected <= set(scalars)
     assert set(scalars) - expected == {"loss", "epoch"}
     # The same x values as the loss logged by the module: steps 4 and 9 for log_every_n_steps=5.
@@ -96,7 +101,12 @@ class TwoOptimizers(BoringModel):
 
 def test_manual_optimization_with_two_optimizers(tmp_path):
     _, scalars = fit(tmp_path, TwoOptimizers(), max_steps=12, log_every_n_steps=3)
-    assert {"adam/Adam/update_rms", "adam/AdamW/update_rms", "adam/Adam/update_rms/layer.weight", "adam/AdamW/staleness/head.bias"} <= set(scalars)
+    assert {
+        "adam/Adam/update_rms",
+        "adam/AdamW/update_rms",
+        "adam/Adam/update_rms/layer.weight",
+        "adam/AdamW/staleness/head.bias",
+    } <= set(scalars)
     assert not any(tag in scalars for tag in ("adam/update_rms", "adam/staleness"))
     # 12 optimizer steps in all, 6 batches: Lightning's axis counts batches.
     assert [s for s, _ in scalars["adam/Adam/update_rms"]] == [s for s, _ in scalars["loss"]] == [2, 5]
@@ -143,7 +153,11 @@ def test_resume_from_checkpoint_logs_what_an_uninterrupted_run_logs(tmp_path):
     fit(tmp_path / "part", AdamBoring(), callbacks=[AdamMonitor(), ckpt], max_steps=6, log_every_n_steps=4)
     assert "AdamMonitor" in torch.load(tmp_path / "ckpt" / "epoch=0-step=6.ckpt", weights_only=False)["callbacks"]
     _, resumed = fit(
-        tmp_path / "part", AdamBoring(), max_steps=12, log_every_n_steps=4, name="resumed",
+        tmp_path / "part",
+        AdamBoring(),
+        max_steps=12,
+        log_every_n_steps=4,
+        name="resumed",
         ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"),
     )
     assert [s for s, _ in resumed["adam/update_rms"]] == [7, 11]

@@ -10,7 +10,7 @@ import torch
 
 from adam_monitor import Monitor
 from adam_monitor.diagnostics import adam_statistics
-from adam_monitor.kernels import fast_adam_statistics
+from adam_monitor.diagnostics.compiled import fast_adam_statistics
 from adam_monitor.optim import Adam, AdamAtan2, LaProp, StableAdamW
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -19,7 +19,9 @@ CUDA = torch.device("cuda")
 # Two heads (one with a tail), a tensor just over the head size, small ones for the batch.
 SHAPES = ((80, 1024), (300, 221), (64, 33), (5, 7), (1,))
 VARIANTS = {
-    "Adam": lambda ps, fused: Adam(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, fused=fused),
+    "Adam": lambda ps, fused: Adam(
+        ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, fused=fused
+    ),
     "LaProp": lambda ps, fused: LaProp(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused),
     "AdamAtan2": lambda ps, fused: AdamAtan2(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused),
     "StableAdamW": lambda ps, fused: StableAdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused),
@@ -90,7 +92,11 @@ def test_fast_statistics_on_cuda_equal_the_float64_reference():
         for p, g in zip(params, step_grads):
             p.grad = g
         opt.step()
-    lists = [[p.grad for p in params], [opt.state[p]["exp_avg"] for p in params], [opt.state[p]["exp_avg_sq"] for p in params]]
+    lists = [
+        [p.grad for p in params],
+        [opt.state[p]["exp_avg"] for p in params],
+        [opt.state[p]["exp_avg_sq"] for p in params],
+    ]
     kw = dict(beta1=0.9, beta2=0.95, eps=1e-8, step=3)
     reference = adam_statistics(*([t.double().cpu() for t in ts] for ts in lists), **kw)
     for compiled in (True, False, None):  # None: the default, the compiled path
@@ -156,8 +162,10 @@ def test_monitor_adds_no_sync_per_step_on_cuda_unless_alerts_block(make_optimize
                 make_optimizer, num_tensors, monitored=True, blocking_alerts=blocking, numel=numel
             )
             added = [m - b for m, b in zip(monitored, baseline)]
-            print(f"{num_tensors} tensors of {numel}, blocking_alerts={blocking}: syncs per step {baseline} alone, "
-                  f"{monitored} monitored; flush {flush}")
+            print(
+                f"{num_tensors} tensors of {numel}, blocking_alerts={blocking}: syncs per step {baseline} alone, "
+                f"{monitored} monitored; flush {flush}"
+            )
             assert max(added) <= rules_syncs, (num_tensors, blocking, added)
             assert flush is not None and flush <= 1
 
@@ -167,14 +175,20 @@ def test_lightning_bf16_run_on_cuda_logs_and_checks(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from adam_monitor import AdamMonitor
-    from adam_monitor.events import read_scalars
+    from adam_monitor.cli.events import read_scalars
     from examples.quickstart import Regressor, data
 
     monitor = AdamMonitor(log_every_n_steps=10)
     trainer = L.Trainer(
-        accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=60, callbacks=[monitor],
-        logger=TensorBoardLogger(tmp_path, name="run"), enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cuda",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=60,
+        callbacks=[monitor],
+        logger=TensorBoardLogger(tmp_path, name="run"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Regressor(), data())
     scalars = read_scalars(trainer.logger.log_dir)
     assert any(tag.startswith("adam/") for tag in scalars), sorted(scalars)[:10]

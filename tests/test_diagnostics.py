@@ -45,7 +45,10 @@ def run_adam(shapes, steps, *, beta1=0.9, beta2=0.99, eps=1e-8, amsgrad=False, s
     for t in range(1, steps + 1):
         for p in params:
             p.grad = torch.randn_like(p) * (scale(t) if scale else 1.0)
-        v_prev = [opt.state[p]["exp_avg_sq"].double().clone() if opt.state[p] else torch.zeros_like(p, dtype=torch.float64) for p in params]
+        v_prev = [
+            opt.state[p]["exp_avg_sq"].double().clone() if opt.state[p] else torch.zeros_like(p, dtype=torch.float64)
+            for p in params
+        ]
         opt.step()
     return params, opt, v_prev
 
@@ -88,8 +91,14 @@ def test_tensor_statistics_is_the_same_specification():
     u = adam_direction(s["exp_avg"], s["exp_avg_sq"], bias_correction1=c1, bias_correction2=c2, eps=1e-8)
     row = tensor_statistics(p.grad, u, s["exp_avg_sq"] / c2, v_prev[0] / c2p, 1e-8)
     ref = reference_row(
-        p.grad.flatten().tolist(), s["exp_avg"].flatten().tolist(), s["exp_avg_sq"].flatten().tolist(),
-        v_prev[0].flatten().tolist(), beta1=0.9, beta2=0.99, eps=1e-8, t=5,
+        p.grad.flatten().tolist(),
+        s["exp_avg"].flatten().tolist(),
+        s["exp_avg_sq"].flatten().tolist(),
+        v_prev[0].flatten().tolist(),
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        t=5,
     )
     torch.testing.assert_close(row, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=0)
 
@@ -168,9 +177,13 @@ def test_low_precision_tensors_agree_with_float64(dtype):
     rows = []
     for q, o in zip((p64, p), opts):
         s = o.state[q]
-        rows.append(adam_statistics([q.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.95, eps=1e-8, step=6)[0])
+        rows.append(
+            adam_statistics([q.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.95, eps=1e-8, step=6)[0]
+        )
     tol = 1e-5 if dtype == torch.float32 else 0.05
-    torch.testing.assert_close(diagnostics_from_statistics(rows[1]), diagnostics_from_statistics(rows[0]), rtol=tol, atol=0)
+    torch.testing.assert_close(
+        diagnostics_from_statistics(rows[1]), diagnostics_from_statistics(rows[0]), rtol=tol, atol=0
+    )
 
 
 def test_large_float32_tensors_on_the_foreach_path_sum_like_float64():

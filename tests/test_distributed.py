@@ -2,11 +2,10 @@
 
 import socket
 
+import dist_workers
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import dist_workers
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +54,7 @@ def test_raise_mode_ends_every_ddp_rank_together(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from adam_monitor import AdamMonitor
-    from adam_monitor.alert_log import alerts_path, read_alerts
+    from adam_monitor.alerts.log import alerts_path, read_alerts
 
     trainer = L.Trainer(
         strategy="ddp_spawn",
@@ -83,7 +82,7 @@ def test_lightning_model_parallel_strategy_logs_what_one_process_logs(tmp_path):
     import sys
     from pathlib import Path
 
-    from adam_monitor.events import read_scalars
+    from adam_monitor.cli.events import read_scalars
 
     script = Path(__file__).with_name("lightning_fsdp2_fit.py")
     for kind in ("single", "fsdp2"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adam_monitor.cli import main as cli
-from adam_monitor.events import read_scalars
+from adam_monitor.cli.events import read_scalars
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -34,8 +34,14 @@ def test_fabric_loop(tmp_path):
 
 def test_lightning_cli_adds_the_callback_by_class_path(tmp_path):
     run(
-        EXAMPLES / "lightning_cli.py", "fit", "--config", EXAMPLES / "adam_monitor.yaml",
-        "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false",
+        EXAMPLES / "lightning_cli.py",
+        "fit",
+        "--config",
+        EXAMPLES / "adam_monitor.yaml",
+        "--trainer.max_steps",
+        "20",
+        "--trainer.enable_progress_bar",
+        "false",
         cwd=tmp_path,
     )
     (run_dir,) = (tmp_path / "runs" / "lightning_cli").iterdir()

@@ -14,7 +14,7 @@ from adam_monitor.diagnostics import (
     previous_second_moment,
     tensor_statistics,
 )
-from adam_monitor.state import StepReader
+from adam_monitor.engine.reader import StepReader
 
 SHAPES = [(64, 32), (64,), (64, 64), (64,), (1, 64), (1,), (3, 5, 7)]
 
@@ -59,8 +59,12 @@ def test_flat_path_matches_foreach_and_specification(dtype, steps, amsgrad):
     torch.testing.assert_close(flat, foreach, rtol=rtol, atol=1e-12)
     if steps == 2:  # v_1 rebuilt from v_2 cancels: the step-2 jump is ill-conditioned in float32 for both paths
         return
-    torch.testing.assert_close(flat, specification(lists, {k: kw[k] for k in ("beta1", "beta2", "eps", "step")}, maxes),
-                               rtol=1e-12 if dtype == torch.float64 else 2e-5, atol=1e-12)
+    torch.testing.assert_close(
+        flat,
+        specification(lists, {k: kw[k] for k in ("beta1", "beta2", "eps", "step")}, maxes),
+        rtol=1e-12 if dtype == torch.float64 else 2e-5,
+        atol=1e-12,
+    )
     # counts are exact
     assert torch.equal(flat[:, 3:], foreach[:, 3:])
 
@@ -69,8 +73,9 @@ def test_flat_path_matches_foreach_and_specification(dtype, steps, amsgrad):
 def test_flat_path_low_precision(dtype):
     lists, kw, _ = stepped_state(torch.float32, steps=3)
     lists = [[t.to(dtype) for t in ts] for ts in lists]
-    torch.testing.assert_close(adam_statistics(*lists, **kw, flat=True), adam_statistics(*lists, **kw, flat=False),
-                               rtol=2e-5, atol=1e-12)
+    torch.testing.assert_close(
+        adam_statistics(*lists, **kw, flat=True), adam_statistics(*lists, **kw, flat=False), rtol=2e-5, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("poison", [math.nan, math.inf])
@@ -106,8 +111,16 @@ def test_reader_rows_unchanged_by_the_fast_paths():
         opt.step()
         rows, step = reader.read()
         st = [opt.state[p] for p in params]
-        ref = adam_statistics([p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-                              beta1=0.9, beta2=0.95, eps=1e-8, step=step, flat=False)
+        ref = adam_statistics(
+            [p.grad for p in params],
+            [s["exp_avg"] for s in st],
+            [s["exp_avg_sq"] for s in st],
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            step=step,
+            flat=False,
+        )
         torch.testing.assert_close(rows, ref, rtol=2e-5, atol=1e-12)
 
 
@@ -120,7 +133,9 @@ def _drive_rows(n, steps, seed=0):
         rows = torch.zeros(n, NUM_STATS, dtype=torch.float64)
         rows[:, 5] = counts
         rows[:, 0] = counts * (0.05 + 0.01 * torch.rand(n, generator=g, dtype=torch.float64)) * level**2
-        stale = (1.0 + 0.1 * torch.rand(n, generator=g, dtype=torch.float64)) * (1.3 ** max(0, t - 300) if t < 310 else 1)
+        stale = (1.0 + 0.1 * torch.rand(n, generator=g, dtype=torch.float64)) * (
+            1.3 ** max(0, t - 300) if t < 310 else 1
+        )
         rows[:, 1] = counts * torch.clamp(stale * level, max=15.0)
         rows[:, 2] = rows[:, 1]
         rows[:, 3] = counts
@@ -135,13 +150,22 @@ def _drive_rows(n, steps, seed=0):
 # host-side one replaced; both gave exactly these alerts. A change here changes alert behaviour.
 EXPECTED_ALERTS = {
     "one pair": [
-        ("update_rms_spike", 120, "mid"), ("stale_second_moment", 200, "mid"), ("update_rms_spike", 200, "mid"),
-        ("stale_second_moment", 307, "w"), ("eps_dominance", 355, "w"), ("nonfinite", 420, "b"),
+        ("update_rms_spike", 120, "mid"),
+        ("stale_second_moment", 200, "mid"),
+        ("update_rms_spike", 200, "mid"),
+        ("stale_second_moment", 307, "w"),
+        ("eps_dominance", 355, "w"),
+        ("nonfinite", 420, "b"),
     ],
     "mixed pairs": [
-        ("stale_second_moment", 120, "mid"), ("update_rms_spike", 120, "mid"), ("stale_second_moment", 200, "mid"),
-        ("update_rms_spike", 200, "mid"), ("stale_second_moment", 307, "w"), ("stale_second_moment", 308, "mid"),
-        ("eps_dominance", 355, "w"), ("nonfinite", 420, "b"),
+        ("stale_second_moment", 120, "mid"),
+        ("update_rms_spike", 120, "mid"),
+        ("stale_second_moment", 200, "mid"),
+        ("update_rms_spike", 200, "mid"),
+        ("stale_second_moment", 307, "w"),
+        ("stale_second_moment", 308, "mid"),
+        ("eps_dominance", 355, "w"),
+        ("nonfinite", 420, "b"),
     ],
 }
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-import adam_monitor.kernels as kernels
+import adam_monitor.diagnostics.compiled as kernels
 from adam_monitor.diagnostics import (
     JUMP_SQ,
     NUM_STATS,
@@ -15,7 +15,7 @@ from adam_monitor.diagnostics import (
     previous_second_moment,
     tensor_statistics,
 )
-from adam_monitor.kernels import BLOCK, fast_adam_statistics
+from adam_monitor.diagnostics.compiled import BLOCK, fast_adam_statistics
 
 # Whole blocks and tails, a tensor below the compiled size, and one that never gets a gradient.
 SHAPES = [(3, BLOCK), (2 * BLOCK + 5,), (BLOCK + 1, 3), (7,), (2 * BLOCK,)]
@@ -112,7 +112,11 @@ def test_one_graph_for_any_number_and_sizes_of_tensors(small_compiled):
     graphs = counters["stats"]["unique_graphs"]
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=3)
     gen = torch.Generator().manual_seed(0)
-    for sizes in ([5 * BLOCK + 3], [2 * BLOCK] * 5, [2 * BLOCK, 9 * BLOCK, 2 * BLOCK + 1, 4 * BLOCK, 3 * BLOCK, 2 * BLOCK]):
+    for sizes in (
+        [5 * BLOCK + 3],
+        [2 * BLOCK] * 5,
+        [2 * BLOCK, 9 * BLOCK, 2 * BLOCK + 1, 4 * BLOCK, 3 * BLOCK, 2 * BLOCK],
+    ):
         g = [torch.randn(n, generator=gen) for n in sizes]
         v = [0.01 * x * x + torch.rand(n, generator=gen) for x, n in zip(g, sizes)]
         m = [0.1 * x for x in g]

@@ -7,7 +7,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from adam_monitor import DIAGNOSTICS, Monitor
-from adam_monitor.events import read_scalars
+from adam_monitor.cli.events import read_scalars
 
 
 def noise_run(tmp_path, *, betas, steps, jump_at=None, every=1, size=4096, seed=0):
@@ -39,7 +39,12 @@ def test_tags_and_steps_are_exact(tmp_path):
         opt.step()
     monitor.close()  # writes the 2 pending steps at step 12
     scalars = read_scalars(tmp_path)
-    expected = {"adam/alerts", "adam/skipped_steps"} | {f"adam/{d}" for d in DIAGNOSTICS} | {f"adam/worst/{d}" for d in DIAGNOSTICS} | {f"adam/{d}/lin.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    expected = (
+        {"adam/alerts", "adam/skipped_steps"}
+        | {f"adam/{d}" for d in DIAGNOSTICS}
+        | {f"adam/worst/{d}" for d in DIAGNOSTICS}
+        | {f"adam/{d}/lin.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+    )
     assert set(scalars) == expected
     assert [s for s, _ in scalars["adam/update_rms"]] == [5, 10, 12]
     # The first logged gradient_jump pools steps 2..5 only: step 1 has no previous moment.
@@ -49,7 +54,7 @@ def test_tags_and_steps_are_exact(tmp_path):
 def test_noise_level_matches_theory_at_beta2_095(tmp_path):
     scalars = noise_run(tmp_path, betas=(0.9, 0.95), steps=1200, every=200)
     # Steady state (after 1000 steps): the value pools steps 1001..1200.
-    (step, update_rms), = [(s, v) for s, v in scalars["adam/update_rms"] if s == 1200]
+    ((step, update_rms),) = [(s, v) for s, v in scalars["adam/update_rms"] if s == 1200]
     assert update_rms == pytest.approx(0.226, abs=0.01)  # theory √((1-β1)/(1+β1)) = 0.2294; simulated 0.226
     assert dict(scalars["adam/staleness"])[1200] == pytest.approx(0.98, abs=0.01)
     assert dict(scalars["adam/gradient_jump"])[1200] == pytest.approx(1.03, abs=0.015)
@@ -134,7 +139,9 @@ def test_histograms_and_layout_are_written(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
     opt = torch.optim.Adam(model.parameters())
     writer = SummaryWriter(str(tmp_path))
-    monitor = Monitor(opt, named_parameters=model.named_parameters(), writer=writer, log_every_n_steps=2, histograms=True)
+    monitor = Monitor(
+        opt, named_parameters=model.named_parameters(), writer=writer, log_every_n_steps=2, histograms=True
+    )
     for _ in range(4):
         model(torch.randn(8, 3)).pow(2).mean().backward()
         opt.step()

@@ -13,9 +13,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from adam_monitor import AdamMonitor, InstabilityWarning, Monitor
-from adam_monitor import monitor as monitor_module
-from adam_monitor.alert_log import alerts_path, read_alert_records
-from adam_monitor.events import read_scalars
+from adam_monitor.alerts.log import alerts_path, read_alert_records
+from adam_monitor.cli.events import read_scalars
+from adam_monitor.engine import monitor as monitor_module
 
 
 class LandsLater:

@@ -88,9 +88,7 @@ def reference_run(p0, grads, *, lr, beta1, beta2, eps, weight_decay, mbc, normal
             s = 1 / max(1.0, rms / clip)
         u = [s * x for x in u]
         p = [p[i] - lr * weight_decay * s * p[i] - lr * u[i] for i in range(n)]
-        out.append(
-            dict(p=p, m=m, v=v, u=u, v_hat=v_hat, v_hat_prev=[x / c2_prev for x in v_prev] if t > 1 else None)
-        )
+        out.append(dict(p=p, m=m, v=v, u=u, v_hat=v_hat, v_hat_prev=[x / c2_prev for x in v_prev] if t > 1 else None))
     return out
 
 
@@ -128,7 +126,11 @@ def test_preset_matches_plain_loop(name):
     run(opt, params, grads)
     refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, **ref_kw)
     for p, q, ref in zip(params, p0, refs):
-        assert_close_rel(p.detach().flatten() - q.detach().flatten(), torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(), 1e-12)
+        assert_close_rel(
+            p.detach().flatten() - q.detach().flatten(),
+            torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(),
+            1e-12,
+        )
         assert_close_rel(opt.state[p]["exp_avg"].flatten(), ref[-1]["m"], 1e-12)
         assert_close_rel(opt.state[p]["exp_avg_sq"].flatten(), ref[-1]["v"], 1e-12)
 
@@ -138,8 +140,10 @@ def test_update_clip_is_active_in_the_test_above():
     params = make_params()
     grads = gradient_sequence(params, 40, heavy=True)
     refs = reference_for(params, grads, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, mbc=True)
-    rms = [math.sqrt(sum(g * g / max(vh, 1e-16) for g, vh in zip(grads[t][0].flatten().tolist(), ref["v_hat"])) / 12)
-           for t, ref in enumerate(refs[0])]  # fmt: skip
+    rms = [
+        math.sqrt(sum(g * g / max(vh, 1e-16) for g, vh in zip(grads[t][0].flatten().tolist(), ref["v_hat"])) / 12)
+        for t, ref in enumerate(refs[0])
+    ]
     assert max(rms) > 1.5
 
 
@@ -154,9 +158,15 @@ def test_beta2_schedule_matches_plain_loop(schedule):
         opt_schedule = beta2_at = lambda t: 0.99 - 0.5 * 0.8**t  # noqa: E731
     opt = Adam(params, lr=0.05, betas=(0.9, 0.99), weight_decay=0.01, beta2_schedule=opt_schedule, fused=False)
     run(opt, params, grads)
-    refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, mbc=False, beta2_at=beta2_at)
+    refs = reference_for(
+        p0, grads, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, mbc=False, beta2_at=beta2_at
+    )
     for p, q, ref in zip(params, p0, refs):
-        assert_close_rel(p.detach().flatten() - q.detach().flatten(), torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(), 1e-12)
+        assert_close_rel(
+            p.detach().flatten() - q.detach().flatten(),
+            torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(),
+            1e-12,
+        )
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)  # applied at compute time, never written back
     if schedule == "adafactor":
         assert opt.state[params[0]]["beta2_product"] == 0.0  # β2_1 = 0: c2 = 1 exactly
@@ -303,8 +313,13 @@ def roundtrip(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("make", [lambda ps: StableAdamW(ps, weight_decay=0.1, fused=False),
-                                  lambda ps: Adam(ps, beta2_schedule="adafactor", normalize="laprop", fused=False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: StableAdamW(ps, weight_decay=0.1, fused=False),
+        lambda ps: Adam(ps, beta2_schedule="adafactor", normalize="laprop", fused=False),
+    ],
+)
 def test_state_dict_roundtrip_continues_identically(make):
     params = make_params()
     grads = gradient_sequence(params, 20)
@@ -363,8 +378,17 @@ def test_statistics_equal_tensor_statistics(config):
     for g in grads[:3]:
         g[1][:2] = 0.0  # coordinates without a second moment until step 4: excluded from the jump
     eps = 0.0 if config["normalize"] == "atan2" else 1e-3
-    opt = Adam(params, lr=0.01, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1, fused=False,
-               momentum_bias_correction=config["mbc"], normalize=config["normalize"], update_clip=config["clip"])  # fmt: skip
+    opt = Adam(
+        params,
+        lr=0.01,
+        betas=(0.9, 0.95),
+        eps=1e-3,
+        weight_decay=0.1,
+        fused=False,
+        momentum_bias_correction=config["mbc"],
+        normalize=config["normalize"],
+        update_clip=config["clip"],
+    )
     opt.record_statistics = True
     refs = reference_for(params, grads, lr=0.01, beta1=0.9, beta2=0.95, eps=eps, weight_decay=0.1, **config)
     for t, step_grads in enumerate(grads):
@@ -376,9 +400,12 @@ def test_statistics_equal_tensor_statistics(config):
             ref = refs[k][t]
             as_tensor = lambda xs: torch.tensor(xs, dtype=F64)  # noqa: E731
             expected = tensor_statistics(
-                step_grads[k].flatten(), as_tensor(ref["u"]), as_tensor(ref["v_hat"]),
-                None if ref["v_hat_prev"] is None else as_tensor(ref["v_hat_prev"]), eps,
-            )  # fmt: skip
+                step_grads[k].flatten(),
+                as_tensor(ref["u"]),
+                as_tensor(ref["v_hat"]),
+                None if ref["v_hat_prev"] is None else as_tensor(ref["v_hat_prev"]),
+                eps,
+            )
             row = opt.last_statistics[p]
             assert row.dtype == F64 and row.shape == (NUM_STATS,)
             torch.testing.assert_close(row, expected, rtol=1e-12, atol=0)
@@ -413,7 +440,9 @@ def fast_vs_spec(make, dtype, shapes, steps=5, record=True):
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(fast.state[p][key], spec.state[q][key], **tol)
             if record:
-                torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5 if dtype != F64 else 1e-12, atol=1e-6)  # fmt: skip
+                torch.testing.assert_close(
+                    fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5 if dtype != F64 else 1e-12, atol=1e-6
+                )
     return fast
 
 
@@ -425,6 +454,7 @@ def test_compiled_step_matches_spec():
     from adam_monitor.optim.functional import BLOCK, SMALL
 
     assert 300 * 221 > SMALL and 300 * 221 % BLOCK
+
     def make(ps, fused):
         return StableAdamW(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
 
@@ -452,7 +482,9 @@ def assert_twins_match(fast, spec, params, twins, record):
                 torch.testing.assert_close(fast.state[p][key], spec.state[q][key], **tol)
     if record:
         index = {id(p): k for k, p in enumerate(params)} | {id(q): k for k, q in enumerate(twins)}
-        assert [index[id(p)] for p in fast.last_statistics] == [index[id(q)] for q in spec.last_statistics]  # same order
+        assert [index[id(p)] for p in fast.last_statistics] == [
+            index[id(q)] for q in spec.last_statistics
+        ]  # same order
         for p, q in zip(params, twins):
             if q in spec.last_statistics:
                 torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5, atol=1e-6)
@@ -525,7 +557,10 @@ def test_atan2_polynomial_is_within_two_ulp_and_exact_at_special_values():
     inf, nan = math.inf, math.nan
     y = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, inf, -inf, 1.0, inf, -inf, 5.0, 1e-45, 3e38, nan, 1.0])
     x = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, inf, inf, inf, 5.0, 1.0, 1e-38, 1.0, nan])
-    ours, rounded = atan2_nonnegative_x(y, x), torch.atan2(y.double(), x.double()).float()  # (float32 atan2 is 1 ulp off at π/4)
+    ours, rounded = (
+        atan2_nonnegative_x(y, x),
+        torch.atan2(y.double(), x.double()).float(),
+    )  # (float32 atan2 is 1 ulp off at π/4)
     torch.testing.assert_close(ours, rounded, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(ours.signbit(), rounded.signbit())  # ±0 kept
 
@@ -553,8 +588,16 @@ def test_default_runs_eager_below_the_compile_threshold():
 @pytest.mark.parametrize("record", [False, True])
 def test_compiled_step_matches_spec_all_configurations(dtype, normalize, clip, record):
     def make(ps, fused):
-        return Adam(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, normalize=normalize,
-                    update_clip=clip, momentum_bias_correction=True, fused=fused)  # fmt: skip
+        return Adam(
+            ps,
+            lr=0.01,
+            betas=(0.9, 0.95),
+            weight_decay=0.1,
+            normalize=normalize,
+            update_clip=clip,
+            momentum_bias_correction=True,
+            fused=fused,
+        )
 
     fast_vs_spec(make, dtype, shapes=((40, 30), (17,)), record=record)
 
@@ -603,7 +646,9 @@ def test_multi_tensor_step_matches_spec(monkeypatch, make, dtype):
 
     calls = []
     monkeypatch.setattr(adam_module, "FOREACH_DEVICES", ("cpu",))
-    monkeypatch.setattr(adam_module, "foreach_step_", lambda *a, **k: calls.append(1) or functional.foreach_step_(*a, **k))
+    monkeypatch.setattr(
+        adam_module, "foreach_step_", lambda *a, **k: calls.append(1) or functional.foreach_step_(*a, **k)
+    )
     params = make_params(shapes=((30, 20), (64,), (1,), (5, 9)), dtype=dtype)
     params.append(torch.nn.Parameter(torch.randn(9, 5, dtype=dtype).t()))  # non-contiguous is fine here
     twins = clone_params(params)
@@ -644,16 +689,24 @@ def test_torch_kernel_route_matches_plain_loop(monkeypatch, mbc):
     from adam_monitor.optim import functional
 
     calls = []
-    monkeypatch.setattr(adam_module, "torch_fused_step_", lambda *a, **k: calls.append(1) or functional.torch_fused_step_(*a, **k))
+    monkeypatch.setattr(
+        adam_module, "torch_fused_step_", lambda *a, **k: calls.append(1) or functional.torch_fused_step_(*a, **k)
+    )
     params = make_params()
     p0 = clone_params(params)
     grads = gradient_sequence(params, 40, heavy=True)
     opt = Adam(params, lr=0.05, betas=(0.9, 0.99), weight_decay=0.1, momentum_bias_correction=mbc)
     run(opt, params, grads)
     assert len(calls) == 40
-    refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, mbc=mbc, normalize="adam", eps=1e-8)
+    refs = reference_for(
+        p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, mbc=mbc, normalize="adam", eps=1e-8
+    )
     for p, q, ref in zip(params, p0, refs):
-        assert_close_rel(p.detach().flatten() - q.detach().flatten(), torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(), 1e-12)
+        assert_close_rel(
+            p.detach().flatten() - q.detach().flatten(),
+            torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(),
+            1e-12,
+        )
         assert_close_rel(opt.state[p]["exp_avg"].flatten(), ref[-1]["m"], 1e-12)
         assert_close_rel(opt.state[p]["exp_avg_sq"].flatten(), ref[-1]["v"], 1e-12)
         assert opt.state[p]["step"].device.type == "cpu" and opt.state[p]["step"] == 40  # torch's layout kept
@@ -710,10 +763,17 @@ def test_multi_tensor_step_runs_in_bounded_chunks(monkeypatch):
     sizes = []
     monkeypatch.setattr(adam_module, "FOREACH_DEVICES", ("cpu",))
     monkeypatch.setattr(adam_module, "FOREACH_CHUNK_NUMEL", 700)
-    monkeypatch.setattr(adam_module, "foreach_step_", lambda ps, *a, **k: sizes.append([p.numel() for p in ps]) or functional.foreach_step_(ps, *a, **k))
+    monkeypatch.setattr(
+        adam_module,
+        "foreach_step_",
+        lambda ps, *a, **k: sizes.append([p.numel() for p in ps]) or functional.foreach_step_(ps, *a, **k),
+    )
     params = make_params(shapes=((30, 20), (64,), (1,), (5, 9), (40, 20)))
     twins = clone_params(params)
-    multi, spec = StableAdamW(params, lr=0.01, weight_decay=0.1), StableAdamW(twins, lr=0.01, weight_decay=0.1, fused=False)
+    multi, spec = (
+        StableAdamW(params, lr=0.01, weight_decay=0.1),
+        StableAdamW(twins, lr=0.01, weight_decay=0.1, fused=False),
+    )
     for _ in run_twins(multi, spec, params, twins, gradient_sequence(params, 3, heavy=True)):
         pass
     for p, q in zip(params, twins):

@@ -64,8 +64,11 @@ def test_stable_adamw_clips_what_the_monitor_sees_as_stale():
 
 def test_coupled_betas_are_no_error_for_directions_bounded_whatever_the_betas():
     p = torch.nn.Parameter(torch.zeros(16))
-    for make, errors in ((lambda: LaProp([p], betas=(0.99, 0.95)), 0), (lambda: AdamAtan2([p], betas=(0.99, 0.95)), 0),
-                         (lambda: Adam([p], betas=(0.99, 0.95), allow_unstable_betas=True), 1)):
+    for make, errors in (
+        (lambda: LaProp([p], betas=(0.99, 0.95)), 0),
+        (lambda: AdamAtan2([p], betas=(0.99, 0.95)), 0),
+        (lambda: Adam([p], betas=(0.99, 0.95), allow_unstable_betas=True), 1),
+    ):
         opt = make()
         monitor = Monitor(opt, log_every_n_steps=None)
         with pytest.warns() if errors else _no_warning():

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 
 from adam_monitor import AdamMonitor
-from adam_monitor.events import read_scalars
+from adam_monitor.cli.events import read_scalars
 
 
 class AdamWBoring(BoringModel):

@@ -9,7 +9,7 @@ import torch
 
 from adam_monitor import Monitor
 from adam_monitor.diagnostics import tensor_statistics
-from adam_monitor.state import StepReader, UnsupportedOptimizer
+from adam_monitor.engine.reader import StepReader, UnsupportedOptimizer
 
 IMPLEMENTATIONS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 DECAY = {"none": (torch.optim.Adam, 0.0), "adam-l2": (torch.optim.Adam, 0.1), "adamw": (torch.optim.AdamW, 0.1)}
@@ -22,13 +22,23 @@ def combinations():
         # torch rejects a tensor lr on the foreach path unless capturable (a CUDA-graph mode).
         if tensor_lr and impl == "foreach":
             continue
-        yield pytest.param(impl, amsgrad, maximize, decay, tensor_lr, id=f"{impl}-ams{int(amsgrad)}-max{int(maximize)}-{decay}-lr{'T' if tensor_lr else 'f'}")
+        yield pytest.param(
+            impl,
+            amsgrad,
+            maximize,
+            decay,
+            tensor_lr,
+            id=f"{impl}-ams{int(amsgrad)}-max{int(maximize)}-{decay}-lr{'T' if tensor_lr else 'f'}",
+        )
 
 
 def make_problem(impl, amsgrad, maximize, decay, tensor_lr):
     cls, wd = DECAY[decay]
     lr = (lambda x: torch.tensor(x, dtype=torch.float64)) if tensor_lr else float
-    a = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)), torch.nn.Parameter(torch.randn(7, dtype=torch.float64))]
+    a = [
+        torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(7, dtype=torch.float64)),
+    ]
     frozen = torch.nn.Parameter(torch.randn(4, dtype=torch.float64), requires_grad=False)
     sometimes = torch.nn.Parameter(torch.randn(2, 2, dtype=torch.float64))
     b = [torch.nn.Parameter(torch.randn(6, dtype=torch.float64)), frozen, sometimes]
@@ -150,7 +160,7 @@ def test_step_counts_on_the_device_are_read_once_then_counted_on_the_host(monkey
     device knows), and counts them itself otherwise; its records equal those of a reader that
     reads every step.
     """
-    import adam_monitor.state as state_module
+    import adam_monitor.engine.reader as state_module
 
     def run(counts_on_device: bool):
         torch.manual_seed(0)

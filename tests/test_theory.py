@@ -108,9 +108,7 @@ def test_bound_matches_explicit_sum(beta1, beta2, t):
     assert worst_case_bound(beta1, beta2, t) == pytest.approx(reference_bound(beta1, beta2, t), rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("beta1", "beta2", "expected"), [(0.9, 0.999, 7.27), (0.9, 0.95, 1.165), (0.9, 0.99, 2.345)]
-)
+@pytest.mark.parametrize(("beta1", "beta2", "expected"), [(0.9, 0.999, 7.27), (0.9, 0.95, 1.165), (0.9, 0.99, 2.345)])
 def test_asymptotic_bound_examples(beta1, beta2, expected):
     digits = len(str(expected).split(".")[1])
     assert round(asymptotic_bound(beta1, beta2), digits) == expected
@@ -155,9 +153,7 @@ def test_bound_in_log_space_beyond_overflow_of_the_sum():
     # (0.95, 0.9): γ^t overflows at t ≈ 2.6e5, the bound itself only at twice that.
     beta1, beta2, t = 0.95, 0.9, 300_000
     gamma = beta1**2 / beta2
-    log_expected = (
-        math.log((1 - beta1) / math.sqrt(1 - beta2)) + 0.5 * (t * math.log(gamma) - math.log(gamma - 1))
-    )
+    log_expected = math.log((1 - beta1) / math.sqrt(1 - beta2)) + 0.5 * (t * math.log(gamma) - math.log(gamma - 1))
     bound = worst_case_bound(beta1, beta2, t)
     assert math.isfinite(bound)
     assert math.log(bound) == pytest.approx(log_expected, rel=1e-12)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adam_monitor.chunking import bounded_runs
+from adam_monitor._runtime import bounded_runs
 from adam_monitor.optim.functional import (
     NORMALIZE,
     TORCH_FUSED_DTYPES,
@@ -81,7 +81,9 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid normalize value: {group['normalize']!r}; use one of {NORMALIZE}")
     clip = group["update_clip"]
     if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
-        raise ValueError(f"Invalid update_clip value: {clip}; use a positive float (1.0 is the published choice) or None")
+        raise ValueError(
+            f"Invalid update_clip value: {clip}; use a positive float (1.0 is the published choice) or None"
+        )
     _check_betas(group)
 
 
@@ -90,7 +92,9 @@ def _check_betas(group: dict[str, Any]) -> None:
     # The bound B_t concerns m̂/√v̂; LaProp (|u| ≤ 1/√(1-β2)) and atan2 (|u| ≤ a·π/2) are bounded anyway.
     if group["allow_unstable_betas"] or group["normalize"] != "adam" or beta1 * beta1 < beta2:
         return
-    growth = "like √t" if beta1 * beta1 == beta2 else f"exponentially, by β1/√β2 = {beta1 / math.sqrt(beta2):.4g} per step"
+    growth = (
+        "like √t" if beta1 * beta1 == beta2 else f"exponentially, by β1/√β2 = {beta1 / math.sqrt(beta2):.4g} per step"
+    )
     raise ValueError(
         f"Unstable betas=({beta1}, {beta2}): β1² = {beta1 * beta1:.6g} ≥ β2, so the worst-case update "
         f"bound B_t grows {growth} (B_1000 = {worst_case_bound(beta1, beta2, 1000):.4g}; "
@@ -185,7 +189,9 @@ class Adam(Optimizer):
         fused: bool | None = None,
     ) -> None:
         if beta2_schedule is not None and beta2_schedule != "adafactor" and not callable(beta2_schedule):
-            raise ValueError(f"Invalid beta2_schedule: {beta2_schedule!r}; use None, 'adafactor' or a callable step -> beta2")
+            raise ValueError(
+                f"Invalid beta2_schedule: {beta2_schedule!r}; use None, 'adafactor' or a callable step -> beta2"
+            )
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused value: {fused!r}; use None, True or False")
         defaults = dict(
@@ -221,7 +227,9 @@ class Adam(Optimizer):
         for group in state.get("param_groups", []):
             for key in ("amsgrad", "maximize", "capturable", "differentiable"):
                 if group.get(key):
-                    raise ValueError(f"Cannot load a param group with {key}=True: {type(self).__name__} does not implement it")
+                    raise ValueError(
+                        f"Cannot load a param group with {key}=True: {type(self).__name__} does not implement it"
+                    )
             if group.get("decoupled_weight_decay") is False and group.get("weight_decay", 0.0) != 0.0:
                 raise ValueError(
                     "Cannot load a torch.optim.Adam group with L2 weight_decay: this optimizer decays "
@@ -290,7 +298,9 @@ class Adam(Optimizer):
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use torch.optim.SparseAdam")
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients; use torch.optim.SparseAdam"
+                )
             if p.is_complex():
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters; use torch.view_as_real")
             params.append(p)
@@ -313,9 +323,14 @@ class Adam(Optimizer):
         foreach_devices = FOREACH_DEVICES if self.fused is None and statistics is None else ()
         # torch's fused AdamW kernel computes exactly this step (see torch_fused_step_)
         torch_kernel = (
-            self.fused is None and statistics is None and group["normalize"] == "adam" and group["update_clip"] is None
-            and self.beta2_schedule is None and torch_fused_available() and not self._torch_kernel_failed
-        )  # fmt: skip
+            self.fused is None
+            and statistics is None
+            and group["normalize"] == "adam"
+            and group["update_clip"] is None
+            and self.beta2_schedule is None
+            and torch_fused_available()
+            and not self._torch_kernel_failed
+        )
         # This loop runs for every param at every step: its checks are spelled out, cheapest first.
         for i, (p, g, state, t) in enumerate(zip(params, grads, states, counts)):
             product = state.get("beta2_product")
@@ -332,12 +347,20 @@ class Adam(Optimizer):
             # give the shapes, and a device type is read once per param below.)
             n, index = p.numel(), p.get_device()
             alike = (
-                g.numel() == n and m.numel() == n and v.numel() == n
-                and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype
-                and g.get_device() == index and m.get_device() == index and v.get_device() == index
-            )  # fmt: skip
+                g.numel() == n
+                and m.numel() == n
+                and v.numel() == n
+                and g.dtype == dtype
+                and m.dtype == dtype
+                and v.dtype == dtype
+                and g.get_device() == index
+                and m.get_device() == index
+                and v.get_device() == index
+            )
             # the kernels of torch and the compiled step read flat memory
-            flat = alike and n > 0 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+            flat = (
+                alike and n > 0 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+            )
             kind = "cuda" if p.is_cuda else "cpu" if p.is_cpu else p.device.type
             if flat and torch_kernel and kind in TORCH_FUSED_DEVICES and dtype in TORCH_FUSED_DTYPES:
                 torch_fused.setdefault((key, kind, index), []).append(i)
@@ -351,9 +374,11 @@ class Adam(Optimizer):
         def columns(indices: list[int]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
             """The params, gradients and moments of ``indices``, as the multi-tensor paths take them."""
             return (
-                [params[i] for i in indices], [grads[i] for i in indices],
-                [states[i]["exp_avg"] for i in indices], [states[i]["exp_avg_sq"] for i in indices],
-            )  # fmt: skip
+                [params[i] for i in indices],
+                [grads[i] for i in indices],
+                [states[i]["exp_avg"] for i in indices],
+                [states[i]["exp_avg_sq"] for i in indices],
+            )
 
         rows: dict[int, Tensor | None] = {}
         for i, scalars in eager:
@@ -383,7 +408,9 @@ class Adam(Optimizer):
         if statistics is not None:
             statistics.update((params[i], rows[i]) for i in sorted(rows))  # in param order
 
-    def _scalars(self, group: dict[str, Any], t: int, product_prev: float | None, dtype: torch.dtype, *, record: bool) -> dict[str, Any]:
+    def _scalars(
+        self, group: dict[str, Any], t: int, product_prev: float | None, dtype: torch.dtype, *, record: bool
+    ) -> dict[str, Any]:
         """The keyword arguments of ``adam_step_`` / ``fused_step_`` at step ``t``."""
         beta1, beta2 = group["betas"]
         normalize = group["normalize"]
@@ -410,7 +437,12 @@ class Adam(Optimizer):
         )
 
     def _apply_compiled(
-        self, cache_key: tuple, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+        self,
+        cache_key: tuple,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
         scalars: dict[str, Any],
     ) -> list[Tensor | None]:
         if self._compile:
@@ -419,7 +451,11 @@ class Adam(Optimizer):
             try:
                 layout = self._layouts.get(cache_key)
                 per_call = heads_per_call(scalars["normalize"])
-                if layout is None or layout.max_per_call != per_call or layout.key != layout_key(params, exp_avgs, exp_avg_sqs):
+                if (
+                    layout is None
+                    or layout.max_per_call != per_call
+                    or layout.key != layout_key(params, exp_avgs, exp_avg_sqs)
+                ):
                     layout = self._layouts[cache_key] = FusedLayout(params, exp_avgs, exp_avg_sqs, per_call)
                 rows = fused_step_(params, grads, exp_avgs, exp_avg_sqs, layout=layout, **scalars)
             except Exception as error:  # compilation failed (no compiler, unsupported device, ...)
@@ -443,11 +479,32 @@ class AdamD(Adam):
     correction in Adam" (J. St. John, 2021, arXiv:2110.10828).
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 beta2_schedule=None, update_clip=None, allow_unstable_betas=False, fused=None):  # fmt: skip
-        super().__init__(params, lr, betas, eps, weight_decay, momentum_bias_correction=False,
-                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="adam",
-                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        beta2_schedule=None,
+        update_clip=None,
+        allow_unstable_betas=False,
+        fused=None,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            momentum_bias_correction=False,
+            beta2_schedule=beta2_schedule,
+            update_clip=update_clip,
+            normalize="adam",
+            allow_unstable_betas=allow_unstable_betas,
+            fused=fused,
+        )
 
 
 class LaProp(Adam):
@@ -462,11 +519,32 @@ class LaProp(Adam):
     weight decay.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 beta2_schedule=None, update_clip=None, allow_unstable_betas=False, fused=None):  # fmt: skip
-        super().__init__(params, lr, betas, eps, weight_decay, momentum_bias_correction=True,
-                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="laprop",
-                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        beta2_schedule=None,
+        update_clip=None,
+        allow_unstable_betas=False,
+        fused=None,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            momentum_bias_correction=True,
+            beta2_schedule=beta2_schedule,
+            update_clip=update_clip,
+            normalize="laprop",
+            allow_unstable_betas=allow_unstable_betas,
+            fused=fused,
+        )
 
 
 class AdamAtan2(Adam):
@@ -478,11 +556,31 @@ class AdamAtan2(Adam):
     underflows v cannot blow the step up; |u_t| ≤ a·π/2 ≈ 2. Decoupled weight decay.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, *,
-                 beta2_schedule=None, update_clip=None, allow_unstable_betas=False, fused=None):  # fmt: skip
-        super().__init__(params, lr, betas, 0.0, weight_decay, momentum_bias_correction=True,
-                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="atan2",
-                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        *,
+        beta2_schedule=None,
+        update_clip=None,
+        allow_unstable_betas=False,
+        fused=None,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            0.0,
+            weight_decay,
+            momentum_bias_correction=True,
+            beta2_schedule=beta2_schedule,
+            update_clip=update_clip,
+            normalize="atan2",
+            allow_unstable_betas=allow_unstable_betas,
+            fused=fused,
+        )
 
 
 class StableAdamW(Adam):
@@ -496,8 +594,29 @@ class StableAdamW(Adam):
     spikes); the clip then shrinks the step instead of letting m̂/√v̂ overshoot.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 update_clip=1.0, beta2_schedule=None, allow_unstable_betas=False, fused=None):  # fmt: skip
-        super().__init__(params, lr, betas, eps, weight_decay, momentum_bias_correction=True,
-                         beta2_schedule=beta2_schedule, update_clip=update_clip, normalize="adam",
-                         allow_unstable_betas=allow_unstable_betas, fused=fused)  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        *,
+        update_clip=1.0,
+        beta2_schedule=None,
+        allow_unstable_betas=False,
+        fused=None,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            momentum_bias_correction=True,
+            beta2_schedule=beta2_schedule,
+            update_clip=update_clip,
+            normalize="adam",
+            allow_unstable_betas=allow_unstable_betas,
+            fused=fused,
+        )

@@ -8,7 +8,7 @@ kernels on GPU):
   coordinates as a ``(k, BLOCK)`` alias, up to ``heads_per_call`` heads per compiled call (a call
   costs ~0.1 ms of dynamo guards and wrappers, more than a head of 64K elements takes to step);
   statistics and the clipping RMS are summed per row in the compute dtype, the rows in float64,
-  as ``adam_monitor.kernels`` does;
+  as ``adam_monitor.diagnostics.compiled`` does;
 * the small tensors and those tails are concatenated and stepped in one call, their statistics
   returned per coordinate and summed per tensor in float64;
 * with clipping or statistics, pass 1 reads what the step needs of the state before writing it:
@@ -37,18 +37,31 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from adam_monitor.kernels import independent_sizes
-from adam_monitor.transfer import host_values
+from adam_monitor._runtime import host_values, independent_sizes
 
 __all__ = [
-    "ATAN2_A", "ATAN2_B", "BLOCK", "HEADS_PER_CALL", "NORMALIZE", "SMALL",
-    "FusedLayout", "adam_step_", "atan2_nonnegative_x", "flat_alias", "foreach_step_", "fused_step_", "heads_per_call", "torch_fused_step_", "layout_key",
-]  # fmt: skip
+    "ATAN2_A",
+    "ATAN2_B",
+    "BLOCK",
+    "HEADS_PER_CALL",
+    "NORMALIZE",
+    "SMALL",
+    "FusedLayout",
+    "adam_step_",
+    "atan2_nonnegative_x",
+    "flat_alias",
+    "foreach_step_",
+    "fused_step_",
+    "heads_per_call",
+    "torch_fused_step_",
+    "layout_key",
+]
 
 #: atan2 constants of Everett et al. 2024 ("Scaling Exponents Across Parameterizations and
 #: Optimizers", Adam-atan2): u = a·atan2(m̂, b·√v̂). a = 1.27 ≈ 4/π makes a steady signal
@@ -65,8 +78,17 @@ SMALL = 1 << 16
 
 
 def _direction(
-    grad: Tensor, exp_avg: Tensor, sqrt_v_hat: Tensor, beta1, one_minus_beta1, eps, inv_c1, normalize: str,
-    atan2=torch.atan2, atan2_a=ATAN2_A, atan2_b=ATAN2_B,
+    grad: Tensor,
+    exp_avg: Tensor,
+    sqrt_v_hat: Tensor,
+    beta1,
+    one_minus_beta1,
+    eps,
+    inv_c1,
+    normalize: str,
+    atan2=torch.atan2,
+    atan2_a=ATAN2_A,
+    atan2_b=ATAN2_B,
 ) -> tuple[Tensor, Tensor]:
     """The new momentum m_t and the direction u (before clipping); ``exp_avg`` is read, not written."""
     if normalize == "adam":
@@ -170,18 +192,44 @@ NUM_SUMS = 5  # the summed statistics; the row's last column is the count
 #: since the vector stores of the loop may alias the scalars' memory. That costs ~20% of an Adam
 #: step, so does a float global (``ATAN2_A``), which dynamo turns into a tensor input too.
 _COEFFICIENTS = (
-    "lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "lr_wd", "eps", "eps_sq",
-    "inv_c1", "inv_sqrt_c2", "inv_c2", "inv_c2_prev", "atan2_a", "atan2_b",
-)  # fmt: skip
+    "lr",
+    "beta1",
+    "one_minus_beta1",
+    "beta2",
+    "one_minus_beta2",
+    "decay",
+    "lr_wd",
+    "eps",
+    "eps_sq",
+    "inv_c1",
+    "inv_sqrt_c2",
+    "inv_c2",
+    "inv_c2_prev",
+    "atan2_a",
+    "atan2_b",
+)
 
 
 def _coefficients(scalars: dict[str, float], dtype: torch.dtype, device: torch.device) -> Tensor:
     lr, beta1, beta2, inv_sqrt_c2 = scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["inv_sqrt_c2"]
     lr_wd = lr * scalars["weight_decay"]
     values = (
-        lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr_wd, lr_wd, scalars["eps"], scalars["eps_sq"],
-        scalars["inv_c1"], inv_sqrt_c2, inv_sqrt_c2 * inv_sqrt_c2, scalars["inv_c2_prev"], ATAN2_A, ATAN2_B,
-    )  # fmt: skip
+        lr,
+        beta1,
+        1 - beta1,
+        beta2,
+        1 - beta2,
+        1 - lr_wd,
+        lr_wd,
+        scalars["eps"],
+        scalars["eps_sq"],
+        scalars["inv_c1"],
+        inv_sqrt_c2,
+        inv_sqrt_c2 * inv_sqrt_c2,
+        scalars["inv_c2_prev"],
+        ATAN2_A,
+        ATAN2_B,
+    )
     return host_values(values, _acc(dtype), device)
 
 
@@ -249,7 +297,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _moments(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, k: dict[str, Tensor], normalize: str, ones: Tensor | None = None):
+def _moments(
+    grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, k: dict[str, Tensor], normalize: str, ones: Tensor | None = None
+):
     """``g²``, ``v_t``, ``√v̂_t``, ``m_t`` and u of the step, out of place: what both compiled passes
     compute from the state the step starts from."""
     g2 = grad * grad
@@ -258,8 +308,19 @@ def _moments(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, k: dict[str, Ten
     atan2 = _atan2_for(grad.dtype)
     if ones is not None and normalize == "atan2":  # the angle is stored: it must read ones too
         atan2 = lambda y, x: atan2_nonnegative_x(y * ones, x * ones)  # noqa: E731
-    m, update = _direction(grad, exp_avg, sqrt_v_hat, k["beta1"], k["one_minus_beta1"], k["eps"], k["inv_c1"], normalize,
-                           atan2, k["atan2_a"], k["atan2_b"])  # fmt: skip
+    m, update = _direction(
+        grad,
+        exp_avg,
+        sqrt_v_hat,
+        k["beta1"],
+        k["one_minus_beta1"],
+        k["eps"],
+        k["inv_c1"],
+        normalize,
+        atan2,
+        k["atan2_a"],
+        k["atan2_b"],
+    )
     return g2, v, sqrt_v_hat, m, update
 
 
@@ -305,8 +366,17 @@ def _pre_kernel(grad: Tensor, exp_avg_sq: Tensor, c: Tensor, *, clip: bool, stat
 
 
 def _step_kernel(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, c: Tensor, scale: Tensor | None,
-    ones: Tensor | None, *, normalize: str, statistics: bool, rows: bool,
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    c: Tensor,
+    scale: Tensor | None,
+    ones: Tensor | None,
+    *,
+    normalize: str,
+    statistics: bool,
+    rows: bool,
 ) -> Tensor | None:
     """Pass 2: ``adam_step_`` with the clipping scale given (or none); with ``statistics``, the sums
     of ``_step_sums`` from the values it writes (u² after clipping). ``ones``: see
@@ -337,14 +407,26 @@ def _step_kernel(
     return _row_sums(terms, rows)
 
 
-def _heads_pre_kernel(grads: list[Tensor], exp_avg_sqs: list[Tensor], c: Tensor, *, clip: bool, statistics: bool) -> Tensor:
+def _heads_pre_kernel(
+    grads: list[Tensor], exp_avg_sqs: list[Tensor], c: Tensor, *, clip: bool, statistics: bool
+) -> Tensor:
     """``_pre_kernel`` over a call's heads: float64 sums ``(len(grads), len(_pre_sums(...)))``."""
-    return torch.stack([_pre_kernel(g, v, c, clip=clip, statistics=statistics, rows=True) for g, v in zip(grads, exp_avg_sqs)])
+    return torch.stack(
+        [_pre_kernel(g, v, c, clip=clip, statistics=statistics, rows=True) for g, v in zip(grads, exp_avg_sqs)]
+    )
 
 
 def _heads_step_kernel(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    c: Tensor, scales: Tensor | None, ones: Tensor | None, *, normalize: str, statistics: bool,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    c: Tensor,
+    scales: Tensor | None,
+    ones: Tensor | None,
+    *,
+    normalize: str,
+    statistics: bool,
 ) -> Tensor | None:
     """``_step_kernel`` over a call's heads (``scales``: one per head); with statistics, float64
     sums ``(len(params), len(_step_sums(...)))``.
@@ -358,9 +440,20 @@ def _heads_step_kernel(
     and what they share stays in buffers of a row.
     """
     rows = [
-        _step_kernel(p, g, m, v, c, None if scales is None else scales[j], ones, normalize=normalize, statistics=statistics, rows=True)
+        _step_kernel(
+            p,
+            g,
+            m,
+            v,
+            c,
+            None if scales is None else scales[j],
+            ones,
+            normalize=normalize,
+            statistics=statistics,
+            rows=True,
+        )
         for j, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs))
-    ]  # fmt: skip
+    ]
     return torch.stack(rows) if statistics else None
 
 
@@ -412,7 +505,12 @@ def _dummy_heads(dtype: torch.dtype, device: torch.device, count: int) -> list[t
     while len(dummies) < count:
         # marked static like the aliases they stand in for (the gradient's is not): dynamo guards
         # on the marking, a mismatch would compile a second graph
-        dummies.append(tuple(_head_alias(torch.zeros(2 * BLOCK, dtype=dtype, device=device), 2 * BLOCK, static=k != 1) for k in range(4)))
+        dummies.append(
+            tuple(
+                _head_alias(torch.zeros(2 * BLOCK, dtype=dtype, device=device), 2 * BLOCK, static=k != 1)
+                for k in range(4)
+            )
+        )
     return dummies[:count]
 
 
@@ -435,7 +533,9 @@ class FusedLayout:
     storage of a param cannot reuse the address of the old one).
     """
 
-    def __init__(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], max_per_call: int) -> None:
+    def __init__(
+        self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], max_per_call: int
+    ) -> None:
         self.key = layout_key(params, exp_avgs, exp_avg_sqs)
         self.params = list(params)  # keeps the ids in ``key`` taken
         self.dtype, self.device = dtype, device = params[0].dtype, params[0].device
@@ -453,8 +553,10 @@ class FusedLayout:
             for k, ts in ((0, params), (2, exp_avgs), (3, exp_avg_sqs))
         )
         starts = range(0, len(param_views), per_call)
-        self.calls = [(param_views[c : c + per_call], exp_avg_views[c : c + per_call], exp_avg_sq_views[c : c + per_call])
-                      for c in starts]  # fmt: skip
+        self.calls = [
+            (param_views[c : c + per_call], exp_avg_views[c : c + per_call], exp_avg_sq_views[c : c + per_call])
+            for c in starts
+        ]
         # Slots of the per-param sums: one per param, then one (n) for everything padding.
         self.head_slots = torch.tensor(head_index + [n] * len(dummies), device=device)
         self.numel_ext = torch.tensor(numels + [1], dtype=torch.float64, device=device)
@@ -484,7 +586,9 @@ class FusedLayout:
 
 def layout_key(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> tuple:
     """What a ``FusedLayout`` depends on (see there)."""
-    return tuple((id(p), p.data_ptr(), p.numel(), m.data_ptr(), v.data_ptr()) for p, m, v in zip(params, exp_avgs, exp_avg_sqs))
+    return tuple(
+        (id(p), p.data_ptr(), p.numel(), m.data_ptr(), v.data_ptr()) for p, m, v in zip(params, exp_avgs, exp_avg_sqs)
+    )
 
 
 def fused_step_(
@@ -516,7 +620,11 @@ def fused_step_(
 
 
 def _fused_step(
-    layout: FusedLayout, grads: list[Tensor], update_clip: float | None, normalize: str, statistics: bool,
+    layout: FusedLayout,
+    grads: list[Tensor],
+    update_clip: float | None,
+    normalize: str,
+    statistics: bool,
     scalars: dict[str, float],
 ) -> list[Tensor] | None:
     device, dtype, f64 = layout.device, layout.dtype, torch.float64
@@ -553,7 +661,9 @@ def _fused_step(
             fn = _compiled(_heads_pre_kernel, clip, statistics, per_call)
             head_outs = [fn(g, v, c, **config) for g, (_, _, v) in zip(grad_calls, layout.calls)]
         if pieces:
-            batch_terms = _compiled(_pre_kernel, clip, statistics, False, pointwise=True)(batch[1], batch[3], c, rows=False, **config)
+            batch_terms = _compiled(_pre_kernel, clip, statistics, False, pointwise=True)(
+                batch[1], batch[3], c, rows=False, **config
+            )
         add_sums(_pre_sums(clip, statistics), head_outs, batch_terms)
 
     call_scales = batch_scale = None
@@ -574,8 +684,10 @@ def _fused_step(
     if grad_calls:
         fn = _compiled(_heads_step_kernel, normalize, clip, statistics, per_call, pointwise=not statistics)
         ones = _ones_row(dtype, device) if statistics else None
-        head_outs = [fn(p, g, m, v, c, None if call_scales is None else call_scales[j], ones, **config)
-                     for j, (g, (p, m, v)) in enumerate(zip(grad_calls, layout.calls))]  # fmt: skip
+        head_outs = [
+            fn(p, g, m, v, c, None if call_scales is None else call_scales[j], ones, **config)
+            for j, (g, (p, m, v)) in enumerate(zip(grad_calls, layout.calls))
+        ]
         for p in layout.head_params:
             torch.autograd.graph.increment_version(p)  # the alias wrote p behind autograd's back
     if pieces:
@@ -625,9 +737,20 @@ def torch_fused_step_(
     decay_kernel = weight_decay * lr / lr_kernel if lr_kernel else weight_decay
     step = host_values([float(t)], torch.float32, params[0].device).reshape(())
     torch._fused_adamw_(
-        params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params),
-        lr=lr_kernel, beta1=beta1, beta2=beta2, weight_decay=decay_kernel, eps=eps, amsgrad=False, maximize=False,
-    )  # fmt: skip
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        [step] * len(params),
+        lr=lr_kernel,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=decay_kernel,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
 
 
 def foreach_step_(

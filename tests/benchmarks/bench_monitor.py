@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 from shapes import transformer_shapes  # noqa: E402  (run as a script, this folder is on sys.path)
-from adam_monitor import Monitor  # noqa: E402
-from adam_monitor import state as state_module  # noqa: E402
-from adam_monitor.diagnostics import adam_statistics  # noqa: E402
-from adam_monitor.kernels import fast_adam_statistics  # noqa: E402
 
+from adam_monitor import Monitor  # noqa: E402
+from adam_monitor.diagnostics import adam_statistics  # noqa: E402
+from adam_monitor.diagnostics.compiled import fast_adam_statistics  # noqa: E402
+from adam_monitor.engine import reader as state_module  # noqa: E402
 
 DEVICE = torch.device("cpu")  # of (a) and (d): --device
 REPEAT = 1  # calls per timed sample: --repeat
@@ -183,8 +183,10 @@ def bench_statistics(scale: float, rounds: int, load_ms: float = 0.0) -> dict[st
         if key.startswith("monitor"):
             ms[key] -= ms["step"]
     where = f"on {torch.cuda.get_device_name(DEVICE)}" if on_cuda else f"{torch.get_num_threads()} threads"
-    print(f"\n(a) {numel / 1e6:.1f}M float32 parameters in {len(params)} tensors, {where}, "
-          f"median of {rounds} interleaved rounds (statistics compiled in {compile_s:.1f} s)")
+    print(
+        f"\n(a) {numel / 1e6:.1f}M float32 parameters in {len(params)} tensors, {where}, "
+        f"median of {rounds} interleaved rounds (statistics compiled in {compile_s:.1f} s)"
+    )
     if load_ms:
         print(f"    each step after {loaded:.1f} ms of matrix products on the device (forward and backward stand-in)")
     print(f"    {'':46s}{'ms/step':>9s}{'× fused step':>14s}")
@@ -236,8 +238,12 @@ def bench_lightning(steps: int, rounds: int) -> dict[str, float]:
         clock = StepClock(warmup=20)
         callbacks = [clock] + ([AdamMonitor()] if with_monitor else [])
         trainer = L.Trainer(
-            max_steps=steps, callbacks=callbacks, logger=TensorBoardLogger(root, name="bench"),
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            max_steps=steps,
+            callbacks=callbacks,
+            logger=TensorBoardLogger(root, name="bench"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
         )
         trainer.fit(Regressor(), data())
         return clock.per_step
@@ -248,9 +254,13 @@ def bench_lightning(steps: int, rounds: int) -> dict[str, float]:
             samples["without"].append(run(False, root))
             samples["with"].append(run(True, root))
     ms = {k: median_ms(v) for k, v in samples.items()}
-    print(f"\n(b) Lightning, examples/quickstart.py Regressor, {steps} steps a run, median of {rounds} interleaved runs")
-    print(f"    without AdamMonitor {ms['without']:.3f} ms/step, with {ms['with']:.3f} ms/step: "
-          f"overhead {ms['with'] - ms['without']:+.3f} ms ({(ms['with'] / ms['without'] - 1) * 100:+.1f}%)")
+    print(
+        f"\n(b) Lightning, examples/quickstart.py Regressor, {steps} steps a run, median of {rounds} interleaved runs"
+    )
+    print(
+        f"    without AdamMonitor {ms['without']:.3f} ms/step, with {ms['with']:.3f} ms/step: "
+        f"overhead {ms['with'] - ms['without']:+.3f} ms ({(ms['with'] / ms['without'] - 1) * 100:+.1f}%)"
+    )
     return ms
 
 
@@ -271,14 +281,21 @@ def memory_child(mode: str, scale: float, steps: int) -> None:
         opt.step()
         base = _status_kib("VmRSS")
         rss = []
-        for half in range(2):
+        for _half in range(2):
             for _ in range(steps // 2):
                 opt.step()
             rss.append(_status_kib("VmRSS"))
     if monitor is not None:
         monitor.close()
-    print(json.dumps({"hwm_mib": _status_kib("VmHWM") / 1024, "after_first_step_mib": base / 1024,
-                      "rss_mib": [r / 1024 for r in rss]}))
+    print(
+        json.dumps(
+            {
+                "hwm_mib": _status_kib("VmHWM") / 1024,
+                "after_first_step_mib": base / 1024,
+                "rss_mib": [r / 1024 for r in rss],
+            }
+        )
+    )
 
 
 def bench_memory(scale: float, steps: int) -> None:
@@ -289,10 +306,14 @@ def bench_memory(scale: float, steps: int) -> None:
     for mode, label in (("none", "no monitor"), ("eager", "Monitor, eager reader"), ("fast", "Monitor, fast reader")):
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", mode, "--scale", str(scale), "--steps", str(steps)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"    {label:30s}{r['hwm_mib']:10.0f}{r['after_first_step_mib']:14.0f}{r['rss_mib'][0]:10.0f}{r['rss_mib'][1]:8.0f}")
+        print(
+            f"    {label:30s}{r['hwm_mib']:10.0f}{r['after_first_step_mib']:14.0f}{r['rss_mib'][0]:10.0f}{r['rss_mib'][1]:8.0f}"
+        )
 
 
 # ---------------------------------------------------------------------------------------- (d)
@@ -325,11 +346,17 @@ def bench_own_optimizer(scale: float, rounds: int) -> None:
         samples["monitor"].append(timed(monitored.step))
     monitor.close()
     ms = {k: median_ms(v) for k, v in samples.items()}
-    print(f"\n(d) adam_monitor.optim.Adam (bias-corrected), same parameters, median of {rounds} rounds "
-          f"(first steps incl. compilation: {compile_s:.1f} s)")
+    print(
+        f"\n(d) adam_monitor.optim.Adam (bias-corrected), same parameters, median of {rounds} rounds "
+        f"(first steps incl. compilation: {compile_s:.1f} s)"
+    )
     print(f"    {'':44s}{'ms/step':>9s}{'× fused step':>14s}")
-    for label, key in (("torch fused AdamW", "fused"), ("Adam, record_statistics off", "off"),
-                       ("Adam, record_statistics on", "on"), ("Adam + Monitor hook", "monitor")):
+    for label, key in (
+        ("torch fused AdamW", "fused"),
+        ("Adam, record_statistics off", "off"),
+        ("Adam, record_statistics on", "on"),
+        ("Adam + Monitor hook", "monitor"),
+    ):
         print(f"    {label:44s}{ms[key]:9.1f}{ms[key] / ms['fused']:14.2f}")
 
 
@@ -342,9 +369,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ab'")
     parser.add_argument("--device", default="cpu", help="where (a) and (d) run (cpu, cuda)")
-    parser.add_argument("--repeat", type=int, default=1, help="calls per timed sample in (a) and (d) (10 or so on a GPU)")
-    parser.add_argument("--load-ms", type=float, default=0.0,
-                        help="CUDA: precede each step of (a) with this many ms of matrix products on the device")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="calls per timed sample in (a) and (d) (10 or so on a GPU)"
+    )
+    parser.add_argument(
+        "--load-ms",
+        type=float,
+        default=0.0,
+        help="CUDA: precede each step of (a) with this many ms of matrix products on the device",
+    )
     parser.add_argument("--memory-child", choices=("none", "eager", "fast"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE, REPEAT
@@ -358,8 +391,10 @@ def main() -> None:
         memory_child(args.memory_child, scale, args.steps or 20)
         return
     rounds = args.rounds or (3 if args.quick else 9)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
-          + (f", (a) and (d) on {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+        + (f", (a) and (d) on {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else "")
+    )
     if "a" in args.only:
         bench_statistics(scale, rounds, args.load_ms)
     if "b" in args.only:

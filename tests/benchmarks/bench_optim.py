@@ -17,8 +17,8 @@ import statistics
 import time
 
 import torch
-
 from shapes import transformer_shapes  # noqa: E402  (run as a script, this folder is on sys.path)
+
 from adam_monitor.optim import Adam, AdamAtan2, AdamD, LaProp, StableAdamW
 
 
@@ -30,8 +30,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the parameters live (cpu, cuda)")
     parser.add_argument("--only", nargs="+", default=None, help="time only the variants whose names start so")
-    parser.add_argument("--compiled", action="store_true", help="our variants with fused=True (the torch.compile'd step)")
-    parser.add_argument("--heads-per-call", type=int, default=None, help="tensors per compiled call (default: the library's)")
+    parser.add_argument(
+        "--compiled", action="store_true", help="our variants with fused=True (the torch.compile'd step)"
+    )
+    parser.add_argument(
+        "--heads-per-call", type=int, default=None, help="tensors per compiled call (default: the library's)"
+    )
     args = parser.parse_args()
     if args.heads_per_call is not None:
         from adam_monitor.optim import functional
@@ -44,7 +48,9 @@ def main() -> None:
     device = torch.device(args.device)
     # a step is timed to its end: on CUDA the host waits for the device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in transformer_shapes(args.scale, blocks=4)]
+    params = [
+        torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in transformer_shapes(args.scale, blocks=4)
+    ]
     for p in params:
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)

@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from adam_monitor.alerts import Alert, AlertRules, Thresholds, configuration_alerts  # noqa: E402
-from adam_monitor.state import StepReader  # noqa: E402
+from adam_monitor.engine.reader import StepReader  # noqa: E402
 
 PRECURSOR_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "nonfinite", "beta_coupling")
 REGIME_RULES = ("eps_dominance",)
@@ -154,8 +154,15 @@ class _TinyGPT(torch.nn.Module):
 
 
 def _reverse_task(
-    cfg: RunConfig, seed: int, vocab: int = 32, n: int = 15, d: int = 32, heads: int = 2, layers: int = 2,
-    batch: int = 16, noise: float = 0.05,
+    cfg: RunConfig,
+    seed: int,
+    vocab: int = 32,
+    n: int = 15,
+    d: int = 32,
+    heads: int = 2,
+    layers: int = 2,
+    batch: int = 16,
+    noise: float = 0.05,
 ) -> Task:
     """A 2-layer, 2-head, d = 32 causal transformer without normalization layers, next-token
     cross-entropy on ``a_1 … a_n SEP a_n … a_1`` (n = 15 random tokens of 31, then their reverse;
@@ -269,10 +276,7 @@ def run_scenarios(
 ) -> list[Run]:
     """All (scenario, seed, spike/control) runs; ``jobs`` > 1 trains them in that many processes."""
     tasks = [
-        (name, kind, seed, thresholds)
-        for name in names or SCENARIOS
-        for seed in seeds
-        for kind in ("spike", "control")
+        (name, kind, seed, thresholds) for name in names or SCENARIOS for seed in seeds for kind in ("spike", "control")
     ]
     if jobs <= 1:
         return [_run_one(t) for t in tasks]
@@ -475,8 +479,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed instead of three (about 20-40 s)")
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="only these scenarios")
     parser.add_argument("--jobs", type=int, default=2, help="training processes (default 2)")
-    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                        help="these seeds instead (the thresholds were chosen on seeds 0-26: 27 and up are held out)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="these seeds instead (the thresholds were chosen on seeds 0-26: 27 and up are held out)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: a thread pool only adds spin-waits
     seeds = tuple(args.seeds) if args.seeds else (0,) if args.quick else (0, 1, 2)
@@ -486,8 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(table))
     print(f"\nspikes labelled in control runs: {control_spikes(runs)}")
     met = goal_met(table)
-    print("goal (recall >= 0.9, median lead >= 3 steps, <= 0.5 false alerts per 1000 control steps): "
-          f"all scenarios together {'met' if met.pop('all') else 'NOT met'}; per scenario {met}")
+    print(
+        "goal (recall >= 0.9, median lead >= 3 steps, <= 0.5 false alerts per 1000 control steps): "
+        f"all scenarios together {'met' if met.pop('all') else 'NOT met'}; per scenario {met}"
+    )
     print(f"beta_coupling raised at step 1 in every β1² > β2 run: {coupling_flagged_at_step_1(runs)}")
     print(f"Thresholds: {Thresholds()}")
     print(f"{len(runs)} runs, {sum(len(r.losses) for r in runs)} steps in {time.perf_counter() - start:.0f} s")

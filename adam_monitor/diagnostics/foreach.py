@@ -1,19 +1,5 @@
-"""Sufficient statistics of the four Adam diagnostics.
-
-Pure tensor math: no Lightning, no optimizer objects. Every diagnostic is a ratio of sums, so we
-carry the sums (one row of ``NUM_STATS`` numbers per tensor) and pool them exactly over tensors,
-optimizer steps and ranks by adding rows. Definitions (per coordinate, bias-corrected moments
-``v̂_t = v_t / (1 - β2^t)``):
-
-* ``update_rms      = sqrt(Σ u²  / n)``                 u: the direction of the step (over the lr)
-* ``staleness       = sqrt(Σ g² / max(v̂_t, ε²) / n)``   v̂_t already holds g_t
-* ``gradient_jump   = sqrt(Σ' g² / max(v̂_{t-1}, ε²) / n')`` over the n' coordinates with v_{t-1} > 0
-* ``eps_dominance   = #(√v̂ ≤ ε) / n``                  v̂ of the denominator (the running max under amsgrad)
-
-``tensor_statistics`` is the readable one-tensor specification; ``adam_statistics`` computes the
-same rows for a list of torch-Adam tensors that share hyper-parameters, batched with
-``torch._foreach_*`` kernels.
-"""
+"""Statistics rows for many torch-Adam tensors at once: ``torch._foreach_*`` passes, or one numpy
+buffer for small CPU tensors. The same rows as :func:`.reference.tensor_statistics`, batched."""
 
 from __future__ import annotations
 
@@ -24,95 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .transfer import host_values
+from .._runtime import FLAT_MAX_NUMEL, host_values
+from .rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, NUM_STATS, STALENESS_SQ, UPDATE_SQ, reconstruction_tolerance
 
-__all__ = [
-    "STAT_FIELDS",
-    "NUM_STATS",
-    "DIAGNOSTICS",
-    "tensor_statistics",
-    "adam_direction",
-    "previous_second_moment",
-    "adam_statistics",
-    "pool",
-    "diagnostics_from_statistics",
-]
-
-#: Columns of a statistics row.
-STAT_FIELDS = ("update_sq", "staleness_sq", "jump_sq", "jump_count", "eps_count", "count")
-NUM_STATS = len(STAT_FIELDS)
-UPDATE_SQ, STALENESS_SQ, JUMP_SQ, JUMP_COUNT, EPS_COUNT, COUNT = range(NUM_STATS)
-
-#: Diagnostic names, in the order ``diagnostics_from_statistics`` returns them.
-DIAGNOSTICS = ("update_rms", "staleness", "gradient_jump", "eps_dominance")
-
-
-def _reconstruction_tolerance(dtype: torch.dtype) -> float:
-    # v_{t-1} rebuilt as (v_t - (1-β2)·g²)/β2 carries a rounding error of a few ulp of v_t; a
-    # remainder below this fraction of v_t is indistinguishable from an exact zero (a coordinate
-    # that had never seen a gradient), which must count as "no previous second moment", not as an
-    # astronomically small one.
-    return 16 * torch.finfo(dtype).eps
-
-
-def tensor_statistics(
-    grad: Tensor,
-    update: Tensor,
-    v_hat: Tensor,
-    v_hat_prev: Tensor | None,
-    eps: float,
-    v_hat_denominator: Tensor | None = None,
-) -> Tensor:
-    """One statistics row for one tensor, from bias-corrected second moments.
-
-    Args:
-        grad: the gradient the step used (after unscaling, clipping, L2 decay, sign for maximize).
-        update: the step direction u (the applied step over the learning rate, decoupled weight
-            decay excluded).
-        v_hat: ``v_t / c2_t``, the bias-corrected second moment after the step.
-        v_hat_prev: ``v_{t-1} / c2_{t-1}``, or ``None`` at the first step (no previous moment).
-        eps: the optimizer's ε.
-        v_hat_denominator: the second moment the denominator used, if not ``v_hat`` (amsgrad).
-
-    Returns:
-        A float64 tensor of shape ``(NUM_STATS,)`` on the tensors' device.
-    """
-    g2 = grad.double().square()
-    v_hat = v_hat.double()
-    eps_sq = max(float(eps) ** 2, torch.finfo(torch.float64).tiny)
-    row = torch.zeros(NUM_STATS, dtype=torch.float64, device=grad.device)
-    row[UPDATE_SQ] = update.double().square().sum()
-    row[STALENESS_SQ] = (g2 / v_hat.clamp_min(eps_sq)).sum()
-    if v_hat_prev is not None:
-        v_hat_prev = v_hat_prev.double()
-        valid = v_hat_prev > 0
-        row[JUMP_SQ] = (g2[valid] / v_hat_prev[valid].clamp_min(eps_sq)).sum()
-        row[JUMP_COUNT] = valid.sum()
-    denominator = v_hat if v_hat_denominator is None else v_hat_denominator.double()
-    row[EPS_COUNT] = (denominator.sqrt() <= eps).sum()
-    row[COUNT] = grad.numel()
-    return row
-
-
-def adam_direction(
-    exp_avg: Tensor, denominator_sq: Tensor, *, bias_correction1: float, bias_correction2: float, eps: float
-) -> Tensor:
-    """``m̂ / (√v̂ + ε)`` in the operation order of ``torch.optim.Adam`` (so it matches to a few ulp)."""
-    denom = (denominator_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    return (exp_avg / denom).div_(bias_correction1)
-
-
-def previous_second_moment(exp_avg_sq: Tensor, grad: Tensor, beta2: float) -> Tensor:
-    """``v_{t-1}`` rebuilt exactly from ``v_t = β2·v_{t-1} + (1-β2)·g_t²``; rounding residue → 0."""
-    prev = exp_avg_sq - (1 - beta2) * grad.square()
-    prev = torch.where(prev > _reconstruction_tolerance(exp_avg_sq.dtype) * exp_avg_sq, prev, 0.0)
-    return prev / beta2
-
-
-#: ``adam_statistics`` concatenates the tensors of one call into one flat buffer when they hold at
-#: most this many elements in all: a handful of single kernels then replace ~20 foreach passes,
-#: each of which costs a fixed dispatch per tensor (the copies are cheap at this size).
-FLAT_MAX_NUMEL = 1 << 20
+__all__ = ["adam_statistics"]
 
 
 def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
@@ -155,7 +56,7 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
             tv, tg2 = torch.from_numpy(v), torch.from_numpy(g2)
             w_t = torch.add(tv, tg2, alpha=-(1 - beta2))
             w = w_t.numpy()
-            tol = _reconstruction_tolerance(compute_dtype)
+            tol = reconstruction_tolerance(compute_dtype)
             torch.add(w_t, tv, alpha=-tol, out=torch.from_numpy(terms[3]))
             residue = terms[3]
             np.fmax(residue, dt(0.0), out=residue)
@@ -279,7 +180,7 @@ def adam_statistics(
         c2_prev = 1 - beta2 ** (step - 1)
         scale = beta2 * c2_prev  # v̂_{t-1} = w / scale with w = v - (1-β2)·g²
         w = torch._foreach_add(v, g2, alpha=-(1 - beta2))
-        tol = _reconstruction_tolerance(compute_dtype)
+        tol = reconstruction_tolerance(compute_dtype)
         residue = torch._foreach_add(w, v, alpha=-tol)  # > 0 iff w > tol·v
         torch._foreach_clamp_min_(residue, 0.0)
         torch._foreach_sign_(residue)  # the valid-coordinate mask
@@ -298,30 +199,3 @@ def adam_statistics(
     rows[:, EPS_COUNT] = counts - not_dominated
     rows[:, COUNT] = counts
     return rows.double()
-
-
-def pool(rows: Tensor) -> Tensor:
-    """Pool statistics rows exactly (sum over all leading dimensions)."""
-    return rows.reshape(-1, NUM_STATS).sum(0)
-
-
-def diagnostics_from_statistics(row: Tensor) -> Tensor:
-    """The four diagnostics (``DIAGNOSTICS`` order) from pooled rows ``(..., NUM_STATS)``.
-
-    ``gradient_jump`` is NaN where no coordinate had a previous second moment (the first step).
-    Works on any device and never syncs with the host.
-    """
-    count = row[..., COUNT]
-    jump_count = row[..., JUMP_COUNT]
-    nan = torch.full_like(count, math.nan)
-    safe = torch.where(count > 0, count, 1.0)
-    safe_jump = torch.where(jump_count > 0, jump_count, 1.0)
-    return torch.stack(
-        [
-            torch.where(count > 0, (row[..., UPDATE_SQ] / safe).sqrt(), nan),
-            torch.where(count > 0, (row[..., STALENESS_SQ] / safe).sqrt(), nan),
-            torch.where(jump_count > 0, (row[..., JUMP_SQ] / safe_jump).sqrt(), nan),
-            torch.where(count > 0, row[..., EPS_COUNT] / safe, nan),
-        ],
-        dim=-1,
-    )

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .diagnostics import NUM_STATS, adam_direction
-from .kernels import fast_adam_statistics
-from .transfer import host_values
+from .._runtime import host_values
+from ..diagnostics.compiled import fast_adam_statistics
+from ..diagnostics.reference import adam_direction
+from ..diagnostics.rows import NUM_STATS
 
 __all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "shard_group"]
 
@@ -186,7 +187,10 @@ class StepReader:
         scaler sets ``optimizer.found_inf`` for the duration of the step, and then this returns
         ``None`` (read them).
         """
-        if getattr(self.optimizer, "found_inf", None) is not None or getattr(self.optimizer, "grad_scale", None) is not None:
+        if (
+            getattr(self.optimizer, "found_inf", None) is not None
+            or getattr(self.optimizer, "grad_scale", None) is not None
+        ):
             return None
         steps = []
         for (_, _, p, _), r in zip(candidates, raw):
@@ -226,7 +230,9 @@ class StepReader:
             else:
                 rows = zeros()
                 for positions, rows_part in parts:
-                    rows.index_copy_(0, host_values(positions, torch.long, device), rows_part.to(device, non_blocking=True))
+                    rows.index_copy_(
+                        0, host_values(positions, torch.long, device), rows_part.to(device, non_blocking=True)
+                    )
         if self._group is not None:
             # Step counts advance identically on every rank, so all ranks reach this collective.
             rows.mul_(host_values(self._replica_weight, torch.float64, device).unsqueeze(1))
@@ -235,11 +241,11 @@ class StepReader:
 
     def _adam_rows(self, stepped) -> Iterable[tuple[list[int] | None, Tensor]]:
         buckets: dict[tuple, list] = defaultdict(list)
-        for gi, group, p, state, step in stepped:
+        for gi, _group, p, state, step in stepped:
             g = local_tensor(p.grad)
             buckets[(gi, step, g.device, g.dtype)].append((p, state))
         for members in buckets.values():
-            for p, state in members:
+            for _p, state in members:
                 missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
                 if missing:
                     raise UnsupportedOptimizer(

@@ -11,25 +11,11 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .alerts import SEVERITY_ORDER, Alert
+from .records import SEVERITY_ORDER, Alert
 
-__all__ = ["InstabilityError", "InstabilityWarning", "AlertLog", "read_alerts", "alerts_path", "summary_table", "ALERTS_FILE"]
+__all__ = ["AlertLog", "read_alerts", "alerts_path", "summary_table", "ALERTS_FILE"]
 
 ALERTS_FILE = Path("adam_monitor") / "alerts.jsonl"
-
-
-class InstabilityWarning(UserWarning):
-    """An alert under ``on_alert="warn"`` (or below ``fail_on``): the run goes on."""
-
-
-class InstabilityError(RuntimeError):
-    """Training was stopped by an instability alert; ``alerts`` holds the alerts that acted."""
-
-    def __init__(self, alerts: Sequence[Alert], where: str | None = None):
-        self.alerts = list(alerts)
-        lines = [f"[{a.severity}] {a.rule} at step {a.step}: {a.message}" for a in self.alerts]
-        tail = f"\nAll alerts of the run: {where}" if where else ""
-        super().__init__("adam-monitor stopped the run:\n" + "\n".join(lines) + tail)
 
 
 def alerts_path(log_dir: str | os.PathLike) -> Path:
@@ -106,9 +92,13 @@ def summary_table(alerts: Sequence[Alert]) -> str:
     for a in alerts:
         groups.setdefault((a.severity, a.rule, a.optimizer, a.parameter or "-"), []).append(a)
     rows = [("severity", "rule", "optimizer", "parameter", "alerts", "first step", "worst value", "threshold")]
-    for (sev, rule, opt, param), group in sorted(groups.items(), key=lambda kv: (-SEVERITY_ORDER[kv[0][0]], kv[1][0].step)):
+    for (sev, rule, opt, param), group in sorted(
+        groups.items(), key=lambda kv: (-SEVERITY_ORDER[kv[0][0]], kv[1][0].step)
+    ):
         worst = max(group, key=lambda a: a.value if a.value == a.value else float("inf"))
-        rows.append((sev, rule, opt, param, str(len(group)), str(group[0].step), f"{worst.value:.4g}", f"{worst.threshold:.4g}"))
+        rows.append(
+            (sev, rule, opt, param, str(len(group)), str(group[0].step), f"{worst.value:.4g}", f"{worst.threshold:.4g}")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

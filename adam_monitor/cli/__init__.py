@@ -1,9 +1,9 @@
 """``adam-monitor``: gate CI on instability alerts, print the update bound of a beta pair, plot a run.
 
-    adam-monitor check LOGDIR [--fail-on warning|error] [--json]
-        exit 0: monitored and clean; 1: alerts at or above the level; 2: no monitor data or unreadable
-    adam-monitor bound --beta1 0.9 --beta2 0.999 [--steps 10 100 1000]
-    adam-monitor report LOGDIR -o report.png
+adam-monitor check LOGDIR [--fail-on warning|error] [--json]
+    exit 0: monitored and clean; 1: alerts at or above the level; 2: no monitor data or unreadable
+adam-monitor bound --beta1 0.9 --beta2 0.999 [--steps 10 100 1000]
+adam-monitor report LOGDIR -o report.png
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from .alert_log import ALERTS_FILE, read_alerts, summary_table
-from .alerts import SEVERITY_ORDER
+from ..alerts.log import ALERTS_FILE, read_alerts, summary_table
+from ..alerts.records import SEVERITY_ORDER
 
 __all__ = ["main"]
 
@@ -72,7 +72,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _bound(args: argparse.Namespace) -> int:
-    from .theory import bound_table
+    from ..theory import bound_table
 
     try:
         print(bound_table(args.beta1, args.beta2, steps=tuple(args.steps)))

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .alert_log import AlertLog, InstabilityError, InstabilityWarning, summary_table
-from .alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts
-from .diagnostics import DIAGNOSTICS, NUM_STATS, diagnostics_from_statistics
-from .state import StepReader, UnsupportedOptimizer
-from .transfer import HostCopy
+from .._runtime import HostCopy
+from ..alerts.configuration import configuration_alerts
+from ..alerts.log import AlertLog, summary_table
+from ..alerts.records import SEVERITY_ORDER, Alert, InstabilityError, InstabilityWarning, Thresholds
+from ..alerts.rules import AlertRules
+from ..diagnostics.rows import DIAGNOSTICS, NUM_STATS, diagnostics_from_statistics
+from .reader import StepReader, UnsupportedOptimizer
 
 __all__ = ["Monitor", "clean_parameter_name"]
 
@@ -209,7 +211,11 @@ class Monitor:
                 f"got {type(optimizer).__name__}"
             )
         validate_options(
-            "Monitor", log_every_n_steps=log_every_n_steps, on_alert=on_alert, fail_on=fail_on, blocking_alerts=blocking_alerts
+            "Monitor",
+            log_every_n_steps=log_every_n_steps,
+            on_alert=on_alert,
+            fail_on=fail_on,
+            blocking_alerts=blocking_alerts,
         )
         if named_parameters is None:
             self._named: dict[int, str] = {}
@@ -233,7 +239,9 @@ class Monitor:
         self._config_seen: set[str] = set()
         self._repeats: dict[tuple[str, str], _Repeats] = {}
         if log_dir is None and writer is not None:
-            log_dir = getattr(writer, "log_dir", None) or (writer.get_logdir() if hasattr(writer, "get_logdir") else None)
+            log_dir = getattr(writer, "log_dir", None) or (
+                writer.get_logdir() if hasattr(writer, "get_logdir") else None
+            )
         self.log_dir = log_dir
         self._alert_log = AlertLog(log_dir, writer=writer, enabled=is_rank_zero())
         self._layout_written = False
@@ -242,7 +250,9 @@ class Monitor:
             try:
                 reader = StepReader(opt)
             except UnsupportedOptimizer as err:
-                _warn(f"adam-monitor is not monitoring {type(opt).__name__}: {err}. Training goes on; nothing is logged for it.")
+                _warn(
+                    f"adam-monitor is not monitoring {type(opt).__name__}: {err}. Training goes on; nothing is logged for it."
+                )
                 continue
             label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
             tracked = _Tracked(opt, reader, prefix, label)
@@ -305,7 +315,9 @@ class Monitor:
 
     def _drop(self, tracked: _Tracked, reason: str) -> None:
         self._check_unchecked(tracked, wait=True)
-        _warn(f"adam-monitor stopped monitoring {type(tracked.optimizer).__name__}: {reason}. Training goes on; nothing more is logged for it.")
+        _warn(
+            f"adam-monitor stopped monitoring {type(tracked.optimizer).__name__}: {reason}. Training goes on; nothing more is logged for it."
+        )
         if tracked.hook is not None:
             tracked.hook.remove()
         tracked.reader.release()
@@ -338,7 +350,9 @@ class Monitor:
         thresholds = self.thresholds
         if not all(self._adam_direction(g) for g in groups):
             thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
-        return AlertRules(self._parameter_names(tracked), optimizer=tracked.label, betas=per_tensor, thresholds=thresholds)
+        return AlertRules(
+            self._parameter_names(tracked), optimizer=tracked.label, betas=per_tensor, thresholds=thresholds
+        )
 
     def check_configuration(self) -> list[Alert]:
         """Run the configuration rules (β1² ≥ β2, β1 ≥ β2) now; they also run at the first step."""
@@ -516,7 +530,9 @@ class Monitor:
         if self.histograms and self.writer is not None:
             names = dict(zip(map(id, tracked.reader.params), self._parameter_names(tracked)))
             for p, u in tracked.reader.updates():
-                self.writer.add_histogram(f"{tracked.prefix}/update/{names.get(id(p), '?')}", u.detach().float().cpu(), x)
+                self.writer.add_histogram(
+                    f"{tracked.prefix}/update/{names.get(id(p), '?')}", u.detach().float().cpu(), x
+                )
         tracked.sums.zero_()
         tracked.pending_steps = 0
         return metrics
@@ -524,7 +540,7 @@ class Monitor:
     def _write_layout(self) -> None:
         if self._layout_written or self.writer is None or not hasattr(self.writer, "add_custom_scalars"):
             return
-        from .layout import custom_scalars_layout
+        from .tensorboard import custom_scalars_layout
 
         names = {t.prefix: self._parameter_names(t) for t in self._tracked}
         self.writer.add_custom_scalars(custom_scalars_layout(names, per_parameter=self.per_parameter))

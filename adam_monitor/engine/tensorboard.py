@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-from .diagnostics import DIAGNOSTICS
+from ..diagnostics.rows import DIAGNOSTICS
 
 __all__ = ["custom_scalars_layout", "module_of"]
 
@@ -21,7 +21,7 @@ def module_of(name: str, depth: int) -> str:
     return ".".join(parts[:depth])
 
 
-def _module_groups(names: list[str], max_lines: int) -> "OrderedDict[str, list[str]]":
+def _module_groups(names: list[str], max_lines: int) -> OrderedDict[str, list[str]]:
     # Go one level deeper while a module holds more tensors than a chart shows well, and while
     # everything sits under one root (e.g. "model."), which would make a single useless group.
     depth = 1
@@ -53,7 +53,8 @@ def custom_scalars_layout(
     if not per_parameter:
         return layout
     layout["adam: worst tensor (named in the Text tab, adam/worst_tensors)"] = {
-        diag: ["Multiline", [f"^{re.escape(prefix)}/worst/{diag}$" for prefix in names_by_prefix]] for diag in DIAGNOSTICS
+        diag: ["Multiline", [f"^{re.escape(prefix)}/worst/{diag}$" for prefix in names_by_prefix]]
+        for diag in DIAGNOSTICS
     }
     for prefix, names in names_by_prefix.items():
         for module, members in _module_groups(list(dict.fromkeys(names)), max_lines).items():

@@ -33,230 +33,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
 from numbers import Real
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .diagnostics import COUNT, EPS_COUNT, NUM_STATS, STALENESS_SQ, UPDATE_SQ
-from .theory import asymptotic_bound, worst_case_bound
+from ..diagnostics.rows import COUNT, EPS_COUNT, NUM_STATS, STALENESS_SQ, UPDATE_SQ
+from .records import Alert, Thresholds
 
-__all__ = ["Alert", "SEVERITY_ORDER", "Thresholds", "AlertRules", "configuration_alerts", "RULES"]
-
-SEVERITY_ORDER = {"warning": 0, "error": 1}
-RULES = (
-    "beta_coupling",
-    "beta_order",
-    "nonfinite",
-    "stale_second_moment",
-    "update_rms_spike",
-    "gradient_growth",
-    "eps_dominance",
-)
-
-
-def _json_float(x: float) -> float | str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return float(x)
-
-
-@dataclass(frozen=True)
-class Alert:
-    """One alert. ``step`` is the 1-based optimizer step; ``parameter`` is ``None`` for the optimizer."""
-
-    rule: str
-    severity: str
-    step: int
-    message: str
-    optimizer: str
-    parameter: str | None
-    value: float
-    threshold: float
-
-    def __post_init__(self):
-        if self.severity not in SEVERITY_ORDER:
-            raise ValueError(f"Alert.severity must be one of {sorted(SEVERITY_ORDER)}, got {self.severity!r}")
-
-    def to_dict(self) -> dict:
-        """JSON-safe dict: non-finite ``value``/``threshold`` become the strings "nan", "inf", "-inf"."""
-        d = asdict(self)
-        d["value"] = _json_float(self.value)
-        d["threshold"] = _json_float(self.threshold)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Alert:
-        kwargs = {f.name: d[f.name] for f in fields(cls)}
-        kwargs["step"] = int(kwargs["step"])
-        kwargs["value"] = float(kwargs["value"])  # float("nan"), float("inf") parse the strings
-        kwargs["threshold"] = float(kwargs["threshold"])
-        return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# configuration
-
-
-def configuration_alerts(
-    betas_by_group: Sequence[tuple[float, float] | None], *, optimizer: str, step: int
-) -> list[Alert]:
-    """``beta_coupling`` (β1² ≥ β2) and ``beta_order`` (β1 ≥ β2 > β1²) alerts, one per offending group.
-
-    ``None`` marks a group whose update is not Adam's ``m̂/(√v̂+ε)`` (LaProp, atan2): their size is
-    bounded whatever the betas, so the coupling rules do not apply.
-    """
-    alerts = []
-    for gi, betas in enumerate(betas_by_group):
-        if betas is None:
-            continue
-        beta1, beta2 = (float(b) for b in betas)
-        gamma = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
-        if beta1 * beta1 >= beta2:
-            bounds = ", ".join(f"B_{t} = {worst_case_bound(beta1, beta2, t):.3g}" for t in (10, 100, 1000))
-            alerts.append(
-                Alert(
-                    rule="beta_coupling",
-                    severity="error",
-                    step=step,
-                    message=(
-                        f"param group {gi}: betas=({beta1:g}, {beta2:g}) have beta1^2 >= beta2 "
-                        f"(gamma = beta1^2/beta2 = {gamma:.4g}), so the largest possible update/lr grows "
-                        f"without limit ({bounds}); once gradients shrink each update can grow by "
-                        f"beta1/sqrt(beta2) = {beta1 / math.sqrt(beta2):.4g} per step. Raise beta2 above "
-                        f"beta1^2 = {beta1 * beta1:.4g} (e.g. beta2 >= 0.95 with beta1 = 0.9) or lower beta1."
-                    ),
-                    optimizer=optimizer,
-                    parameter=None,
-                    value=gamma,
-                    threshold=1.0,
-                )
-            )
-        elif beta1 >= beta2:
-            alerts.append(
-                Alert(
-                    rule="beta_order",
-                    severity="warning",
-                    step=step,
-                    message=(
-                        f"param group {gi}: betas=({beta1:g}, {beta2:g}) have beta1 >= beta2: momentum "
-                        f"remembers gradients longer than the second moment that scales them, so a "
-                        f"shrinking gradient can inflate updates up to B_inf = "
-                        f"{asymptotic_bound(beta1, beta2):.3g} x lr. Use beta2 > beta1 "
-                        f"(e.g. beta2 = 0.95 or 0.999 with beta1 = 0.9)."
-                    ),
-                    optimizer=optimizer,
-                    parameter=None,
-                    value=beta1,
-                    threshold=beta2,
-                )
-            )
-    return alerts
-
-
-# ----------------------------------------------------------------------------------------------
-# step rules
-
-
-@dataclass
-class Thresholds:
-    """Rule thresholds. Defaults come from tests/benchmarks/CALIBRATION.md (measured there).
-
-    Attributes:
-        stale_peak: ``stale_second_moment`` fires when the update predicted by the jump formula
-            peaks above this multiple of its steady size. Unreachable when B_∞ < stale_peak
-            (β2 = 0.95 with β1 = 0.9: B_∞ = 1.165): there a stale v̂ cannot inflate updates.
-        stale_clear: the episode ends once the predicted peak falls below this.
-        spike_ratio: ``update_rms_spike`` fires when update RMS exceeds this multiple of its own
-            running mean (EMA with ``spike_decay``) ...
-        spike_floor: ... and this absolute level (1 is the RMS of a steady signal; noise gives 0.23).
-        spike_decay: decay of the update-RMS baseline EMA (timescale 1/(1-decay) steps); the
-            relative test starts after that many observed steps.
-        bound_factor: ``update_rms_spike`` also fires when update RMS > bound_factor · B_t (torch
-            Adam cannot exceed B_t; use ``math.inf`` for directions not bounded by B_t, e.g. LaProp).
-        growth_ratio: ``gradient_growth`` fires when staleness (the gradient over √v̂) grew by at
-            least this factor on each of ``growth_steps`` consecutive steps ...
-        growth_steps: ... (the geometric growth of an unstable oscillation, not one jump), on a
-            subject where fewer than ``eps_fraction`` of the coordinates are ε-dominated (where ε
-            sets the step, the effective lr η/ε is fixed and such bursts self-stabilise). The
-            episode ends when staleness stops growing.
-        eps_fraction: ``eps_dominance`` counts a step when more than this fraction of a tensor's
-            coordinates have √v̂ ≤ ε ...
-        eps_steps: ... and fires after this many such steps in a row.
-        eps_clear: the episode ends once the fraction falls to this or below.
-        min_numel: tensors with fewer elements are judged pooled with the other small tensors of
-            the same betas (a mean over a handful of coordinates is too noisy to judge alone).
-        growth_steps_after_alert: for ``after_alert_window`` steps after a new
-            ``stale_second_moment`` or ``update_rms_spike`` alert of the same optimizer, or after a
-            step on which a subject's growth met the full ``gradient_growth`` condition
-            (``growth_steps``), ``gradient_growth`` fires after this many steps of growth: a run
-            that has shown instability spikes again after shorter bursts (at Adam's adaptive edge
-            of stability the loss spikes every 3–50 steps). The alerts of these short bursts do not
-            extend the window: otherwise one noise burst of a healthy minibatch run reaching
-            ``growth_steps`` would keep it open for good.
-        after_alert_window: see ``growth_steps_after_alert``.
-        growth_floor: ``gradient_growth`` fires only once the staleness has reached this level (the
-            gradient at least this fraction of √v̂): below it the growing gradient does not yet move
-            the update, which the momentum and v̂ of earlier steps set.
-        fast_growth_ratio: ``gradient_growth`` also fires when staleness grew by at least this
-            factor on each of ``fast_growth_steps`` consecutive steps (same floor and ε condition):
-            an oscillation growing so fast that the loss spikes before ``growth_steps`` steps have
-            passed (stale v̂ after a gradient-scale jump: ×2–5 per step). It opens no after-alert
-            window. ``math.inf`` turns it off.
-        fast_growth_steps: see ``fast_growth_ratio``.
-    """
-
-    stale_peak: float = 2.0
-    stale_clear: float = 1.25
-    spike_ratio: float = 3.0
-    spike_floor: float = 1.0
-    spike_decay: float = 0.95
-    bound_factor: float = 1.0
-    growth_ratio: float = 1.2
-    growth_steps: int = 4
-    eps_fraction: float = 0.5
-    eps_steps: int = 20
-    eps_clear: float = 0.25
-    min_numel: int = 256
-    growth_steps_after_alert: int = 2
-    after_alert_window: int = 50
-    growth_floor: float = 0.05
-    fast_growth_ratio: float = 2.5
-    fast_growth_steps: int = 2
-
-    def __post_init__(self):
-        def check(name: str, ok: bool, what: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Real) or not ok:
-                raise ValueError(f"Thresholds.{name} must be {what}, got {value!r}")
-
-        check("stale_peak", self.stale_peak > 1, "a number > 1 (1 is the steady update)")
-        check("stale_clear", 0 < self.stale_clear <= self.stale_peak, "in (0, stale_peak]")
-        check("spike_ratio", self.spike_ratio > 1, "a number > 1")
-        check("spike_floor", self.spike_floor >= 0, "a number >= 0")
-        check("spike_decay", 0 < self.spike_decay < 1, "in (0, 1)")
-        check("bound_factor", self.bound_factor > 0, "a number > 0 (math.inf disables the bound test)")
-        check("growth_ratio", self.growth_ratio > 1, "a number > 1")
-        check("growth_steps", isinstance(self.growth_steps, int) and self.growth_steps >= 1, "an int >= 1")
-        check("eps_fraction", 0 <= self.eps_fraction < 1, "in [0, 1)")
-        check("eps_clear", 0 <= self.eps_clear <= self.eps_fraction, "in [0, eps_fraction]")
-        check("eps_steps", isinstance(self.eps_steps, int) and self.eps_steps >= 1, "an int >= 1")
-        check("min_numel", isinstance(self.min_numel, int) and self.min_numel >= 1, "an int >= 1")
-        check(
-            "growth_steps_after_alert",
-            isinstance(self.growth_steps_after_alert, int) and 1 <= self.growth_steps_after_alert <= self.growth_steps,
-            "an int in [1, growth_steps]",
-        )
-        check("growth_floor", self.growth_floor >= 0, "a number >= 0")
-        check("fast_growth_ratio", self.fast_growth_ratio > 1, "a number > 1 (math.inf turns it off)")
-        check(
-            "fast_growth_steps", isinstance(self.fast_growth_steps, int) and self.fast_growth_steps >= 1, "an int >= 1"
-        )
-        check("after_alert_window", isinstance(self.after_alert_window, int) and self.after_alert_window >= 0, "an int >= 0")
+__all__ = ["AlertRules"]
 
 
 def _jump_grid(max_k: int = 2000, ratio: float = 1.25) -> list[int]:
@@ -274,11 +60,32 @@ def _is_pair(betas) -> bool:
 
 # Positions in the vector observe() moves to the host.
 (
-    _NF_NEW, _NF_IDX, _NF_VAL,
-    _ST_NEW, _ST_IDX, _ST_PEAK, _ST_JUMP, _ST_STALE, _ST_MEMBER,
-    _SP_NEW, _SP_IDX, _SP_VAL, _SP_THR, _SP_BASE, _SP_BOUND, _SP_MEMBER,
-    _GR_NEW, _GR_IDX, _GR_RATIO, _GR_STALE, _GR_MEMBER, _GR_STEPS, _GR_THR,
-    _EPS_NEW, _EPS_IDX, _EPS_VAL,
+    _NF_NEW,
+    _NF_IDX,
+    _NF_VAL,
+    _ST_NEW,
+    _ST_IDX,
+    _ST_PEAK,
+    _ST_JUMP,
+    _ST_STALE,
+    _ST_MEMBER,
+    _SP_NEW,
+    _SP_IDX,
+    _SP_VAL,
+    _SP_THR,
+    _SP_BASE,
+    _SP_BOUND,
+    _SP_MEMBER,
+    _GR_NEW,
+    _GR_IDX,
+    _GR_RATIO,
+    _GR_STALE,
+    _GR_MEMBER,
+    _GR_STEPS,
+    _GR_THR,
+    _EPS_NEW,
+    _EPS_IDX,
+    _EPS_VAL,
     _VEC_LEN,
 ) = range(27)
 
@@ -472,9 +279,7 @@ class AlertRules:
         growth_steps = th.growth_steps_after_alert if step <= T["alerted_until"] else th.growth_steps
         steady_met = run >= growth_steps
         fast_met = fast_run >= th.fast_growth_steps
-        gr_cond = (
-            judged & (steady_met | fast_met) & (s_frac < th.eps_fraction) & (stale_sq >= th.growth_floor**2)
-        )
+        gr_cond = judged & (steady_met | fast_met) & (s_frac < th.eps_fraction) & (stale_sq >= th.growth_floor**2)
         gr_new = gr_cond & ~T["growth_active"]
         gr_keep = T["growth_active"] & (stale_sq > prev)
         ok = s_stepped & np.isfinite(stale_sq)
@@ -509,11 +314,32 @@ class AlertRules:
             T["alerted_until"] = np.array(float(step + th.after_alert_window))
 
         vec = [
-            nf_new, nf_idx, nf_val,
-            st_new.sum(), st_idx, peak[st_idx], jump[st_idx], np.sqrt(stale_sq[st_idx]), st_member,
-            sp_new.sum(), sp_idx, update_rms[sp_idx], sp_thr[sp_idx], baseline[sp_idx], bound[sp_idx], sp_member,
-            gr_new.sum(), gr_idx, gr_ratio[gr_idx], np.sqrt(stale_sq[gr_idx]), gr_member, gr_steps, gr_thr,
-            eps_new.sum(), eps_idx, frac[eps_idx],
+            nf_new,
+            nf_idx,
+            nf_val,
+            st_new.sum(),
+            st_idx,
+            peak[st_idx],
+            jump[st_idx],
+            np.sqrt(stale_sq[st_idx]),
+            st_member,
+            sp_new.sum(),
+            sp_idx,
+            update_rms[sp_idx],
+            sp_thr[sp_idx],
+            baseline[sp_idx],
+            bound[sp_idx],
+            sp_member,
+            gr_new.sum(),
+            gr_idx,
+            gr_ratio[gr_idx],
+            np.sqrt(stale_sq[gr_idx]),
+            gr_member,
+            gr_steps,
+            gr_thr,
+            eps_new.sum(),
+            eps_idx,
+            frac[eps_idx],
         ]
         return [float(x) for x in vec]
 
@@ -586,26 +412,31 @@ class AlertRules:
         if v[_NF_NEW]:
             name = self.names[int(v[_NF_IDX])]
             add(
-                "nonfinite", "error", name,
+                "nonfinite",
+                "error",
+                name,
                 f"{name}: NaN/Inf in its gradient, Adam state or update at step {step} ({v[_NF_VAL]}); the "
                 "optimizer state now carries it into every later step. Restore the last good checkpoint, "
                 "then lower the learning rate, clip gradients, check the loss and data for NaN/Inf, or "
                 "use a GradScaler under fp16.",
-                v[_NF_VAL], math.inf,
+                v[_NF_VAL],
+                math.inf,
             )
         if v[_ST_NEW]:
             idx = int(v[_ST_IDX])
             name, what = self._subject(idx, int(v[_ST_MEMBER]))
             b1, b2 = self._subject_betas[idx]
             add(
-                "stale_second_moment", "warning", name,
+                "stale_second_moment",
+                "warning",
+                name,
                 f"{what}: the gradient outran Adam's second moment about {v[_ST_JUMP]:.3g}x (staleness "
                 f"{v[_ST_STALE]:.3g}); with beta2 = {b2:g} v_hat needs ~{1 / (1 - b2):.0f} steps to catch up "
                 f"and the update is predicted to overshoot to {v[_ST_PEAK]:.3g}x its steady size (threshold "
                 f"{th.stale_peak:g}). A loss spike may follow within a few steps: lower beta2 (e.g. 0.95), "
-                "clip the update (StableAdamW / update_clip) or lower the learning rate."
-                + self._others(v[_ST_NEW]),
-                v[_ST_PEAK], th.stale_peak,
+                "clip the update (StableAdamW / update_clip) or lower the learning rate." + self._others(v[_ST_NEW]),
+                v[_ST_PEAK],
+                th.stale_peak,
             )
         if v[_SP_NEW]:
             idx = int(v[_SP_IDX])
@@ -622,16 +453,21 @@ class AlertRules:
                     "learning rate or clip the update (update_clip / StableAdamW) before the loss follows"
                 )
             add(
-                "update_rms_spike", "warning", name,
+                "update_rms_spike",
+                "warning",
+                name,
                 f"{what}: update RMS {value:.3g} is {why}." + self._others(v[_SP_NEW]),
-                value, thr,
+                value,
+                thr,
             )
         if v[_GR_NEW]:
             idx = int(v[_GR_IDX])
             name, what = self._subject(idx, int(v[_GR_MEMBER]))
             b1, _ = self._subject_betas[idx]
             add(
-                "gradient_growth", "warning", name,
+                "gradient_growth",
+                "warning",
+                name,
                 f"{what}: its gradient grew about {v[_GR_RATIO]:.3g}x per step against sqrt(v_hat) for "
                 f"{int(v[_GR_STEPS])}+ steps in a row (staleness now {v[_GR_STALE]:.3g}): an oscillation is "
                 "building up. Typical of Adam's adaptive edge of stability: after the gradient vanished, "
@@ -640,18 +476,21 @@ class AlertRules:
                 "follow within a few steps: raise eps (eps >= lr*sharpness/"
                 f"{(2 + 2 * b1) / (1 - b1):.3g} caps the effective step), lower the learning rate, or clip "
                 "the update (update_clip / StableAdamW)." + self._others(v[_GR_NEW]),
-                v[_GR_RATIO], v[_GR_THR],
+                v[_GR_RATIO],
+                v[_GR_THR],
             )
         if v[_EPS_NEW]:
             name = self.names[int(v[_EPS_IDX])]
             add(
-                "eps_dominance", "warning", name,
+                "eps_dominance",
+                "warning",
+                name,
                 f"{name}: eps sets the step of {v[_EPS_VAL]:.0%} of its coordinates (sqrt(v_hat) <= eps) for "
                 f"{th.eps_steps} steps in a row, so Adam acts as SGD with lr/eps there. Fine if intended "
                 "(a large eps is what keeps a converged full-batch run from Adam's adaptive edge of "
                 "stability); if not, the gradients fell below eps: lower eps, scale the loss up, use "
-                "Adam-atan2 (no eps), or check for gradient underflow (fp16/bf16)."
-                + self._others(v[_EPS_NEW]),
-                v[_EPS_VAL], th.eps_fraction,
+                "Adam-atan2 (no eps), or check for gradient underflow (fp16/bf16)." + self._others(v[_EPS_NEW]),
+                v[_EPS_VAL],
+                th.eps_fraction,
             )
         return out

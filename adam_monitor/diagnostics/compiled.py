@@ -31,49 +31,30 @@ tensor. Set ``ADAM_MONITOR_EAGER=1`` (or pass
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import types
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.fx.experimental._config as _fx_config
 from torch import Tensor
 
-from .chunking import bounded_runs
-from .diagnostics import (
-    COUNT,
-    EPS_COUNT,
-    JUMP_COUNT,
-    JUMP_SQ,
-    NUM_STATS,
-    STALENESS_SQ,
-    UPDATE_SQ,
-    _reconstruction_tolerance,
-    adam_statistics,
+from .._runtime import (
+    BLOCK,
+    EAGER_CHUNK_NUMEL,
+    EAGER_ENV,
+    HEADS_PER_CALL,
+    MIN_COMPILED_NUMEL,
+    bounded_runs,
+    eager_forced,
+    host_values,
+    independent_sizes,
 )
-from .transfer import host_values
+from .foreach import adam_statistics
+from .rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, NUM_STATS, STALENESS_SQ, UPDATE_SQ, reconstruction_tolerance
 
 __all__ = ["BLOCK", "EAGER_ENV", "MIN_COMPILED_NUMEL", "fast_adam_statistics", "compiled_available"]
 
-#: Coordinates summed in the compute dtype before the float64 sum over blocks.
-BLOCK = 1024
-#: Tensors smaller than this go through one batched foreach call: a compiled call costs a fixed
-#: few tens of µs (guards, launch), more than the foreach kernels spend on a bias or a norm.
-MIN_COMPILED_NUMEL = 1 << 16
-#: The eager path holds about three temporaries the size of its input: it runs on runs of tensors
-#: of at most this many elements in all (a larger tensor alone), so they stay within 3 x 128 MiB
-#: in float32, or three times the largest tensor.
-EAGER_CHUNK_NUMEL = 1 << 25
-#: Tensors summed by one compiled call. A call costs 0.1-0.2 ms of guards, wrappers and output
-#: allocation whatever its size (2 CPU cores); four tensors a call take 2 ms less than one a call
-#: on 8 tensors of 0.26-1M elements. The last call of a step is padded with tiny dummy tensors, so
-#: one graph serves any number of tensors; each head adds seconds to the first compilation.
-HEADS_PER_CALL = 4
-#: Environment variable that forces the eager foreach path when set to a true value.
-EAGER_ENV = "ADAM_MONITOR_EAGER"
 
 # Positions in the scalar vector handed to the compiled function (float64, shape (7,)).
 _INV_SQRT_C2, _EPS, _TWO_EPS, _STALE_FLOOR, _ONE_MINUS_BETA2, _TOL, _JUMP_FLOOR = range(7)
@@ -130,6 +111,11 @@ _COMPILED: dict[tuple, Callable] = {}
 _disabled_reason: str | None = None
 
 
+def compiled_available() -> bool:
+    """False once compilation failed in this process or when ``ADAM_MONITOR_EAGER`` is set."""
+    return _disabled_reason is None and not eager_forced()
+
+
 def _compiled(amsgrad: bool, dtype: torch.dtype) -> Callable:
     # A distinct code object per configuration, so that each holds exactly one graph and none
     # competes for dynamo's per-function recompile limit.
@@ -155,26 +141,6 @@ def _dummy_heads(count: int, tensors: int, dtype: torch.dtype, device: torch.dev
     return [d[:tensors] for d in dummies[:count]]
 
 
-@contextlib.contextmanager
-def independent_sizes():
-    """Compile with every input size its own symbol (no duck sizing): heads of equal size in one
-    call would otherwise share one, and a call with other equalities would compile a new graph."""
-    duck_shape = getattr(_fx_config, "use_duck_shape", None)
-    if duck_shape is None:
-        yield
-        return
-    _fx_config.use_duck_shape = False
-    try:
-        yield
-    finally:
-        _fx_config.use_duck_shape = duck_shape
-
-
-def compiled_available() -> bool:
-    """False once compilation failed in this process or when ``ADAM_MONITOR_EAGER`` is set."""
-    return _disabled_reason is None and os.environ.get(EAGER_ENV, "").lower() not in ("1", "true", "yes", "on")
-
-
 def _flat(t: Tensor, length: int) -> Tensor:
     # A 1-D alias of the first `length` elements of the storage, not a view: a view carries its
     # base's shape into dynamo's guards, which would cost one graph per parameter rank.
@@ -185,7 +151,7 @@ def _scalars(beta2: float, eps: float, step: int, compute_dtype: torch.dtype, de
     c2 = 1 - beta2**step
     eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
     scale = beta2 * (1 - beta2 ** (step - 1))
-    tol = _reconstruction_tolerance(compute_dtype) if step > 1 else math.inf
+    tol = reconstruction_tolerance(compute_dtype) if step > 1 else math.inf
     values = [1 / math.sqrt(c2), eps, 2 * eps, c2 * eps_sq, 1 - beta2, tol, scale * eps_sq]
     return host_values(values, torch.float64, device)
 
@@ -234,7 +200,9 @@ def fast_adam_statistics(
     heads = [grads[i].numel() // BLOCK * BLOCK for i in large]
     aliases = [[_flat(ts[i], h) for ts in state] for i, h in zip(large, heads)]
     aliases += _dummy_heads(-len(aliases) % HEADS_PER_CALL, len(state), grads[0].dtype, device)
-    calls = [[t for head in aliases[k : k + HEADS_PER_CALL] for t in head] for k in range(0, len(aliases), HEADS_PER_CALL)]
+    calls = [
+        [t for head in aliases[k : k + HEADS_PER_CALL] for t in head] for k in range(0, len(aliases), HEADS_PER_CALL)
+    ]
     try:
         with torch.no_grad(), independent_sizes():  # grad mode is part of dynamo's guards: keep it fixed
             sums = torch.cat([fn(*call, s) for call in calls])[: len(large)]

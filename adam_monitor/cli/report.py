@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .alert_log import ALERTS_FILE, read_alert_records  # noqa: E402
+from ..alerts.log import ALERTS_FILE, read_alert_records  # noqa: E402
 from .events import event_dirs, read_scalars  # noqa: E402
 
 __all__ = ["write_report", "find_loss_tag"]
@@ -71,8 +71,13 @@ def write_report(logdir: str | Path, output: str | Path, *, title: str | None = 
     precursors = [x for *_, records in loaded for a, x in records if a.rule not in REGIME_RULES]
     columns = 2 if precursors else 1
     fig, axes = plt.subplots(
-        len(PANELS), columns, figsize=(7 * columns + 2, 2.3 * len(PANELS)), sharex="col", squeeze=False,
-        gridspec_kw={"width_ratios": [3, 2][:columns]}, layout="constrained",
+        len(PANELS),
+        columns,
+        figsize=(7 * columns + 2, 2.3 * len(PANELS)),
+        sharex="col",
+        squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2][:columns]},
+        layout="constrained",
     )
     for label, colour, scalars, records in loaded:
         for row, (tag, ylabel, scale) in enumerate(PANELS):
@@ -93,8 +98,14 @@ def write_report(logdir: str | Path, output: str | Path, *, title: str | None = 
         for alert, x in first_of_rule.values():
             for col in range(columns):
                 note = axes[0, col].annotate(
-                    f"{alert.rule} (step {alert.step})", xy=(x, 1.0), xycoords=("data", "axes fraction"),
-                    fontsize=7, color=colour, ha="right", va="top", rotation=90,
+                    f"{alert.rule} (step {alert.step})",
+                    xy=(x, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    color=colour,
+                    ha="right",
+                    va="top",
+                    rotation=90,
                 )
                 note.set_in_layout(False)  # labels on the chart must not squeeze the axes
     if precursors:

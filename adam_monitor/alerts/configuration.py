@@ -1,0 +1,67 @@
+"""The configuration rules: what the betas alone say, before any step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..theory import asymptotic_bound, worst_case_bound
+from .records import Alert
+
+__all__ = ["configuration_alerts"]
+
+
+def configuration_alerts(
+    betas_by_group: Sequence[tuple[float, float] | None], *, optimizer: str, step: int
+) -> list[Alert]:
+    """``beta_coupling`` (β1² ≥ β2) and ``beta_order`` (β1 ≥ β2 > β1²) alerts, one per offending group.
+
+    ``None`` marks a group whose update is not Adam's ``m̂/(√v̂+ε)`` (LaProp, atan2): their size is
+    bounded whatever the betas, so the coupling rules do not apply.
+    """
+    alerts = []
+    for gi, betas in enumerate(betas_by_group):
+        if betas is None:
+            continue
+        beta1, beta2 = (float(b) for b in betas)
+        gamma = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
+        if beta1 * beta1 >= beta2:
+            bounds = ", ".join(f"B_{t} = {worst_case_bound(beta1, beta2, t):.3g}" for t in (10, 100, 1000))
+            alerts.append(
+                Alert(
+                    rule="beta_coupling",
+                    severity="error",
+                    step=step,
+                    message=(
+                        f"param group {gi}: betas=({beta1:g}, {beta2:g}) have beta1^2 >= beta2 "
+                        f"(gamma = beta1^2/beta2 = {gamma:.4g}), so the largest possible update/lr grows "
+                        f"without limit ({bounds}); once gradients shrink each update can grow by "
+                        f"beta1/sqrt(beta2) = {beta1 / math.sqrt(beta2):.4g} per step. Raise beta2 above "
+                        f"beta1^2 = {beta1 * beta1:.4g} (e.g. beta2 >= 0.95 with beta1 = 0.9) or lower beta1."
+                    ),
+                    optimizer=optimizer,
+                    parameter=None,
+                    value=gamma,
+                    threshold=1.0,
+                )
+            )
+        elif beta1 >= beta2:
+            alerts.append(
+                Alert(
+                    rule="beta_order",
+                    severity="warning",
+                    step=step,
+                    message=(
+                        f"param group {gi}: betas=({beta1:g}, {beta2:g}) have beta1 >= beta2: momentum "
+                        f"remembers gradients longer than the second moment that scales them, so a "
+                        f"shrinking gradient can inflate updates up to B_inf = "
+                        f"{asymptotic_bound(beta1, beta2):.3g} x lr. Use beta2 > beta1 "
+                        f"(e.g. beta2 = 0.95 or 0.999 with beta1 = 0.9)."
+                    ),
+                    optimizer=optimizer,
+                    parameter=None,
+                    value=beta1,
+                    threshold=beta2,
+                )
+            )
+    return alerts

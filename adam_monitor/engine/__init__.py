@@ -1,0 +1,1 @@
+"""The framework-free engine: reading optimizer state, the per-step pipeline, the sinks."""
