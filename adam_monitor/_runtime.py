@@ -121,3 +121,10 @@ def independent_sizes():
 def eager_forced() -> bool:
     """Whether ``ADAM_MONITOR_EAGER`` asks for the eager paths (compile nothing)."""
     return os.environ.get(EAGER_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def is_rank_zero() -> bool:
+    """True outside ``torch.distributed`` and on its rank 0: the one process that writes."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )

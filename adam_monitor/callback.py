@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ._runtime import is_rank_zero
 from .alerts.records import Alert, InstabilityError, Thresholds
-from .engine.monitor import Monitor, is_rank_zero, validate_options
+from .engine.monitor import Monitor
+from .engine.options import FailOn, MonitorOptions, OnAlert
 
 __all__ = ["AdamMonitor"]
 
@@ -54,26 +57,23 @@ class AdamMonitor(Callback):
         log_every_n_steps: int | None = None,
         per_parameter: bool = True,
         histograms: bool = False,
-        on_alert: str = "warn",
-        fail_on: str = "error",
+        on_alert: OnAlert = "warn",
+        fail_on: FailOn = "error",
         blocking_alerts: bool | None = None,
         thresholds: Thresholds | None = None,
     ):
+        # The keywords are spelled out (not **options) so that LightningCLI and IDEs see them.
         super().__init__()
-        validate_options(
+        self.options = MonitorOptions.of(
             "AdamMonitor",
             log_every_n_steps=log_every_n_steps,
+            per_parameter=per_parameter,
+            histograms=histograms,
             on_alert=on_alert,
             fail_on=fail_on,
             blocking_alerts=blocking_alerts,
+            thresholds=thresholds,
         )
-        self.log_every_n_steps = log_every_n_steps
-        self.per_parameter = per_parameter
-        self.histograms = histograms
-        self.on_alert = on_alert
-        self.fail_on = fail_on
-        self.blocking_alerts = blocking_alerts
-        self.thresholds = thresholds
         self.monitor: Monitor | None = None
         self._alerts: list[Alert] = []
         self._loaded_state: dict | None = None
@@ -96,16 +96,11 @@ class AdamMonitor(Callback):
             trainer.optimizers,
             named_parameters=pl_module.named_parameters(),
             writer=writer,
-            log_every_n_steps=None,
-            per_parameter=self.per_parameter,
-            histograms=self.histograms,
             log_dir=trainer.log_dir,
-            on_alert=self.on_alert,
-            fail_on=self.fail_on,
-            blocking_alerts=self.blocking_alerts,
-            thresholds=self.thresholds,
             scalar_sink=self._log_scalars,
             step_axis=lambda: _lightning_step(trainer),
+            # The callback decides when to write (the trainer's batches, not optimizer steps).
+            options=dataclasses.replace(self.options, log_every_n_steps=None),
         )
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state)
@@ -123,7 +118,7 @@ class AdamMonitor(Callback):
             logger.log_metrics(metrics, step=step)
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.options.log_every_n_steps or trainer.log_every_n_steps
         if not every:
             return False
         return (_lightning_step(trainer) + 1) % every == 0 or trainer.should_stop

@@ -296,7 +296,7 @@ def test_betas_changed_mid_run_are_checked_again():
 
 def test_repeated_warnings_of_a_rule_are_condensed_and_every_alert_is_kept(tmp_path):
     from adam_monitor import Alert
-    from adam_monitor.engine.monitor import REPEAT_WARNING_STEPS
+    from adam_monitor.engine.policy import REPEAT_WARNING_STEPS
 
     p = torch.nn.Parameter(torch.zeros(8))
     monitor = Monitor(torch.optim.Adam([p]), log_dir=str(tmp_path), log_every_n_steps=None)
@@ -311,7 +311,7 @@ def test_repeated_warnings_of_a_rule_are_condensed_and_every_alert_is_kept(tmp_p
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for a in sorted(raised, key=lambda a: a.step):
-            monitor._handle([a], a.step)
+            monitor._policy.handle([a], a.step)
         monitor.close()
     lines = [str(w.message) for w in caught if issubclass(w.category, InstabilityWarning)]
     where = alerts_path(tmp_path)

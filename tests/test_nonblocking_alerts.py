@@ -133,10 +133,10 @@ def test_state_dict_and_summary_include_steps_still_in_flight(late_copies):
 def test_the_default_blocks_only_where_an_alert_must_act_on_its_step():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.Adam([p])
-    assert Monitor(opt).blocking_alerts is False
-    assert Monitor(opt, on_alert="raise").blocking_alerts is True
-    assert Monitor(opt, on_alert="stop").blocking_alerts is True
-    assert Monitor(opt, on_alert="raise", blocking_alerts=False).blocking_alerts is False
+    assert Monitor(opt).options.blocking is False
+    assert Monitor(opt, on_alert="raise").options.blocking is True
+    assert Monitor(opt, on_alert="stop").options.blocking is True
+    assert Monitor(opt, on_alert="raise", blocking_alerts=False).options.blocking is False
     with pytest.raises(ValueError, match="blocking_alerts"):
         Monitor(opt, blocking_alerts="yes")
     with pytest.raises(ValueError, match="blocking_alerts"):

@@ -1,4 +1,4 @@
-"""The TensorBoard custom-scalars layout: pooled charts first, then one category per module.
+"""The TensorBoard sink, and its custom-scalars layout: pooled charts first, then one category per module.
 
 One multiline chart over hundreds of tensors is unreadable, so per-parameter charts are split by
 the module that owns the tensors (the name's leading components) and each chart holds at most
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+from torch import Tensor
 
 from ..diagnostics.rows import DIAGNOSTICS
 
-__all__ = ["custom_scalars_layout", "module_of"]
+__all__ = ["TensorBoardSink", "custom_scalars_layout", "module_of", "worst_table"]
 
 
 def module_of(name: str, depth: int) -> str:
@@ -67,3 +70,57 @@ def custom_scalars_layout(
             category = f"{prefix}: {module}" if len(names_by_prefix) > 1 else f"adam: {module}"
             layout[category] = charts
     return layout
+
+
+#: Tensors named per diagnostic in the "worst tensors" text at each log point.
+WORST_NAMED = 5
+
+
+def worst_table(worst: dict[str, list[tuple[float, str]]]) -> str:
+    """Markdown: per diagnostic the worst tensors and their values."""
+    rows = ["| diagnostic | worst tensors (value) |", "|---|---|"]
+    for diag, top in worst.items():
+        rows.append(f"| {diag} | " + ", ".join(f"`{name}` ({value:.4g})" for value, name in top) + " |")
+    return "\n".join(rows)
+
+
+class TensorBoardSink:
+    """Where a log point goes: scalars to ``scalar_sink`` (Lightning's loggers) or the writer; the
+    worst-tensor text, the custom-scalars layout (once) and histograms to the writer."""
+
+    def __init__(self, writer, *, scalar_sink: Callable[[dict[str, float], int], None] | None, per_parameter: bool):
+        self.writer = writer
+        self._scalar_sink = scalar_sink
+        self._per_parameter = per_parameter
+        self._layout_written = False
+
+    def write_layout(self, names_by_prefix: dict[str, list[str]]) -> None:
+        if self._layout_written or self.writer is None or not hasattr(self.writer, "add_custom_scalars"):
+            return
+        self.writer.add_custom_scalars(custom_scalars_layout(names_by_prefix, per_parameter=self._per_parameter))
+        self._layout_written = True
+
+    def write(
+        self,
+        prefix: str,
+        metrics: dict[str, float],
+        x: int,
+        *,
+        worst: dict[str, list[tuple[float, str]]],
+        histograms: Iterable[tuple[str, Tensor]] = (),
+    ) -> None:
+        if self._scalar_sink is not None:
+            self._scalar_sink(metrics, x)
+        elif self.writer is not None:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, x)
+        if self.writer is None:
+            return
+        if worst:
+            self.writer.add_text(f"{prefix}/worst_tensors", worst_table(worst), x)
+        for name, direction in histograms:
+            self.writer.add_histogram(f"{prefix}/update/{name}", direction.detach().float().cpu(), x)
+
+    def flush(self) -> None:
+        if self.writer is not None and hasattr(self.writer, "flush"):
+            self.writer.flush()
