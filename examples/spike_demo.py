@@ -155,7 +155,7 @@ def main(argv=None):
     for name, listed, spike, lead, peak, seconds in rows:
         print(f"{name:<26}{listed:<{width}}{spike:<12}{lead:<6}{peak:<24}{seconds:>5.0f}s")
     try:
-        from adam_monitor.cli.report import write_report
+        from adam_monitor.cli.plot import write_report
 
         png = write_report(root, root / "report.png", title="spike demo: β2 = 0.999 vs 0.95 after a loss-scale return")
         print(f"\nReport: {png}")
