@@ -12,7 +12,6 @@ One module per command (``check``, ``bound``, ``report``), each adding its parse
 from __future__ import annotations
 
 import argparse
-import sys
 
 from . import bound, check, report
 
@@ -31,6 +30,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
