@@ -23,14 +23,15 @@ from torch import Tensor
 from .._runtime import HostCopy, is_rank_zero
 from ..alerts.configuration import configuration_alerts
 from ..alerts.log import AlertLog, summary_table
-from ..alerts.records import Alert, InstabilityError
+from ..alerts.records import Alert, InstabilityError, Thresholds
 from ..alerts.rules import AlertRules
-from ..diagnostics.rows import DIAGNOSTICS, NUM_STATS, diagnostics_from_statistics
+from ..diagnostics.rows import NUM_STATS
+from .metrics import log_point
 from .names import names_by_id, optimizer_prefixes, parameter_names, unwrap_optimizer
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
 from .reader import StepReader, UnsupportedOptimizer
-from .tensorboard import WORST_NAMED, TensorBoardSink
+from .tensorboard import TensorBoardSink
 
 __all__ = ["Monitor"]
 
@@ -39,6 +40,14 @@ def _bounded_by_adam(group: dict) -> bool:
     """Whether the group's direction is Adam's m̂/(√v̂+ε), which B_t and the beta rules bound;
     adam_monitor.optim's LaProp and atan2 directions are bounded whatever the betas."""
     return group.get("normalize", "adam") == "adam"
+
+
+def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> AlertRules:
+    groups = tracked.optimizer.param_groups
+    per_tensor = [tuple(float(b) for b in g["betas"]) for g in groups for _ in g["params"]]
+    if not all(_bounded_by_adam(g) for g in groups):
+        thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
+    return AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds)
 
 
 @dataclass
@@ -78,6 +87,40 @@ class _Tracked:
         self.sums.add_(rows)
         self.pending_steps += 1
         self.step = step
+
+    def parameter_names(self, named: dict[int, str]) -> list[str]:
+        if len(self.names) != len(self.reader.params):  # parameters were added: name them anew
+            self.names = parameter_names(self.optimizer, named)
+        return self.names
+
+    def unhook(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        self.reader.release()
+
+    def state_dict(self) -> dict:
+        return {
+            "prefix": self.prefix,
+            "sums": None if self.sums is None else self.sums.detach().cpu().clone(),
+            "pending_steps": self.pending_steps,
+            "step": self.step,
+            "rules": None if self.rules is None else self.rules.state_dict(),
+            "applied": self.applied,
+            "attempts": self.attempts,
+            "hook_skips": self.hook_skips,
+        }
+
+    def load_state_dict(self, entry: dict) -> None:
+        """Counts and sums of ``entry``; the rules' state is loaded by whoever builds the rules."""
+        if entry["sums"] is not None:
+            device = self.reader.params[0].device if self.reader.params else "cpu"
+            self.sums = entry["sums"].to(device=device, dtype=torch.float64).reshape(-1, NUM_STATS)
+        self.pending_steps = int(entry["pending_steps"])
+        self.step = int(entry["step"])
+        self.applied = int(entry.get("applied", 0))
+        self.attempts = entry.get("attempts")
+        self.hook_skips = int(entry.get("hook_skips", 0))
 
 
 class Monitor:
@@ -178,7 +221,7 @@ class Monitor:
         self._check_configuration(tracked, step)
         if tracked.rules is None or len(tracked.rules.names) != rows.shape[0]:
             self._drain(tracked, wait=True)  # earlier steps go to the rules they were made for
-            tracked.rules = self._make_rules(tracked)
+            tracked.rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
         tracked.unchecked.append((step, self._axis(step), HostCopy(rows)))
         tracked.accumulate(rows, step)
         every = self.options.log_every_n_steps
@@ -209,15 +252,8 @@ class Monitor:
             f"adam-monitor stopped monitoring {type(tracked.optimizer).__name__}: {reason}. "
             "Training goes on; nothing more is logged for it."
         )
-        self._unhook(tracked)
+        tracked.unhook()
         self._tracked.remove(tracked)
-
-    @staticmethod
-    def _unhook(tracked: _Tracked) -> None:
-        if tracked.hook is not None:
-            tracked.hook.remove()
-            tracked.hook = None
-        tracked.reader.release()
 
     def note_step_attempt(self, optimizer) -> None:
         """Announce that ``optimizer.step`` is about to be attempted.
@@ -232,16 +268,6 @@ class Monitor:
                 tracked.attempts = (tracked.attempts or 0) + 1
 
     # ------------------------------------------------------------------ rules and configuration
-    def _make_rules(self, tracked: _Tracked) -> AlertRules:
-        groups = tracked.optimizer.param_groups
-        per_tensor = [tuple(float(b) for b in g["betas"]) for g in groups for _ in g["params"]]
-        thresholds = self.options.thresholds
-        if not all(_bounded_by_adam(g) for g in groups):
-            thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
-        return AlertRules(
-            self._parameter_names(tracked), optimizer=tracked.label, betas=per_tensor, thresholds=thresholds
-        )
-
     def check_configuration(self) -> list[Alert]:
         """Run the configuration rules (β1² ≥ β2, β1 ≥ β2) now; they also run at the first step."""
         found = []
@@ -298,11 +324,6 @@ class Monitor:
         return summary_table(self.alerts)
 
     # ------------------------------------------------------------------ log points
-    def _parameter_names(self, tracked: _Tracked) -> list[str]:
-        if len(tracked.names) != len(tracked.reader.params):
-            tracked.names = parameter_names(tracked.optimizer, self._named)
-        return tracked.names
-
     def compute(self) -> dict[str, float]:
         """The diagnostics pooled since the last flush, as ``{tag: value}`` (one host transfer each)."""
         self.check_alerts()
@@ -312,32 +333,16 @@ class Monitor:
         return metrics
 
     def _metrics(self, tracked: _Tracked) -> tuple[dict[str, float], dict[str, list[tuple[float, str]]]]:
-        """``({tag: value}, worst tensors per diagnostic)`` of the steps since the last log point."""
         if tracked.sums is None or tracked.pending_steps == 0:
             return {}, {}
-        per_parameter = self.options.per_parameter
-        pooled = diagnostics_from_statistics(tracked.sums.sum(0))
-        per_param = diagnostics_from_statistics(tracked.sums)
-        packed = torch.cat([pooled, per_param.reshape(-1)]) if per_parameter else pooled
-        values = packed.tolist()  # the one host transfer of this log point
-        metrics = {f"{tracked.prefix}/{d}": v for d, v in zip(DIAGNOSTICS, values[:4]) if v == v}
-        metrics[f"{tracked.prefix}/skipped_steps"] = float(tracked.skipped)
-        metrics["adam/alerts"] = float(len(self.alerts))
-        if not per_parameter:
-            return metrics, {}
-        ranked: dict[str, list[tuple[float, str]]] = {d: [] for d in DIAGNOSTICS}
-        for i, name in enumerate(self._parameter_names(tracked)):
-            for k, d in enumerate(DIAGNOSTICS):
-                v = values[4 + 4 * i + k]
-                if v == v:  # NaN: the tensor did not step since the last log
-                    metrics[f"{tracked.prefix}/{d}/{name}"] = v
-                    ranked[d].append((v, name))
-        # With hundreds of tensors no chart shows them all: the worst one is a scalar of its own
-        # and the top few are named in a text summary.
-        worst = {d: sorted(r, reverse=True)[:WORST_NAMED] for d, r in ranked.items() if r}
-        for d, top in worst.items():
-            metrics[f"{tracked.prefix}/worst/{d}"] = top[0][0]
-        return metrics, worst
+        return log_point(
+            tracked.prefix,
+            tracked.sums,
+            tracked.parameter_names(self._named),
+            skipped=tracked.skipped,
+            alert_count=len(self.alerts),
+            per_parameter=self.options.per_parameter,
+        )
 
     def flush(self, step: int | None = None) -> dict[str, float]:
         """Write everything accumulated since the last flush; returns what was written.
@@ -355,7 +360,7 @@ class Monitor:
         if not metrics:
             return {}
         x = tracked.step if step is None else step
-        self._sink.write_layout({t.prefix: self._parameter_names(t) for t in self._tracked})
+        self._sink.write_layout({t.prefix: t.parameter_names(self._named) for t in self._tracked})
         histograms = self._histograms(tracked) if self.options.histograms else ()
         self._sink.write(tracked.prefix, metrics, x, worst=worst, histograms=histograms)
         tracked.sums.zero_()
@@ -363,7 +368,7 @@ class Monitor:
         return metrics
 
     def _histograms(self, tracked: _Tracked) -> Iterable[tuple[str, Tensor]]:
-        names = dict(zip(map(id, tracked.reader.params), self._parameter_names(tracked)))
+        names = dict(zip(map(id, tracked.reader.params), tracked.parameter_names(self._named)))
         return ((names.get(id(p), "?"), u) for p, u in tracked.reader.updates())
 
     # ------------------------------------------------------------------ lifecycle
@@ -385,7 +390,7 @@ class Monitor:
             self._policy.close()
         finally:  # an alert raised on the last steps still leaves the optimizers unhooked
             for tracked in self._tracked:
-                self._unhook(tracked)
+                tracked.unhook()
             self._sink.flush()
         if raise_on_stop and self._policy.stop_alerts:
             raise InstabilityError(self._policy.take_stop_alerts(), where=self.alerts_file)
@@ -401,19 +406,7 @@ class Monitor:
         self.check_alerts()  # the rules' state must include every step the sums do
         return {
             "version": 1,
-            "optimizers": [
-                {
-                    "prefix": t.prefix,
-                    "sums": None if t.sums is None else t.sums.detach().cpu().clone(),
-                    "pending_steps": t.pending_steps,
-                    "step": t.step,
-                    "rules": None if t.rules is None else t.rules.state_dict(),
-                    "applied": t.applied,
-                    "attempts": t.attempts,
-                    "hook_skips": t.hook_skips,
-                }
-                for t in self._tracked
-            ],
+            "optimizers": [t.state_dict() for t in self._tracked],
             "alerts": [a.to_dict() for a in self.alerts],
             "configuration_seen": sorted(self._config_seen),
         }
@@ -424,17 +417,9 @@ class Monitor:
             entry = saved.get(tracked.prefix)
             if entry is None:
                 continue
-            sums = entry["sums"]
-            if sums is not None:
-                device = tracked.reader.params[0].device if tracked.reader.params else "cpu"
-                tracked.sums = sums.to(device=device, dtype=torch.float64).reshape(-1, NUM_STATS)
-            tracked.pending_steps = int(entry["pending_steps"])
-            tracked.step = int(entry["step"])
-            tracked.applied = int(entry.get("applied", 0))
-            tracked.attempts = entry.get("attempts")
-            tracked.hook_skips = int(entry.get("hook_skips", 0))
+            tracked.load_state_dict(entry)
             if entry.get("rules") is not None:
-                tracked.rules = self._make_rules(tracked)
+                tracked.rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
                 tracked.rules.load_state_dict(entry["rules"])
         self._policy.load([Alert.from_dict(d) for d in state.get("alerts", [])])
         self._config_seen = set(state.get("configuration_seen", []))

@@ -72,10 +72,6 @@ def custom_scalars_layout(
     return layout
 
 
-#: Tensors named per diagnostic in the "worst tensors" text at each log point.
-WORST_NAMED = 5
-
-
 def worst_table(worst: dict[str, list[tuple[float, str]]]) -> str:
     """Markdown: per diagnostic the worst tensors and their values."""
     rows = ["| diagnostic | worst tensors (value) |", "|---|---|"]

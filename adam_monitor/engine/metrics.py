@@ -1,0 +1,47 @@
+"""A log point's values: the pooled and per-parameter diagnostics of the steps since the last one,
+under their TensorBoard tags (DESIGN's tag contract), in one host transfer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..diagnostics.rows import DIAGNOSTICS, diagnostics_from_statistics
+
+__all__ = ["WORST_NAMED", "log_point"]
+
+#: Tensors named per diagnostic in the "worst tensors" text at each log point.
+WORST_NAMED = 5
+
+
+def log_point(
+    prefix: str, sums: Tensor, names: list[str], *, skipped: int, alert_count: int, per_parameter: bool
+) -> tuple[dict[str, float], dict[str, list[tuple[float, str]]]]:
+    """``({tag: value}, worst tensors per diagnostic)`` from the summed rows ``(len(names), NUM_STATS)``.
+
+    A diagnostic that is NaN (a tensor that did not step since the last log point, a jump at the
+    first step) is left out rather than written as NaN.
+    """
+    pooled = diagnostics_from_statistics(sums.sum(0))
+    per_param = diagnostics_from_statistics(sums)
+    packed = torch.cat([pooled, per_param.reshape(-1)]) if per_parameter else pooled
+    values = packed.tolist()  # the one host transfer of this log point
+    width = len(DIAGNOSTICS)
+    metrics = {f"{prefix}/{d}": v for d, v in zip(DIAGNOSTICS, values[:width]) if v == v}
+    metrics[f"{prefix}/skipped_steps"] = float(skipped)
+    metrics["adam/alerts"] = float(alert_count)
+    if not per_parameter:
+        return metrics, {}
+    ranked: dict[str, list[tuple[float, str]]] = {d: [] for d in DIAGNOSTICS}
+    for i, name in enumerate(names):
+        for k, d in enumerate(DIAGNOSTICS):
+            v = values[width * (i + 1) + k]
+            if v == v:
+                metrics[f"{prefix}/{d}/{name}"] = v
+                ranked[d].append((v, name))
+    # With hundreds of tensors no chart shows them all: the worst one is a scalar of its own and
+    # the top few are named in a text summary.
+    worst = {d: sorted(r, reverse=True)[:WORST_NAMED] for d, r in ranked.items() if r}
+    for d, top in worst.items():
+        metrics[f"{prefix}/worst/{d}"] = top[0][0]
+    return metrics, worst
