@@ -2,24 +2,35 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from adam_monitor.alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts
+from adam_monitor.alerts.rules import (
+    eps_dominance,
+    gradient_growth,
+    jump_model,
+    nonfinite,
+    predicted_peak,
+    stale_second_moment,
+    subject_bounds,
+    subjects,
+    update_rms_spike,
+)
 from adam_monitor.diagnostics import NUM_STATS
+from adam_monitor.diagnostics.rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, STALENESS_SQ, UPDATE_SQ
 from adam_monitor.engine.reader import StepReader
-from adam_monitor.theory import worst_case_bound
+from adam_monitor.theory import jump_peak, worst_case_bound
 
 
-def drive(betas, steps, scale=lambda t: 1.0, n=4096, nan_at=None, eps=1e-8, rules=None, opt_state=None, seed=0):
-    """torch Adam on i.i.d. N(0, scale(t)²) gradients for a weight of n and a bias of 64 coordinates."""
+def adam_rows(betas, steps, scale=lambda t: 1.0, n=4096, nan_at=None, eps=1e-8, seed=0):
+    """(step, rows) of torch Adam on i.i.d. N(0, scale(t)²) gradients for a weight of n and a bias of 64 coordinates."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.nn.Parameter(torch.zeros(n))
     b = torch.nn.Parameter(torch.zeros(64))
     opt = torch.optim.Adam([w, b], lr=1e-3, betas=betas, eps=eps)
     reader = StepReader(opt)
-    rules = rules or AlertRules(["w", "b"], optimizer="Adam", betas=betas)
-    alerts = []
     for t in range(1, steps + 1):
         s = scale(t)
         w.grad = torch.randn(n, generator=gen, dtype=torch.float32) * s
@@ -28,8 +39,39 @@ def drive(betas, steps, scale=lambda t: 1.0, n=4096, nan_at=None, eps=1e-8, rule
             w.grad[7] = math.nan
         opt.step()
         rows, step = reader.read()
-        alerts += rules.observe(step, rows)
+        yield step, rows
+
+
+def drive(betas, steps, scale=lambda t: 1.0, n=4096, nan_at=None, eps=1e-8, rules=None, seed=0):
+    """The alerts of ``rules`` (default: AlertRules for "w" and "b") on ``adam_rows``, and the rules."""
+    rules = rules or AlertRules(["w", "b"], optimizer="Adam", betas=betas)
+    alerts = [
+        a for step, rows in adam_rows(betas, steps, scale, n, nan_at, eps, seed) for a in rules.observe(step, rows)
+    ]
     return alerts, rules
+
+
+def stat_rows(count, update_rms=0.0, staleness=1.0, eps_frac=0.0, jump=1.0):
+    """Statistics rows of tensors with ``count`` coordinates each and these diagnostics (float64)."""
+    count = torch.as_tensor(count, dtype=torch.float64).reshape(-1)
+    rows = torch.zeros(len(count), NUM_STATS, dtype=torch.float64)
+
+    def per(x):
+        return torch.as_tensor(x, dtype=torch.float64).expand(len(count))
+
+    rows[:, UPDATE_SQ] = per(update_rms) ** 2 * count
+    rows[:, STALENESS_SQ] = per(staleness) ** 2 * count
+    rows[:, JUMP_SQ] = per(jump) ** 2 * count
+    rows[:, JUMP_COUNT] = count
+    rows[:, EPS_COUNT] = torch.round(per(eps_frac) * count)
+    rows[:, COUNT] = count
+    return rows
+
+
+def one_pool(rows, min_numel=256):
+    """The subjects of ``rows`` when all tensors share one pair of betas."""
+    host = rows.numpy()
+    return subjects(host, np.zeros(len(host), dtype=np.int64), 1, min_numel)
 
 
 def summary(alerts):
@@ -75,7 +117,7 @@ def test_beta_coupling_and_order():
 def test_eps_dominance_fires_for_underflowing_gradients_only():
     # The gradient falls from 1e-6 to 1e-11, far below eps = 1e-8: √v̂ follows at β2^(k/2).
     tiny, _ = drive((0.9, 0.95), 300, scale=lambda t: 1e-6 if t < 50 else 1e-11)
-    assert summary(tiny)[:1] == [("eps_dominance", tiny[0].step, "w")]
+    assert (tiny[0].rule, tiny[0].parameter) == ("eps_dominance", "w") and tiny[0].step > 50 + Thresholds().eps_steps
     assert {a.rule for a in tiny} == {"eps_dominance"} and len({a.parameter for a in tiny}) == len(tiny)
     healthy, _ = drive((0.9, 0.95), 300, scale=lambda t: 1e-3)
     assert healthy == []
@@ -206,61 +248,182 @@ def test_eps_dominance_message_names_both_readings():
 
 def test_update_rms_above_the_bound():
     rules = AlertRules(["w"], optimizer="X", betas=(0.9, 0.999))
-    row = torch.tensor([[1000 * 2.0**2, 1000.0, 1000.0, 1000.0, 0.0, 1000.0]], dtype=torch.float64)
-    alerts = rules.observe(1, row)  # update RMS 2 at step 1, where B_1 = 1
+    alerts = rules.observe(1, stat_rows([1000], update_rms=2.0))  # update RMS 2 at step 1, where B_1 = 1
     assert summary(alerts) == [("update_rms_spike", 1, "w")] and "bound" in alerts[0].message
+    assert alerts[0].threshold == pytest.approx(worst_case_bound(0.9, 0.999, 1) * (1 + 1e-4), rel=1e-12)
 
 
-def test_bound_matches_theory():
-    rules = AlertRules(["a", "b"], optimizer="X", betas=[(0.9, 0.999), (0.9, 0.95)])
+@pytest.mark.parametrize("betas", [(0.95, 0.8), (0.9, 0.81), (0.0, 0.0), (0.5, 0.0)])
+def test_no_bound_test_where_beta1_squared_reaches_beta2(betas):
+    # B_t grows without limit there and beta_coupling reports the betas: the spike rule's bound
+    # level is infinite, however large the update.
+    rules = AlertRules(["w"], optimizer="X", betas=betas)
+    assert rules.observe(1, stat_rows([1000], update_rms=1e6)) == []
+    if betas[1] > 0:
+        assert [a.rule for a in configuration_alerts([betas], optimizer="X", step=1)] == ["beta_coupling"]
+
+
+def test_subject_bounds_are_theory_per_pair_spread_over_subjects():
+    pairs = [(0.9, 0.95), (0.9, 0.999), (0.95, 0.8)]
+    pair_of = np.array([1, 0, 2, 1, 0, 1, 2])  # four tensors, then the three pools
     for t in (1, 2, 10, 1000):
-        got = rules._bound(t).tolist()
-        assert got[:2] == pytest.approx([worst_case_bound(0.9, 0.999, t), worst_case_bound(0.9, 0.95, t)], rel=1e-12)
+        got = subject_bounds(t, pairs, pair_of)
+        want = [worst_case_bound(0.9, 0.95, t), worst_case_bound(0.9, 0.999, t), math.inf]
+        assert got.tolist() == [want[i] for i in pair_of]
 
 
 def test_predicted_peak_matches_the_jump_formula_at_steady_state():
-    from adam_monitor.theory import jump_peak
-
-    rules = AlertRules(["w"], optimizer="X", betas=(0.9, 0.999))
     a, t, b2 = 10.0, 100_000, 0.999
-    stale_sq = torch.tensor([a * a / (b2 + (1 - b2) * a * a)] * 2, dtype=torch.float64)  # + the pool
-    peak, jump = rules._predicted_peak(t, stale_sq)
-    assert jump[0].item() == pytest.approx(a, rel=1e-9)
-    assert peak[0].item() == pytest.approx(jump_peak(0.9, b2, a)[1], rel=2e-2)  # geometric grid of k
+    stale_sq = np.array([a * a / (b2 + (1 - b2) * a * a)])  # staleness² of a jump by a at steady state
+    peak, jump = predicted_peak(t, stale_sq, jump_model([(0.9, b2)]))
+    assert jump[0] == pytest.approx(a, rel=1e-9)
+    assert peak[0] == pytest.approx(jump_peak(0.9, b2, a)[1], rel=2e-2)  # geometric grid of k
+    peak, jump = predicted_peak(1, stale_sq, jump_model([(0.9, b2)]))
+    assert peak[0] == 0 and math.isnan(jump[0])  # step 1: no v̂_{t-1} to be stale
 
 
-def test_small_tensors_are_judged_pooled():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("numel,alerts", [(40, [("stale_second_moment", 500, "bias3")]), (10, [])])
+def test_small_tensors_are_judged_pooled(numel, alerts):
+    # Eight small tensors of the same betas: one of them far off (staleness 19.7, near the ceiling
+    # 19.8 at step 500 for beta2 = 0.999) lifts the pooled staleness to 7.2. Pooled 8 x 40 = 320
+    # coordinates reach min_numel (256) and alert, naming the worst member; 8 x 10 = 80 do not,
+    # though that tensor alone would.
     names = [f"bias{i}" for i in range(8)]
     rules = AlertRules(names, optimizer="Adam", betas=(0.9, 0.999))
-    rows = torch.zeros(8, NUM_STATS, dtype=torch.float64)
-    rows[:, 5] = 10.0  # count
-    rows[:, 1] = 10.0  # staleness² sum: staleness 1
+    rows = stat_rows([numel] * 8)
     for t in range(2, 500):
         assert rules.observe(t, rows) == []
-    rows[3, 1] = 10.0 * 900  # one 10-element tensor far off: the pool of 80 is under min_numel
-    assert rules.observe(500, rows) == []
+    staleness = torch.ones(8, dtype=torch.float64)
+    staleness[3] = 19.7
+    got = rules.observe(500, stat_rows([numel] * 8, staleness=staleness))
+    assert summary(got) == alerts
+    if got:
+        assert "the tensors under 256 elements with betas (0.9, 0.999), pooled (worst: bias3)" in got[0].message
+    alone = AlertRules(["bias3"], optimizer="Adam", betas=(0.9, 0.999), thresholds=Thresholds(min_numel=numel))
+    assert [a.rule for a in alone.observe(500, stat_rows([numel], staleness=19.7))] == ["stale_second_moment"]
 
 
 def test_state_dict_round_trip_continues_identically(tmp_path: Path):
-    scale = lambda t: 10.0 if t >= 150 else 1.0  # noqa: E731
-    thresholds = Thresholds(eps_steps=5)
-    _, first = drive(
-        (0.9, 0.99),
-        100,
-        scale=scale,
-        rules=AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.99), thresholds=thresholds),
-    )
+    # eps dominates from step 1 (an episode from step 5 that spans the checkpoint at 100), then the
+    # gradient jumps at 121: the continuation depends on the saved episode and baselines.
+    rows = list(adam_rows((0.9, 0.999), 200, scale=lambda t: 1e-11 if t <= 120 else 1.0))
+
+    def build():
+        return AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.999), thresholds=Thresholds(eps_steps=5))
+
+    def feed(rules, part):
+        return [a for t, r in part for a in rules.observe(t, r)]
+
+    first = build()
+    before = feed(first, rows[:100])
+    assert summary(before) == [("eps_dominance", 5, "w")] and "1 more subject" in before[0].message
     torch.save(first.state_dict(), tmp_path / "rules.pt")
-    restored = AlertRules(["w", "b"], optimizer="A", betas=(0.9, 0.99), thresholds=thresholds)
+    restored = build()
     restored.load_state_dict(torch.load(tmp_path / "rules.pt", weights_only=True))
     for k, v in first.state_dict().items():
         other = restored.state_dict()[k]
-        assert torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other
-    # Feeding the same rows to both continues identically.
-    rows = torch.zeros(2, NUM_STATS, dtype=torch.float64)
-    rows[:, 0], rows[:, 1], rows[:, 5] = 4096 * 9.0, 4096 * 50.0, 4096.0
-    assert summary(first.observe(101, rows)) == summary(restored.observe(101, rows)) != []
+        assert torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other, k
+    after = feed(first, rows[100:])
+    assert summary(after) == [("stale_second_moment", 121, "w"), ("update_rms_spike", 121, "w")]
+    assert feed(restored, rows[100:]) == after  # every field: rule, step, message, values
+    for k, v in first.state_dict().items():
+        other = restored.state_dict()[k]
+        assert torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other, k
+    # Without the state the continuation differs (a second eps episode at 105): the check above can fail.
+    assert feed(build(), rows[100:]) != after
+
+
+# ------------------------------------------------------------------ the rules one by one, on hand-made steps
+
+
+def test_nonfinite_rule_alerts_once_per_episode():
+    state = {"nonfinite_active": np.zeros((), dtype=bool)}
+    clean = stat_rows([300, 300]).numpy()
+    bad = clean.copy()
+    bad[1, STALENESS_SQ] = math.inf
+    assert nonfinite(clean, state) is None
+    finding = nonfinite(bad, state)
+    assert finding is not None and finding.tensor == 1 and finding.value == math.inf
+    assert nonfinite(bad, state) is None  # the same episode
+    assert nonfinite(clean, state) is None and nonfinite(bad, state) is not None  # cleared, then a new one
+
+
+def test_stale_rule_fires_where_the_jump_formula_predicts_an_overshoot():
+    # Staleness of a x10 gradient jump at steady state: the update overshoots to ~5 at beta2 = 0.999,
+    # to ~1.1 at 0.95 (below stale_peak = 2): a stale v̂ there cannot inflate updates.
+    a, th = 10.0, Thresholds()
+    for b2, fires in ((0.999, True), (0.95, False)):
+        stale_sq = a * a / (b2 + (1 - b2) * a * a)
+        q = one_pool(stat_rows([4096], staleness=math.sqrt(stale_sq)))
+        state = {"stale_active": np.zeros(2, dtype=bool)}
+        finding = stale_second_moment(10_000, q, jump_model([(0.9, b2)] * 2), state, th)
+        assert (finding is not None) == fires
+        if fires:
+            assert (finding.subject, finding.member, finding.count) == (0, 0, 1)
+            assert finding.jump == pytest.approx(a, rel=1e-4) and finding.peak > th.stale_peak  # nearly steady
+            assert state["stale_active"].tolist() == [True, False]
+
+
+def spike_state(baseline, seen):
+    d = Thresholds().spike_decay
+    ema = baseline * (1 - d**seen)  # the bias-corrected EMA then reads ``baseline``
+    return {
+        "spike_active": np.zeros(2, dtype=bool),
+        "spike_ema": np.array([ema, 0.0]),
+        "spike_seen": np.array([float(seen), 0.0]),
+    }
+
+
+def test_spike_rule_fires_above_its_running_mean_or_the_bound():
+    th, no_bound = Thresholds(), np.full(2, math.inf)
+    # baseline 0.5 over 100 steps: the level is max(3 x 0.5, floor 1) = 1.5
+    quiet = update_rms_spike(one_pool(stat_rows([4096], update_rms=1.4)), no_bound, spike_state(0.5, 100), th)
+    assert quiet is None
+    finding = update_rms_spike(one_pool(stat_rows([4096], update_rms=1.6)), no_bound, spike_state(0.5, 100), th)
+    assert finding is not None and finding.threshold == pytest.approx(1.5) and finding.baseline == pytest.approx(0.5)
+    # too few steps seen for the running mean: only the bound test applies
+    young = spike_state(0.5, 10)
+    assert update_rms_spike(one_pool(stat_rows([4096], update_rms=1.6)), no_bound, young, th) is None
+    finding = update_rms_spike(one_pool(stat_rows([4096], update_rms=1.6)), np.ones(2), spike_state(0.5, 10), th)
+    assert finding is not None and finding.bound == pytest.approx(1 + 1e-4) and finding.value > finding.bound
+
+
+def growth_state(run, prev):
+    return {
+        "growth_prev": np.array([prev, 0.0]),
+        "fast_growth_run": np.zeros(2),
+        "growth_run": np.array([float(run), 0.0]),
+        "growth_base": np.array([prev / 1.3 ** (2 * run), 0.0]),
+        "growth_active": np.zeros(2, dtype=bool),
+    }
+
+
+def test_growth_rule_fires_on_the_fourth_step_of_growth_unless_eps_sets_the_step():
+    th = Thresholds()
+    grown = one_pool(stat_rows([4096], staleness=0.13))  # 0.1 -> 0.13: x1.3 per step, above growth_ratio 1.2
+    finding, full = gradient_growth(grown, False, growth_state(3, 0.01), th)
+    assert full and finding is not None and (finding.steps, finding.threshold) == (4, 1.2)
+    assert finding.ratio == pytest.approx(1.3)
+    finding, full = gradient_growth(grown, False, growth_state(2, 0.01), th)  # third step: not yet
+    assert finding is None and not full
+    finding, full = gradient_growth(grown, True, growth_state(1, 0.01), th)  # in the window: 2 steps suffice
+    assert finding is not None and finding.steps == 2 and not full
+    dominated = one_pool(stat_rows([4096], staleness=0.13, eps_frac=0.9))
+    assert gradient_growth(dominated, False, growth_state(3, 0.01), th)[0] is None
+
+
+def test_eps_rule_fires_after_eps_steps_in_a_row():
+    th = Thresholds()
+    state = {"eps_run": np.array([th.eps_steps - 2.0]), "eps_active": np.zeros(1, dtype=bool)}
+    dominated = one_pool(stat_rows([4096], eps_frac=0.9))
+    assert eps_dominance(dominated, state, th) is None
+    finding = eps_dominance(dominated, state, th)
+    assert finding is not None and finding.fraction == pytest.approx(0.9, abs=1e-3) and finding.count == 1
+    assert eps_dominance(dominated, state, th) is None  # the same episode
+    assert eps_dominance(one_pool(stat_rows([4096], eps_frac=0.3)), state, th) is None
+    assert state["eps_active"].tolist() == [True] and state["eps_run"].tolist() == [0.0]  # 0.3 > eps_clear: still on
+    eps_dominance(one_pool(stat_rows([4096], eps_frac=0.1)), state, th)
+    assert state["eps_active"].tolist() == [False]
 
 
 def test_alert_dict_round_trip_is_json_safe():

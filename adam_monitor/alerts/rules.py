@@ -1,10 +1,13 @@
 """Alert rules: from the per-step statistics rows of one optimizer to :class:`Alert` records.
 
 Pure torch + numpy + stdlib. :class:`AlertRules` moves each optimizer step's rows (one row of
-sums per tensor) to the host in one transfer and keeps its running baselines there as numpy arrays
-(a few dozen operations on arrays of one entry per subject: microseconds each, where as many
-tiny torch kernels cost tens of microseconds each); :func:`configuration_alerts` checks the
-betas. Rules (severity):
+sums per tensor) to the host in one transfer and keeps its running state there as numpy arrays:
+the rules are a few dozen operations on arrays of one entry per subject, cheaper on the host than
+as many tiny device kernels. Each rule is a function of that step's host arrays, its own state and
+the thresholds, returning a named finding or ``None`` (:func:`nonfinite`, :func:`stale_second_moment`,
+:func:`update_rms_spike`, :func:`gradient_growth`, :func:`eps_dominance`); the text of the alerts is
+in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``, ``beta_order``) in
+:mod:`adam_monitor.alerts.configuration`. Rules (severity):
 
 * ``beta_coupling`` (error): β1² ≥ β2. With γ = β1²/β2 ≥ 1 the worst-case update bound
   B_t = (1-β1)/√(1-β2) · √(1-β2^t)/(1-β1^t) · √(Σ_{k<t} γ^k) grows without limit.
@@ -34,15 +37,38 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..diagnostics.rows import COUNT, EPS_COUNT, NUM_STATS, STALENESS_SQ, UPDATE_SQ
+from ..theory import worst_case_bound
+from . import messages
 from .records import Alert, Thresholds
 
-__all__ = ["AlertRules"]
+__all__ = [
+    "AlertRules",
+    "Subjects",
+    "JumpModel",
+    "NonfiniteFinding",
+    "StaleFinding",
+    "SpikeFinding",
+    "GrowthFinding",
+    "EpsFinding",
+    "subjects",
+    "jump_model",
+    "predicted_peak",
+    "subject_bounds",
+    "nonfinite",
+    "stale_second_moment",
+    "update_rms_spike",
+    "gradient_growth",
+    "eps_dominance",
+]
+
+State = dict[str, np.ndarray]
 
 
 def _jump_grid(max_k: int = 2000, ratio: float = 1.25) -> list[int]:
@@ -58,36 +84,308 @@ def _is_pair(betas) -> bool:
     return len(betas) == 2 and all(isinstance(b, Real) for b in betas)
 
 
-# Positions in the vector observe() moves to the host.
-(
-    _NF_NEW,
-    _NF_IDX,
-    _NF_VAL,
-    _ST_NEW,
-    _ST_IDX,
-    _ST_PEAK,
-    _ST_JUMP,
-    _ST_STALE,
-    _ST_MEMBER,
-    _SP_NEW,
-    _SP_IDX,
-    _SP_VAL,
-    _SP_THR,
-    _SP_BASE,
-    _SP_BOUND,
-    _SP_MEMBER,
-    _GR_NEW,
-    _GR_IDX,
-    _GR_RATIO,
-    _GR_STALE,
-    _GR_MEMBER,
-    _GR_STEPS,
-    _GR_THR,
-    _EPS_NEW,
-    _EPS_IDX,
-    _EPS_VAL,
-    _VEC_LEN,
-) = range(27)
+# ---------------------------------------------------------------------------------- one step's subjects
+
+
+class Subjects(NamedTuple):
+    """One step's host quantities per subject: the n tensors, then one pool of small tensors per
+    distinct (β1, β2). Arrays of length S = n + pools unless noted."""
+
+    stepped: np.ndarray  # the subject has coordinates in this step (count > 0)
+    judged: np.ndarray  # large enough to be judged: a tensor of >= min_numel elements, or a pool of that many
+    update_rms: np.ndarray
+    stale_sq: np.ndarray  # staleness²
+    eps_frac: np.ndarray  # eps_dominance
+    small: np.ndarray  # [n] the tensor is judged in its pool
+    pool_of: np.ndarray  # [n] the pool (index among the distinct betas) of each tensor
+
+
+def subjects(rows: np.ndarray, pool_of: np.ndarray, num_pools: int, min_numel: int) -> Subjects:
+    """Pool the small tensors' rows per distinct betas and derive the diagnostics the rules judge."""
+    count = rows[:, COUNT]
+    stepped = count > 0
+    small = stepped & (count < min_numel)
+    pools = np.zeros((num_pools, NUM_STATS))
+    np.add.at(pools, pool_of, np.where(small[:, None], rows, 0.0))  # in index order, as torch's index_add_
+    subj = np.concatenate([rows, pools])
+    s_count = subj[:, COUNT]
+    s_stepped = s_count > 0
+    judged = np.concatenate([stepped & ~small, s_count[len(rows) :] >= min_numel])
+    safe = np.where(s_stepped, s_count, 1.0)
+    return Subjects(
+        stepped=s_stepped,
+        judged=judged,
+        update_rms=np.sqrt(subj[:, UPDATE_SQ] / safe),
+        stale_sq=subj[:, STALENESS_SQ] / safe,
+        eps_frac=subj[:, EPS_COUNT] / safe,
+        small=small,
+        pool_of=pool_of,
+    )
+
+
+def _worst_member(q: Subjects, subject: int, score: np.ndarray) -> int:
+    """For a pool ``subject``: its small tensor with the highest ``score`` (per tensor); else the subject."""
+    n = len(q.small)
+    if subject < n:
+        return subject
+    in_pool = q.small & (q.pool_of == subject - n)
+    return int(np.where(in_pool, score, -math.inf).argmax())
+
+
+def _first_worst(new: np.ndarray, score: np.ndarray) -> int:
+    """The subject with the highest ``score`` among those that start an episode."""
+    return int(np.where(new, score, -math.inf).argmax())
+
+
+# ---------------------------------------------------------------------------------- theory per subject
+
+
+class JumpModel(NamedTuple):
+    """Per-subject betas and their powers on the grid of steps after a jump (``_jump_grid``)."""
+
+    beta1: np.ndarray  # [S]
+    beta2: np.ndarray  # [S]
+    beta1_k: np.ndarray  # [S, K]
+    beta2_k: np.ndarray  # [S, K]
+
+
+def jump_model(subject_betas: Sequence[tuple[float, float]]) -> JumpModel:
+    ks = np.array(_jump_grid(), dtype=np.float64)
+    b = np.array(subject_betas, dtype=np.float64).reshape(-1, 2)
+    return JumpModel(np.ascontiguousarray(b[:, 0]), np.ascontiguousarray(b[:, 1]), b[:, :1] ** ks, b[:, 1:] ** ks)
+
+
+def predicted_peak(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.ndarray, np.ndarray]:
+    """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 (no v̂_{t-1}).
+
+    Inverts the staleness for a (see :class:`AlertRules`) and takes the largest update of the jump
+    formula with bias corrections over the grid of steps after the jump.
+    """
+    if step < 2:
+        return np.zeros_like(stale_sq), np.full_like(stale_sq, math.nan)
+    b1, b2 = model.beta1, model.beta2
+    p1, p2 = b1 ** (step - 1), b2 ** (step - 1)  # β^(t-1)
+    c2 = 1 - p2 * b2  # c2(t)
+    prev = c2 - (1 - b2)  # β2·c2(t-1)
+    room = np.maximum(c2 - (1 - b2) * stale_sq, np.finfo(np.float64).tiny)
+    x = np.clip(prev * stale_sq / room, 0.0, 1e12)
+    a = np.sqrt(x)[:, None]
+    w1 = model.beta1_k * (1 - p1)[:, None] / (1 - p1[:, None] * model.beta1_k)
+    w2 = model.beta2_k * (1 - p2)[:, None] / (1 - p2[:, None] * model.beta2_k)
+    u = (w1 + (1 - w1) * a) / np.sqrt(w2 + (1 - w2) * a * a)
+    return u.max(1), a[:, 0]
+
+
+def _rule_bound(beta1: float, beta2: float, step: int) -> float:
+    """B_t as the update_rms_spike rule uses it."""
+    if step < 1:
+        return math.nan  # steps count from 1: no bound, and a NaN level never fires
+    # With γ = β1²/β2 ≥ 1 B_t grows without limit and beta_coupling already reports the betas as an
+    # error; a bound test there would only repeat it on every tensor, so the level is infinite.
+    if not (beta2 > 0 and beta1 * beta1 / beta2 < 1):
+        return math.inf
+    return worst_case_bound(beta1, beta2, step)
+
+
+def subject_bounds(step: int, pairs: Sequence[tuple[float, float]], pair_of: np.ndarray) -> np.ndarray:
+    """B_t per subject: once per distinct (β1, β2) ``pairs``, spread by each subject's ``pair_of``."""
+    return np.array([_rule_bound(b1, b2, step) for b1, b2 in pairs], dtype=np.float64)[pair_of]
+
+
+# ---------------------------------------------------------------------------------- the rules
+
+
+class NonfiniteFinding(NamedTuple):
+    tensor: int  # the first tensor with a NaN/Inf statistic
+    value: float  # its first non-finite statistic
+
+
+class StaleFinding(NamedTuple):
+    subject: int
+    member: int  # the worst small tensor of a pool subject, else the subject
+    peak: float  # predicted peak update over its steady size
+    jump: float  # jump factor a of the gradient against v̂_{t-1}
+    staleness: float
+    count: int  # subjects starting an episode at this step
+
+
+class SpikeFinding(NamedTuple):
+    subject: int
+    member: int
+    value: float  # update RMS
+    threshold: float  # the lower of the relative level and the bound level
+    baseline: float  # the running mean of the update RMS
+    bound: float  # bound_factor·(1+1e-4)·B_t, the bound level the update RMS was compared with
+    count: int
+
+
+class GrowthFinding(NamedTuple):
+    subject: int
+    member: int
+    ratio: float  # growth of the gradient against √v̂ per step, over the current run
+    staleness: float
+    steps: int  # the run length the met condition asks for
+    threshold: float  # the growth ratio of the met condition
+    count: int
+
+
+class EpsFinding(NamedTuple):
+    tensor: int
+    fraction: float  # of coordinates with √v̂ ≤ ε
+    count: int
+
+
+def nonfinite(rows: np.ndarray, state: State) -> NonfiniteFinding | None:
+    """A NaN/Inf anywhere in the rows; one episode per optimizer (a NaN spreads to all tensors)."""
+    bad = ~np.isfinite(rows).all(1)
+    any_bad = bool(bad.any())
+    new = any_bad and not state["nonfinite_active"]
+    state["nonfinite_active"] = np.array(any_bad)
+    if not new:
+        return None
+    tensor = int(bad.argmax())
+    row = rows[tensor]
+    return NonfiniteFinding(tensor, float(row[(~np.isfinite(row)).argmax()]))
+
+
+def stale_second_moment(step: int, q: Subjects, model: JumpModel, state: State, th: Thresholds) -> StaleFinding | None:
+    """The jump formula predicts an update overshoot above ``stale_peak``; the episode lasts while the
+    prediction stays above ``stale_clear``."""
+    peak, jump = predicted_peak(step, q.stale_sq, model)
+    active = state["stale_active"]
+    cond = q.judged & (peak > th.stale_peak)
+    new = cond & ~active
+    state["stale_active"] = np.where(q.stepped, cond | (active & (peak > th.stale_clear)), active)
+    if not new.any():
+        return None
+    s = _first_worst(new, peak)
+    return StaleFinding(
+        subject=s,
+        member=_worst_member(q, s, peak[: len(q.small)]),
+        peak=float(peak[s]),
+        jump=float(jump[s]),
+        staleness=float(np.sqrt(q.stale_sq[s])),
+        count=int(new.sum()),
+    )
+
+
+def update_rms_spike(q: Subjects, bound_t: np.ndarray, state: State, th: Thresholds) -> SpikeFinding | None:
+    """Update RMS above ``spike_ratio`` x its running mean (and ``spike_floor``), once that mean has
+    seen 1/(1-spike_decay) steps, or above ``bound_factor`` x B_t (``bound_t``, per subject)."""
+    d = th.spike_decay
+    ema, seen, active = state["spike_ema"], state["spike_seen"], state["spike_active"]
+    baseline = ema / (1 - d ** np.maximum(seen, 1))
+    relative = np.maximum(th.spike_ratio * baseline, th.spike_floor)
+    relative = np.where(seen >= 1 / (1 - d), relative, math.inf)
+    # 1e-4: float32 sums of squares may round an update at the bound (step 1: |u| = 1) just above it.
+    bound = th.bound_factor * (1 + 1e-4) * bound_t
+    level = np.minimum(relative, bound)
+    cond = q.judged & (q.update_rms > level)
+    new = cond & ~active
+    state["spike_active"] = np.where(q.stepped, cond, active)
+    ok = q.stepped & np.isfinite(q.update_rms)
+    state["spike_ema"] = np.where(ok, d * ema + (1 - d) * q.update_rms, ema)
+    state["spike_seen"] = np.where(ok, seen + 1, seen)
+    if not new.any():
+        return None
+    s = _first_worst(new, q.update_rms / level)
+    return SpikeFinding(
+        subject=s,
+        member=_worst_member(q, s, q.update_rms[: len(q.small)]),
+        value=float(q.update_rms[s]),
+        threshold=float(level[s]),
+        baseline=float(baseline[s]),
+        bound=float(bound[s]),
+        count=int(new.sum()),
+    )
+
+
+def gradient_growth(q: Subjects, in_window: bool, state: State, th: Thresholds) -> tuple[GrowthFinding | None, bool]:
+    """Staleness grew by ``growth_ratio`` or more on ``growth_steps`` steps in a row (fewer within the
+    window after a precursor alert: ``in_window``), or by ``fast_growth_ratio`` on
+    ``fast_growth_steps``, on subjects whose step v̂ (not ε) sets, once it reached ``growth_floor``.
+
+    Staleness is bounded (≤ √(c2/(1-β2))), defined from step 1, and ≈ gradient_jump while the
+    gradient is small against √v̂. Returns the finding and whether any subject met the condition
+    with the full ``growth_steps`` (which opens or extends the window, alert or not).
+    """
+    stale_sq, prev, run_before = q.stale_sq, state["growth_prev"], state["growth_run"]
+    grew = (stale_sq >= th.growth_ratio**2 * prev) & (prev > 0)
+    run = np.where(grew, run_before + 1, 0.0)
+    base = np.where(grew & (run_before == 0), prev, state["growth_base"])
+    grew_fast = (stale_sq >= th.fast_growth_ratio**2 * prev) & (prev > 0)
+    fast_run = np.where(grew_fast, state["fast_growth_run"] + 1, 0.0)
+    growth_steps = th.growth_steps_after_alert if in_window else th.growth_steps
+    steady_met = run >= growth_steps
+    fast_met = fast_run >= th.fast_growth_steps
+    cond = q.judged & (steady_met | fast_met) & (q.eps_frac < th.eps_fraction) & (stale_sq >= th.growth_floor**2)
+    active = state["growth_active"]
+    new = cond & ~active
+    ok = q.stepped & np.isfinite(stale_sq)
+    state["growth_active"] = np.where(q.stepped, cond | (active & (stale_sq > prev)), active)
+    state["growth_run"] = np.where(ok, run, run_before)
+    state["fast_growth_run"] = np.where(ok, fast_run, state["fast_growth_run"])
+    state["growth_base"] = np.where(ok, base, state["growth_base"])
+    state["growth_prev"] = np.where(ok, stale_sq, prev)
+    full = bool((cond & (run >= th.growth_steps)).any())
+    if not new.any():
+        return None, full
+    ratio = np.sqrt(stale_sq / np.maximum(base, 1e-300)) ** (1 / np.maximum(run, 1))  # per step
+    s = _first_worst(new, ratio)
+    steady = bool(steady_met[s])  # else only the fast condition was met
+    finding = GrowthFinding(
+        subject=s,
+        member=_worst_member(q, s, ratio[: len(q.small)]),
+        ratio=float(ratio[s]),
+        staleness=float(np.sqrt(stale_sq[s])),
+        steps=growth_steps if steady else th.fast_growth_steps,
+        threshold=float(th.growth_ratio if steady else th.fast_growth_ratio),
+        count=int(new.sum()),
+    )
+    return finding, full
+
+
+def eps_dominance(q: Subjects, state: State, th: Thresholds) -> EpsFinding | None:
+    """Per tensor (never pooled): more than ``eps_fraction`` of the coordinates under ε for
+    ``eps_steps`` steps in a row; the episode lasts while the fraction stays above ``eps_clear``."""
+    n = len(q.small)
+    frac, stepped = q.eps_frac[:n], q.stepped[:n]
+    run = state["eps_run"]
+    state["eps_run"] = run = np.where(stepped, np.where(frac > th.eps_fraction, run + 1, 0.0), run)
+    active = state["eps_active"]
+    cond = run >= th.eps_steps
+    new = cond & ~active
+    state["eps_active"] = np.where(stepped, cond | (active & (frac > th.eps_clear)), active)
+    if not new.any():
+        return None
+    t = _first_worst(new, frac)
+    return EpsFinding(tensor=t, fraction=float(frac[t]), count=int(new.sum()))
+
+
+# ---------------------------------------------------------------------------------- the rules of one optimizer
+
+
+def _initial_state(n: int, s: int) -> dict[str, State]:
+    """Each rule's running state (numpy; ``state_dict`` hands it out flat, as CPU tensors)."""
+    return {
+        "nonfinite": {"nonfinite_active": np.zeros((), dtype=bool)},
+        "stale": {"stale_active": np.zeros(s, dtype=bool)},
+        "spike": {
+            "spike_active": np.zeros(s, dtype=bool),
+            "spike_ema": np.zeros(s, dtype=np.float64),
+            "spike_seen": np.zeros(s, dtype=np.float64),
+        },
+        "growth": {
+            "growth_prev": np.zeros(s, dtype=np.float64),
+            "fast_growth_run": np.zeros(s, dtype=np.float64),
+            "growth_run": np.zeros(s, dtype=np.float64),
+            "growth_base": np.zeros(s, dtype=np.float64),
+            "growth_active": np.zeros(s, dtype=bool),
+        },
+        "eps": {"eps_run": np.zeros(n, dtype=np.float64), "eps_active": np.zeros(n, dtype=bool)},
+        # the last step of the window after a precursor alert
+        "window": {"alerted_until": np.zeros((), dtype=np.float64)},
+    }
 
 
 class AlertRules:
@@ -136,41 +434,18 @@ class AlertRules:
             if not (0 <= b1 < 1 and 0 <= b2 < 1):
                 raise ValueError(f"AlertRules: betas of {name!r} must lie in [0, 1), got ({b1}, {b2})")
         distinct = sorted(set(pairs))
-        self._pool_betas = distinct
+        self._pool_betas = distinct  # pool j holds the small tensors of distinct[j]
         self._subject_betas = pairs + distinct
-        pool_of = [distinct.index(p) for p in pairs]
-        ks = np.array(_jump_grid(), dtype=np.float64)
-        b = np.array(self._subject_betas, dtype=np.float64).reshape(-1, 2)
-        s = n + len(distinct)
-        # Constants (numpy, float64, on the host): the rules run on one host copy of the rows.
-        self._beta1 = np.ascontiguousarray(b[:, 0])
-        self._beta2 = np.ascontiguousarray(b[:, 1])
-        self._beta1_k = b[:, :1] ** ks  # [S, K]
-        self._beta2_k = b[:, 1:] ** ks
-        self._pool_of = np.array(pool_of, dtype=np.int64)
-        # Running state (numpy; state_dict() hands it out as CPU tensors).
-        self._t: dict[str, np.ndarray] = {
-            "nonfinite_active": np.zeros((), dtype=bool),
-            "stale_active": np.zeros(s, dtype=bool),
-            "spike_active": np.zeros(s, dtype=bool),
-            "spike_ema": np.zeros(s, dtype=np.float64),
-            "spike_seen": np.zeros(s, dtype=np.float64),
-            "growth_prev": np.zeros(s, dtype=np.float64),
-            "fast_growth_run": np.zeros(s, dtype=np.float64),
-            "growth_run": np.zeros(s, dtype=np.float64),
-            "growth_base": np.zeros(s, dtype=np.float64),
-            "growth_active": np.zeros(s, dtype=bool),
-            "eps_run": np.zeros(n, dtype=np.float64),
-            "eps_active": np.zeros(n, dtype=bool),
-            "alerted_until": np.zeros((), dtype=np.float64),  # last step of the window after a precursor alert
-        }
-        self._state_keys = tuple(self._t)
+        self._pool_of = np.array([distinct.index(p) for p in pairs], dtype=np.int64)
+        self._pair_of = np.concatenate([self._pool_of, np.arange(len(distinct), dtype=np.int64)])  # per subject
+        self._jump = jump_model(self._subject_betas)
+        self._state = _initial_state(n, n + len(distinct))
         self.last_step = 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain CPU tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
-        d = {k: torch.from_numpy(np.array(self._t[k], copy=True)) for k in self._state_keys}
+        d = {k: torch.from_numpy(np.array(v, copy=True)) for rule in self._state.values() for k, v in rule.items()}
         d["last_step"] = self.last_step
         d["num_tensors"] = len(self.names)
         return d
@@ -181,11 +456,12 @@ class AlertRules:
                 f"AlertRules.load_state_dict: the state is for {int(state['num_tensors'])} tensors, these "
                 f"rules watch {len(self.names)}; build the rules with the same parameters as the saved run"
             )
-        for k in self._state_keys:
-            if k in state:  # states saved before a rule existed start that rule afresh
-                value = state[k]
-                value = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-                self._t[k] = np.array(value, dtype=self._t[k].dtype, copy=True).reshape(self._t[k].shape)
+        for rule in self._state.values():
+            for k, current in rule.items():
+                if k in state:  # states saved before a rule existed start that rule afresh
+                    value = state[k]
+                    value = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+                    rule[k] = np.array(value, dtype=current.dtype, copy=True).reshape(current.shape)
         self.last_step = int(state["last_step"])
 
     # ------------------------------------------------------------------ rules
@@ -202,295 +478,53 @@ class AlertRules:
             )
         step = int(step)
         host = rows.detach().to(torch.float64).cpu().numpy()  # the one host transfer of this step
+        th, st = self.thresholds, self._state
         with np.errstate(all="ignore"):
-            v = self._observe(step, host)
-        self.last_step = step
-        return self._alerts(step, v)
-
-    def _observe(self, step: int, rows: np.ndarray) -> list[float]:
-        th, T = self.thresholds, self._t
-        n = rows.shape[0]
-        neg_inf = -math.inf
-
-        count = rows[:, COUNT]
-        stepped = count > 0
-        finite = np.isfinite(rows).all(1)
-
-        # nonfinite: one episode per optimizer.
-        bad = ~finite
-        any_bad = bool(bad.any())
-        nf_new = any_bad and not T["nonfinite_active"]
-        T["nonfinite_active"] = np.array(any_bad)
-        nf_idx = int(bad.argmax())  # first offending tensor
-        nf_row = rows[nf_idx]
-        nf_val = nf_row[(~np.isfinite(nf_row)).argmax()]
-
-        # subjects: tensors, then one pool of small tensors per distinct betas.
-        small = stepped & (count < th.min_numel)
-        masked = np.where(small[:, None], rows, 0.0)
-        pools = np.zeros((len(self._pool_betas), NUM_STATS))
-        np.add.at(pools, self._pool_of, masked)  # in index order, as torch's index_add_
-        subj = np.concatenate([rows, pools])
-        s_count = subj[:, COUNT]
-        s_stepped = s_count > 0
-        judged = np.concatenate([stepped & ~small, s_count[n:] >= th.min_numel])
-        safe = np.where(s_stepped, s_count, 1.0)
-        update_rms = np.sqrt(subj[:, UPDATE_SQ] / safe)
-        stale_sq = subj[:, STALENESS_SQ] / safe
-
-        # stale_second_moment
-        peak, jump = self._np_predicted_peak(step, stale_sq)
-        st_cond = judged & (peak > th.stale_peak)
-        st_new = st_cond & ~T["stale_active"]
-        st_keep = T["stale_active"] & (peak > th.stale_clear)
-        T["stale_active"] = np.where(s_stepped, st_cond | st_keep, T["stale_active"])
-        st_idx = int(np.where(st_new, peak, neg_inf).argmax())
-        st_member = self._worst_member(st_idx, small, peak[:n])
-
-        # update_rms_spike: against the running mean, or above the worst-case bound.
-        d = th.spike_decay
-        seen = T["spike_seen"]
-        baseline = T["spike_ema"] / (1 - d ** np.maximum(seen, 1))
-        relative = np.maximum(th.spike_ratio * baseline, th.spike_floor)
-        relative = np.where(seen >= 1 / (1 - d), relative, math.inf)
-        # 1e-4: float32 sums of squares may round an update at the bound (step 1: |u| = 1) just above it.
-        bound = th.bound_factor * (1 + 1e-4) * self._np_bound(step)
-        sp_thr = np.minimum(relative, bound)
-        sp_cond = judged & (update_rms > sp_thr)
-        sp_new = sp_cond & ~T["spike_active"]
-        T["spike_active"] = np.where(s_stepped, sp_cond, T["spike_active"])
-        ok = s_stepped & np.isfinite(update_rms)
-        T["spike_ema"] = np.where(ok, d * T["spike_ema"] + (1 - d) * update_rms, T["spike_ema"])
-        T["spike_seen"] = np.where(ok, seen + 1, seen)
-        sp_idx = int(np.where(sp_new, update_rms / sp_thr, neg_inf).argmax())
-        sp_member = self._worst_member(sp_idx, small, update_rms[:n])
-
-        # gradient_growth: staleness grew by growth_ratio or more on growth_steps steps in a row, or
-        # by fast_growth_ratio on fast_growth_steps, on subjects whose step v̂ (not ε) sets.
-        # Staleness is bounded (≤ √(c2/(1-β2))), defined from step 1, and ≈ gradient_jump while the
-        # gradient is small against √v̂.
-        s_frac = subj[:, EPS_COUNT] / safe
-        prev = T["growth_prev"]
-        grew = (stale_sq >= th.growth_ratio**2 * prev) & (prev > 0)
-        run = np.where(grew, T["growth_run"] + 1, 0.0)
-        base = np.where(grew & (T["growth_run"] == 0), prev, T["growth_base"])
-        grew_fast = (stale_sq >= th.fast_growth_ratio**2 * prev) & (prev > 0)
-        fast_run = np.where(grew_fast, T["fast_growth_run"] + 1, 0.0)
-        growth_steps = th.growth_steps_after_alert if step <= T["alerted_until"] else th.growth_steps
-        steady_met = run >= growth_steps
-        fast_met = fast_run >= th.fast_growth_steps
-        gr_cond = judged & (steady_met | fast_met) & (s_frac < th.eps_fraction) & (stale_sq >= th.growth_floor**2)
-        gr_new = gr_cond & ~T["growth_active"]
-        gr_keep = T["growth_active"] & (stale_sq > prev)
-        ok = s_stepped & np.isfinite(stale_sq)
-        T["growth_active"] = np.where(s_stepped, gr_cond | gr_keep, T["growth_active"])
-        T["growth_run"] = np.where(ok, run, T["growth_run"])
-        T["fast_growth_run"] = np.where(ok, fast_run, T["fast_growth_run"])
-        T["growth_base"] = np.where(ok, base, T["growth_base"])
-        T["growth_prev"] = np.where(ok, stale_sq, prev)
-        gr_ratio = np.sqrt(stale_sq / np.maximum(base, 1e-300)) ** (1 / np.maximum(run, 1))  # per step
-        gr_idx = int(np.where(gr_new, gr_ratio, neg_inf).argmax())
-        gr_member = self._worst_member(gr_idx, small, gr_ratio[:n])
-        gr_steady = bool(steady_met[gr_idx])  # else only the fast condition was met
-        gr_steps = growth_steps if gr_steady else th.fast_growth_steps
-        gr_thr = th.growth_ratio if gr_steady else th.fast_growth_ratio
-
-        # eps_dominance: per tensor, a run of steps with most coordinates under ε.
-        frac = s_frac[:n]
-        over = frac > th.eps_fraction
-        T["eps_run"] = np.where(stepped, np.where(over, T["eps_run"] + 1, 0.0), T["eps_run"])
-        eps_cond = T["eps_run"] >= th.eps_steps
-        eps_new = eps_cond & ~T["eps_active"]
-        eps_keep = T["eps_active"] & (frac > th.eps_clear)
-        T["eps_active"] = np.where(stepped, eps_cond | eps_keep, T["eps_active"])
-        eps_idx = int(np.where(eps_new, frac, neg_inf).argmax())
-
+            q = subjects(host, self._pool_of, len(self._pool_betas), th.min_numel)
+            window = st["window"]
+            bad = nonfinite(host, st["nonfinite"])
+            stale = stale_second_moment(step, q, self._jump, st["stale"], th)
+            spike = update_rms_spike(q, subject_bounds(step, self._pool_betas, self._pair_of), st["spike"], th)
+            growth, full_growth = gradient_growth(q, step <= window["alerted_until"], st["growth"], th)
+            eps = eps_dominance(q, st["eps"], th)
         # The window opens (or is extended) by a new stale or spike alert, or by a step on which the
         # growth met the full growth_steps; not by the alerts of short bursts inside it: were they to
         # extend it, the noise bursts of a healthy minibatch run would keep it open for good once
         # one noise burst had reached growth_steps.
-        full_growth = gr_cond & (run >= th.growth_steps)
-        if st_new.any() or sp_new.any() or full_growth.any():
-            T["alerted_until"] = np.array(float(step + th.after_alert_window))
+        if stale is not None or spike is not None or full_growth:
+            window["alerted_until"] = np.array(float(step + th.after_alert_window))
+        self.last_step = step
+        return self._alerts(step, bad, stale, spike, growth, eps)
 
-        vec = [
-            nf_new,
-            nf_idx,
-            nf_val,
-            st_new.sum(),
-            st_idx,
-            peak[st_idx],
-            jump[st_idx],
-            np.sqrt(stale_sq[st_idx]),
-            st_member,
-            sp_new.sum(),
-            sp_idx,
-            update_rms[sp_idx],
-            sp_thr[sp_idx],
-            baseline[sp_idx],
-            bound[sp_idx],
-            sp_member,
-            gr_new.sum(),
-            gr_idx,
-            gr_ratio[gr_idx],
-            np.sqrt(stale_sq[gr_idx]),
-            gr_member,
-            gr_steps,
-            gr_thr,
-            eps_new.sum(),
-            eps_idx,
-            frac[eps_idx],
-        ]
-        return [float(x) for x in vec]
-
-    def _np_predicted_peak(self, step: int, stale_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if step < 2:
-            return np.zeros_like(stale_sq), np.full_like(stale_sq, math.nan)
-        b1, b2 = self._beta1, self._beta2
-        p1, p2 = b1 ** (step - 1), b2 ** (step - 1)  # β^(t-1)
-        c2 = 1 - p2 * b2  # c2(t)
-        prev = c2 - (1 - b2)  # β2·c2(t-1)
-        room = np.maximum(c2 - (1 - b2) * stale_sq, np.finfo(np.float64).tiny)
-        x = np.clip(prev * stale_sq / room, 0.0, 1e12)
-        a = np.sqrt(x)[:, None]
-        w1 = self._beta1_k * (1 - p1)[:, None] / (1 - p1[:, None] * self._beta1_k)
-        w2 = self._beta2_k * (1 - p2)[:, None] / (1 - p2[:, None] * self._beta2_k)
-        u = (w1 + (1 - w1) * a) / np.sqrt(w2 + (1 - w2) * a * a)
-        return u.max(1), a[:, 0]
-
-    def _predicted_peak(self, step: int, stale_sq: Tensor) -> tuple[Tensor, Tensor]:
-        """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 (no v̂_{t-1})."""
-        with np.errstate(all="ignore"):
-            peak, jump = self._np_predicted_peak(step, stale_sq.detach().cpu().double().numpy())
-        return torch.from_numpy(peak), torch.from_numpy(jump)
-
-    def _np_bound(self, step: int) -> np.ndarray:
-        b1, b2 = self._beta1, self._beta2
-        gamma = b1 * b1 / b2
-        c1, c2 = 1 - b1**step, 1 - b2**step
-        geometric = np.where(gamma < 1, (1 - gamma**step) / np.maximum(1 - gamma, 1e-300), math.inf)
-        return (1 - b1) / np.sqrt(1 - b2) * np.sqrt(c2) / c1 * np.sqrt(geometric)
-
-    def _bound(self, step: int) -> Tensor:
-        """B_t per subject (inf where β1² ≥ β2 makes it grow past any useful size)."""
-        with np.errstate(all="ignore"):
-            return torch.from_numpy(self._np_bound(step))
-
-    def _worst_member(self, idx: int, small: np.ndarray, score: np.ndarray) -> int:
-        """For a pool subject ``idx``: the index of its worst small tensor by ``score`` (else idx)."""
-        n = small.shape[0]
-        if idx < n:
-            return idx
-        in_pool = small & (self._pool_of == idx - n)
-        return int(np.where(in_pool, score, -math.inf).argmax())
-
-    # ------------------------------------------------------------------ messages
-    def _subject(self, idx: int, member: int) -> tuple[str, str]:
-        """(parameter name, how the text refers to it)."""
-        n = len(self.names)
-        if idx < n:
-            return self.names[idx], self.names[idx]
-        b1, b2 = self._pool_betas[idx - n]
-        name = self.names[member]
-        return name, (
-            f"the tensors under {self.thresholds.min_numel} elements with betas ({b1:g}, {b2:g}), "
-            f"pooled (worst: {name})"
-        )
-
-    @staticmethod
-    def _others(count: float) -> str:
-        extra = int(count) - 1
-        return f" ({extra} more subject{'s' if extra > 1 else ''} started the same episode)" if extra > 0 else ""
-
-    def _alerts(self, step: int, v: list[float]) -> list[Alert]:
-        th = self.thresholds
+    def _alerts(
+        self,
+        step: int,
+        bad: NonfiniteFinding | None,
+        stale: StaleFinding | None,
+        spike: SpikeFinding | None,
+        growth: GrowthFinding | None,
+        eps: EpsFinding | None,
+    ) -> list[Alert]:
+        th, names, betas = self.thresholds, self.names, self._subject_betas
         out = []
 
-        def add(rule, severity, parameter, message, value, threshold):
+        def add(rule, severity, subject, member, message, value, threshold):
+            parameter = names[subject] if subject < len(names) else names[member]
             out.append(Alert(rule, severity, step, message, self.optimizer, parameter, float(value), float(threshold)))
 
-        if v[_NF_NEW]:
-            name = self.names[int(v[_NF_IDX])]
-            add(
-                "nonfinite",
-                "error",
-                name,
-                f"{name}: NaN/Inf in its gradient, Adam state or update at step {step} ({v[_NF_VAL]}); the "
-                "optimizer state now carries it into every later step. Restore the last good checkpoint, "
-                "then lower the learning rate, clip gradients, check the loss and data for NaN/Inf, or "
-                "use a GradScaler under fp16.",
-                v[_NF_VAL],
-                math.inf,
-            )
-        if v[_ST_NEW]:
-            idx = int(v[_ST_IDX])
-            name, what = self._subject(idx, int(v[_ST_MEMBER]))
-            b1, b2 = self._subject_betas[idx]
-            add(
-                "stale_second_moment",
-                "warning",
-                name,
-                f"{what}: the gradient outran Adam's second moment about {v[_ST_JUMP]:.3g}x (staleness "
-                f"{v[_ST_STALE]:.3g}); with beta2 = {b2:g} v_hat needs ~{1 / (1 - b2):.0f} steps to catch up "
-                f"and the update is predicted to overshoot to {v[_ST_PEAK]:.3g}x its steady size (threshold "
-                f"{th.stale_peak:g}). A loss spike may follow within a few steps: lower beta2 (e.g. 0.95), "
-                "clip the update (StableAdamW / update_clip) or lower the learning rate." + self._others(v[_ST_NEW]),
-                v[_ST_PEAK],
-                th.stale_peak,
-            )
-        if v[_SP_NEW]:
-            idx = int(v[_SP_IDX])
-            name, what = self._subject(idx, int(v[_SP_MEMBER]))
-            value, thr, base, bound = v[_SP_VAL], v[_SP_THR], v[_SP_BASE], v[_SP_BOUND]
-            if value > bound:
-                why = (
-                    f"above the worst-case Adam bound B_{step} = {bound / th.bound_factor / (1 + 1e-4):.3g} (x{th.bound_factor:g}): "
-                    "this direction is not a bounded Adam update; check the optimizer's betas and update rule"
-                )
-            else:
-                why = (
-                    f"{value / base:.3g}x its recent level {base:.3g} (threshold {thr:.3g}); lower the "
-                    "learning rate or clip the update (update_clip / StableAdamW) before the loss follows"
-                )
-            add(
-                "update_rms_spike",
-                "warning",
-                name,
-                f"{what}: update RMS {value:.3g} is {why}." + self._others(v[_SP_NEW]),
-                value,
-                thr,
-            )
-        if v[_GR_NEW]:
-            idx = int(v[_GR_IDX])
-            name, what = self._subject(idx, int(v[_GR_MEMBER]))
-            b1, _ = self._subject_betas[idx]
-            add(
-                "gradient_growth",
-                "warning",
-                name,
-                f"{what}: its gradient grew about {v[_GR_RATIO]:.3g}x per step against sqrt(v_hat) for "
-                f"{int(v[_GR_STEPS])}+ steps in a row (staleness now {v[_GR_STALE]:.3g}): an oscillation is "
-                "building up. Typical of Adam's adaptive edge of stability: after the gradient vanished, "
-                "sqrt(v_hat) decayed, the effective step lr/(sqrt(v_hat)+eps) grew and the preconditioned "
-                f"sharpness crossed (2+2*beta1)/(1-beta1) = {(2 + 2 * b1) / (1 - b1):.3g}. A loss spike may "
-                "follow within a few steps: raise eps (eps >= lr*sharpness/"
-                f"{(2 + 2 * b1) / (1 - b1):.3g} caps the effective step), lower the learning rate, or clip "
-                "the update (update_clip / StableAdamW)." + self._others(v[_GR_NEW]),
-                v[_GR_RATIO],
-                v[_GR_THR],
-            )
-        if v[_EPS_NEW]:
-            name = self.names[int(v[_EPS_IDX])]
-            add(
-                "eps_dominance",
-                "warning",
-                name,
-                f"{name}: eps sets the step of {v[_EPS_VAL]:.0%} of its coordinates (sqrt(v_hat) <= eps) for "
-                f"{th.eps_steps} steps in a row, so Adam acts as SGD with lr/eps there. Fine if intended "
-                "(a large eps is what keeps a converged full-batch run from Adam's adaptive edge of "
-                "stability); if not, the gradients fell below eps: lower eps, scale the loss up, use "
-                "Adam-atan2 (no eps), or check for gradient underflow (fp16/bf16)." + self._others(v[_EPS_NEW]),
-                v[_EPS_VAL],
-                th.eps_fraction,
-            )
+        if bad is not None:
+            text = messages.nonfinite_message(bad, step, names)
+            add("nonfinite", "error", bad.tensor, bad.tensor, text, bad.value, math.inf)
+        if stale is not None:
+            text = messages.stale_message(stale, names, betas, th)
+            add("stale_second_moment", "warning", stale.subject, stale.member, text, stale.peak, th.stale_peak)
+        if spike is not None:
+            text = messages.spike_message(spike, step, names, betas, th)
+            add("update_rms_spike", "warning", spike.subject, spike.member, text, spike.value, spike.threshold)
+        if growth is not None:
+            text = messages.growth_message(growth, names, betas, th)
+            add("gradient_growth", "warning", growth.subject, growth.member, text, growth.ratio, growth.threshold)
+        if eps is not None:
+            text = messages.eps_message(eps, names, th)
+            add("eps_dominance", "warning", eps.tensor, eps.tensor, text, eps.fraction, th.eps_fraction)
         return out
