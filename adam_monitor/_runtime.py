@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.fx.experimental._config as _fx_config
@@ -37,6 +39,30 @@ EAGER_ENV = "ADAM_MONITOR_EAGER"
 #: most this many elements in all: a handful of single kernels then replace ~20 foreach passes,
 #: each of which costs a fixed dispatch per tensor (the copies are cheap at this size).
 FLAT_MAX_NUMEL = 1 << 20
+
+# The optimizer step (``adam_monitor.optim``), set by ``tests/benchmarks/bench_optim.py``.
+#: Below this many elements in all, ``compiled=None`` steps eagerly: the first step's compilation
+#: takes seconds and pays back only on large steps (first-step and step times of bench_optim.py).
+COMPILE_MIN_ELEMENTS = 1 << 20
+#: Devices where ``compiled=None`` steps with torch's multi-tensor kernels when no statistics are
+#: recorded: there a step's device time is so short that the compiled step's fixed cost per call
+#: (dynamo guards, one call per few tensors) is most of it (``bench_optim.py --device cuda``).
+FOREACH_DEVICES = ("cuda",)
+#: The multi-tensor step holds one to three temporaries of its tensors' size: it steps runs of at
+#: most this many elements (a larger tensor alone), which bounds them to 3 x 128 MiB in float32.
+FOREACH_CHUNK_NUMEL = 1 << 25
+#: Devices of torch's fused AdamW kernel, which ``compiled=None`` uses for ``normalize="adam"``
+#: without clipping, β2 schedule or statistics: torch's own speed, no compilation.
+TORCH_FUSED_DEVICES = ("cpu", "cuda")
+#: Tensors of the compiled step below this many elements are concatenated and stepped in one call;
+#: from this size on a tensor is a head of its own, whose step outweighs the fixed cost of a call.
+STEP_MIN_HEAD_NUMEL = 1 << 16
+#: Heads stepped by one compiled call (``bench_optim.py --compiled --heads-per-call N``). Each head
+#: of the graph adds to its first compilation, so a graph takes this many heads rather than the
+#: whole list, the last call of a step padded with tiny dummy heads: one graph per configuration
+#: for any model (with fewer heads: the next power of two). 4 rather than 8 compiles much faster
+#: with statistics for about 1% more step time.
+STEP_HEADS_PER_CALL = 4
 
 
 def host_values(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device | str) -> Tensor:
@@ -116,6 +142,28 @@ def independent_sizes():
         yield
     finally:
         _fx_config.use_duck_shape = duck_shape
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compile_per_configuration(fn: Callable, name: str, **compile_kwargs: Any) -> Callable:
+    """``torch.compile(copy, **compile_kwargs)`` of a copy of ``fn`` whose code object is named
+    ``name``, once per process for each ``(fn, name)``: ``name`` spells the configuration.
+
+    Dynamo keeps its graphs and its recompile limit per code object: a code object of its own per
+    configuration holds that configuration's graph alone, so configurations never evict each other
+    nor add up to the limit. Compiles lazily, at the first call of the result.
+    """
+    key = (fn, name)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        copy = types.FunctionType(
+            fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__
+        )
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        compiled = _COMPILED[key] = torch.compile(copy, **compile_kwargs)
+    return compiled
 
 
 def eager_forced() -> bool:

@@ -19,6 +19,7 @@ decides whether the worst-case update stays bounded (γ < 1) or grows without li
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from numbers import Integral, Real
 
 __all__ = [
@@ -97,7 +98,8 @@ def worst_case_bound(beta1: float, beta2: float, t: int) -> float:
 
     with equality for g_i ∝ (β1/β2)^{t-i}. The geometric sum is (1-γ^t)/(1-γ) for γ ≠ 1 and t
     for γ = 1, so B_t tends to ``asymptotic_bound`` for γ < 1, grows like √t at γ = 1 and like
-    γ^{t/2} for γ > 1 (returned as ``math.inf`` once it exceeds the float64 range).
+    γ^{t/2} for γ > 1, computed in log space where γ^t overflows (``math.inf`` only once B_t
+    itself exceeds the float64 range).
     Kingma & Ba (2015, §2.1) state |u_t| ≤ (1-β1)/√(1-β2) or ≤ 1; both fail (B_3000 ≈ 7.09 at
     β = (0.9, 0.999)). Source: DESIGN §3.
     """
@@ -121,10 +123,22 @@ def worst_case_bound(beta1: float, beta2: float, t: int) -> float:
         return prefactor * math.sqrt(total)
     growth = t * log_gamma
     if growth < _LOG_MAX:
-        return prefactor * math.sqrt(math.expm1(growth) / ((beta1 * beta1 - beta2) / beta2))
-    # Σ = γ^t (1 - γ^{-t}) / (γ - 1) in log space; the bound itself may still be representable.
-    half_log_total = 0.5 * (growth + math.log1p(-math.exp(-growth)) - math.log(gamma - 1.0))
-    log_bound = math.log(prefactor) + half_log_total
+        total = math.expm1(growth) / ((beta1 * beta1 - beta2) / beta2)
+        if total < math.inf:
+            return prefactor * math.sqrt(total)
+    return _bound_in_log_space(beta1, beta2, t, prefactor)
+
+
+def _bound_in_log_space(beta1: float, beta2: float, t: int, prefactor: float) -> float:
+    """B_t for γ > 1 where Σ_{k<t} γ^k = (γ^t - 1)/(γ - 1) overflows float64 but B_t, its square
+    root, may not: log B_t = log prefactor + (t·log γ + log(1 - γ^{-t}) - log(γ - 1))/2."""
+    # γ - 1 from the exact rationals of the betas, rounded once: t·log γ multiplies its rounding
+    # error by t, and an error δ of the exponent is a relative error δ of B_t.
+    excess = float((Fraction(beta1) ** 2 - Fraction(beta2)) / Fraction(beta2))
+    if excess <= 0.0:  # γ ≤ 1 exactly, rounded above 1 by β1²/β2: the sum cannot overflow
+        return prefactor * math.sqrt(-math.expm1(t * math.log1p(excess)) / -excess if excess else t)
+    growth = t * math.log1p(excess)
+    log_bound = math.log(prefactor) + 0.5 * (growth + math.log(-math.expm1(-growth)) - math.log(excess))
     return math.exp(log_bound) if log_bound < _LOG_MAX else math.inf
 
 

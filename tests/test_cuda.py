@@ -75,11 +75,11 @@ def test_compiled_step_matches_the_eager_specification_on_cuda(name):
 def test_default_cuda_step_matches_the_specification(monkeypatch, name):
     # fused=None without statistics: torch's fused AdamW kernel for Adam, multi-tensor kernels else
     import adam_monitor.optim.adam as adam_module
-    from adam_monitor.optim import functional
+    from adam_monitor.optim import foreach
 
     calls = []
     for route in ("foreach_step_", "torch_fused_step_"):
-        original = getattr(functional, route)
+        original = getattr(foreach, route)
         monkeypatch.setattr(adam_module, route, lambda *a, _r=route, _f=original, **k: calls.append(_r) or _f(*a, **k))
     follows_the_specification(VARIANTS[name], None, record=False)
     assert calls == ["torch_fused_step_" if name == "Adam" else "foreach_step_"] * 4

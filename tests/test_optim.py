@@ -451,7 +451,8 @@ def test_compiled_step_matches_spec():
     # (300, 221) has SMALL + 764 elements: a blocked (k, BLOCK) head whose clipping RMS and
     # statistics add up with those of its tail, stepped in the batch with the small params;
     # a transposed (non-contiguous) param takes the eager route in the same step.
-    from adam_monitor.optim.functional import BLOCK, SMALL
+    from adam_monitor._runtime import BLOCK
+    from adam_monitor._runtime import STEP_MIN_HEAD_NUMEL as SMALL
 
     assert 300 * 221 > SMALL and 300 * 221 % BLOCK
 
@@ -499,9 +500,9 @@ def test_fast_path_buckets_uneven_heads_and_follows_changing_tensors(monkeypatch
     # shape was seen.
     from torch._dynamo.utils import counters
 
-    from adam_monitor.optim import functional
+    from adam_monitor.optim import compiled
 
-    monkeypatch.setattr(functional, "HEADS_PER_CALL", 2)
+    monkeypatch.setattr(compiled, "STEP_HEADS_PER_CALL", 2)
     shapes = ((64, 1024), (65, 1031), (16, 4096), (130, 512), (66, 1024), (7,), (3, 5), (0,))
     params = make_params(shapes=shapes, dtype=torch.float32)
     twins = clone_params(params)
@@ -538,7 +539,7 @@ def test_fast_path_buckets_uneven_heads_and_follows_changing_tensors(monkeypatch
 
 
 def test_atan2_polynomial_is_within_two_ulp_and_exact_at_special_values():
-    from adam_monitor.optim.functional import atan2_nonnegative_x
+    from adam_monitor.optim.compiled import atan2_nonnegative_x
 
     # Ratios |y|/x from 1e-40 to 1e40 (and dense around 1), magnitudes from 1e-30 to 1e30, both signs.
     gen = torch.Generator().manual_seed(0)
@@ -642,13 +643,11 @@ def test_optim_does_not_import_lightning():
 def test_multi_tensor_step_matches_spec(monkeypatch, make, dtype):
     # The path fused=None takes on CUDA without statistics, forced on the CPU here.
     import adam_monitor.optim.adam as adam_module
-    from adam_monitor.optim import functional
+    from adam_monitor.optim import foreach
 
     calls = []
     monkeypatch.setattr(adam_module, "FOREACH_DEVICES", ("cpu",))
-    monkeypatch.setattr(
-        adam_module, "foreach_step_", lambda *a, **k: calls.append(1) or functional.foreach_step_(*a, **k)
-    )
+    monkeypatch.setattr(adam_module, "foreach_step_", lambda *a, **k: calls.append(1) or foreach.foreach_step_(*a, **k))
     params = make_params(shapes=((30, 20), (64,), (1,), (5, 9)), dtype=dtype)
     params.append(torch.nn.Parameter(torch.randn(9, 5, dtype=dtype).t()))  # non-contiguous is fine here
     twins = clone_params(params)
@@ -686,11 +685,11 @@ def test_torch_kernel_route_matches_plain_loop(monkeypatch, mbc):
     # fused=None, normalize="adam", no clipping, schedule or statistics: torch's fused AdamW kernel,
     # with the lr and decay rescaled when the momentum is not bias-corrected.
     import adam_monitor.optim.adam as adam_module
-    from adam_monitor.optim import functional
+    from adam_monitor.optim import foreach
 
     calls = []
     monkeypatch.setattr(
-        adam_module, "torch_fused_step_", lambda *a, **k: calls.append(1) or functional.torch_fused_step_(*a, **k)
+        adam_module, "torch_fused_step_", lambda *a, **k: calls.append(1) or foreach.torch_fused_step_(*a, **k)
     )
     params = make_params()
     p0 = clone_params(params)
@@ -758,7 +757,7 @@ def test_torch_kernel_refusal_falls_back_to_the_eager_step_once(monkeypatch):
 
 def test_multi_tensor_step_runs_in_bounded_chunks(monkeypatch):
     import adam_monitor.optim.adam as adam_module
-    from adam_monitor.optim import functional
+    from adam_monitor.optim import foreach
 
     sizes = []
     monkeypatch.setattr(adam_module, "FOREACH_DEVICES", ("cpu",))
@@ -766,7 +765,7 @@ def test_multi_tensor_step_runs_in_bounded_chunks(monkeypatch):
     monkeypatch.setattr(
         adam_module,
         "foreach_step_",
-        lambda ps, *a, **k: sizes.append([p.numel() for p in ps]) or functional.foreach_step_(ps, *a, **k),
+        lambda ps, *a, **k: sizes.append([p.numel() for p in ps]) or foreach.foreach_step_(ps, *a, **k),
     )
     params = make_params(shapes=((30, 20), (64,), (1,), (5, 9), (40, 20)))
     twins = clone_params(params)

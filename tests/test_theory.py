@@ -4,6 +4,7 @@ and the published figures (DESIGN §3). Oracles never call the function under te
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 
 import pytest
 import torch
@@ -157,6 +158,41 @@ def test_bound_in_log_space_beyond_overflow_of_the_sum():
     bound = worst_case_bound(beta1, beta2, t)
     assert math.isfinite(bound)
     assert math.log(bound) == pytest.approx(log_expected, rel=1e-12)
+
+
+def exact_bound(beta1, beta2, t):
+    """B_t in 80-digit decimal arithmetic from the exact values of the float betas (the closed-form
+    geometric sum: exact, unlike a float64 loop), rounded once to float64 (inf past its range)."""
+    with localcontext() as ctx:
+        ctx.prec = 80
+        b1, b2 = Decimal(beta1), Decimal(beta2)
+        gamma = b1 * b1 / b2
+        total = Decimal(t) if gamma == 1 else (gamma**t - 1) / (gamma - 1)
+        bound = (1 - b1) / (1 - b2).sqrt() * (1 - b2**t).sqrt() / (1 - b1**t) * total.sqrt()
+        return float(bound) if bound < Decimal(1.7976931348623157e308) else math.inf
+
+
+@pytest.mark.parametrize(
+    ("beta1", "beta2", "t"),
+    [
+        (0.9, 0.999, 3000),
+        (0.9, 0.7, 2400),  # γ^t just below the float64 range
+        (0.9, 0.7, 3000),  # γ^t past it, B_t far inside
+        (0.95, 0.9, 255_000),
+        (0.95, 0.9, 300_000),  # B_t ≈ 1.5e181 ≈ exp(417)
+        (0.99, 0.9, 7000),
+        (math.sqrt(0.9 * (1 + 1e-10)), 0.9, 7 * 10**12),  # γ - 1 ≈ 1e-10: (γ^t - 1)/(γ - 1) overflows, γ^t not
+        (0.95, 0.9, 600_000),  # B_t itself past the float64 range
+        (0.999, 0.99, 10**6),
+    ],
+)
+def test_bound_matches_exact_decimal_arithmetic(beta1, beta2, t):
+    expected = exact_bound(beta1, beta2, t)
+    bound = worst_case_bound(beta1, beta2, t)
+    if math.isinf(expected):
+        assert bound == math.inf
+    else:
+        assert bound == pytest.approx(expected, rel=1e-12)
 
 
 def test_bound_at_large_t_does_not_overflow():

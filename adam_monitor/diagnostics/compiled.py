@@ -32,7 +32,6 @@ tensor. Set ``ADAM_MONITOR_EAGER=1`` (or pass
 from __future__ import annotations
 
 import math
-import types
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -46,6 +45,7 @@ from .._runtime import (
     HEADS_PER_CALL,
     MIN_COMPILED_NUMEL,
     bounded_runs,
+    compile_per_configuration,
     eager_forced,
     host_values,
     independent_sizes,
@@ -107,7 +107,6 @@ def block_sums_heads(*args: Tensor) -> Tensor:
     return torch.stack([block_sums(g, m, v, rest[0] if rest else None, s) for g, m, v, *rest in heads])
 
 
-_COMPILED: dict[tuple, Callable] = {}
 _disabled_reason: str | None = None
 
 
@@ -117,15 +116,8 @@ def compiled_available() -> bool:
 
 
 def _compiled(amsgrad: bool, dtype: torch.dtype) -> Callable:
-    # A distinct code object per configuration, so that each holds exactly one graph and none
-    # competes for dynamo's per-function recompile limit.
-    key = (amsgrad, dtype)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        name = f"block_sums_{str(dtype).removeprefix('torch.')}{'_amsgrad' if amsgrad else ''}"
-        copy = types.FunctionType(block_sums_heads.__code__.replace(co_name=name), block_sums_heads.__globals__, name)
-        fn = _COMPILED[key] = torch.compile(copy, dynamic=True, fullgraph=True)
-    return fn
+    name = f"block_sums_{str(dtype).removeprefix('torch.')}{'_amsgrad' if amsgrad else ''}"
+    return compile_per_configuration(block_sums_heads, name, dynamic=True, fullgraph=True)
 
 
 _DUMMY_HEADS: dict[tuple, list[list[Tensor]]] = {}

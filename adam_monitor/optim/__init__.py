@@ -14,7 +14,7 @@ from adam_monitor.optim.adam import (
     adafactor_beta2,
     worst_case_bound,
 )
-from adam_monitor.optim.functional import adam_step_
+from adam_monitor.optim.reference import adam_step_
 
 __all__ = [
     "Adam",

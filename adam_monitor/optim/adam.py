@@ -11,55 +11,24 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adam_monitor._runtime import bounded_runs
-from adam_monitor.optim.functional import (
-    NORMALIZE,
-    TORCH_FUSED_DTYPES,
-    FusedLayout,
-    adam_step_,
-    foreach_step_,
-    fused_step_,
-    heads_per_call,
-    layout_key,
-    torch_fused_available,
-    torch_fused_step_,
-    warn_eager_fallback,
+from adam_monitor._runtime import (
+    COMPILE_MIN_ELEMENTS,
+    FOREACH_CHUNK_NUMEL,
+    FOREACH_DEVICES,
+    TORCH_FUSED_DEVICES,
+    bounded_runs,
 )
+from adam_monitor.optim.compiled import FusedLayout, compiled_step_, heads_per_call, layout_key, warn_eager_fallback
+from adam_monitor.optim.foreach import TORCH_FUSED_DTYPES, foreach_step_, torch_fused_available, torch_fused_step_
+from adam_monitor.optim.reference import NORMALIZE, adam_step_
+from adam_monitor.theory import worst_case_bound
 
 __all__ = ["Adam", "AdamD", "LaProp", "AdamAtan2", "StableAdamW", "adafactor_beta2", "worst_case_bound"]
-
-#: Below this many elements in total, ``fused=None`` runs eagerly: compiling takes seconds and
-#: pays back only on large steps.
-COMPILE_MIN_ELEMENTS = 1 << 20
-#: Devices where ``fused=None`` steps with torch's multi-tensor kernels when no statistics are
-#: recorded. On an H200 (20.8M parameters in 51 tensors) the compiled step took 2.2 ms, torch's
-#: foreach AdamW 1.0 ms and its fused AdamW 0.6 ms: the device time is a fraction of a
-#: millisecond, and the compiled path's per-call overhead is most of its step.
-FOREACH_DEVICES = ("cuda",)
-#: The multi-tensor step holds one to three temporaries of its tensors' size: it steps runs of at
-#: most this many elements (a larger tensor alone), which bounds them to 3 x 128 MiB in float32.
-FOREACH_CHUNK_NUMEL = 1 << 25
-#: Devices of torch's fused AdamW kernel, which ``fused=None`` uses for ``normalize="adam"``
-#: without clipping, β2 schedule or statistics (``Adam``, ``AdamD``): torch's own speed, no
-#: compilation.
-TORCH_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def adafactor_beta2(step: int, beta2: float) -> float:
     """Adafactor's schedule (Shazeer & Stern 2018), capped by the group's β2: ``min(β2, 1 - t^-0.8)``."""
     return min(beta2, 1.0 - step**-0.8)
-
-
-def worst_case_bound(beta1: float, beta2: float, steps: int) -> float:
-    """``B_t = (1-β1)/√(1-β2) · √(1-β2^t)/(1-β1^t) · √(Σ_{k<t} γ^k)``, γ = β1²/β2 (ε = 0, |u_t| ≤ B_t)."""
-    if beta2 == 0.0:
-        return math.inf if beta1 > 0 else 1.0
-    gamma = beta1 * beta1 / beta2
-    try:
-        geometric = float(steps) if gamma == 1.0 else (gamma**steps - 1.0) / (gamma - 1.0)
-    except OverflowError:
-        return math.inf
-    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(1 - beta2**steps) / (1 - beta1**steps) * math.sqrt(geometric)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -92,9 +61,12 @@ def _check_betas(group: dict[str, Any]) -> None:
     # The bound B_t concerns m̂/√v̂; LaProp (|u| ≤ 1/√(1-β2)) and atan2 (|u| ≤ a·π/2) are bounded anyway.
     if group["allow_unstable_betas"] or group["normalize"] != "adam" or beta1 * beta1 < beta2:
         return
-    growth = (
-        "like √t" if beta1 * beta1 == beta2 else f"exponentially, by β1/√β2 = {beta1 / math.sqrt(beta2):.4g} per step"
-    )
+    if beta1 * beta1 == beta2:
+        growth = "like √t"
+    elif beta2 == 0.0:
+        growth = "without limit (β2 = 0: v holds only the last gradient, m all of them)"
+    else:
+        growth = f"exponentially, by β1/√β2 = {beta1 / math.sqrt(beta2):.4g} per step"
     raise ValueError(
         f"Unstable betas=({beta1}, {beta2}): β1² = {beta1 * beta1:.6g} ≥ β2, so the worst-case update "
         f"bound B_t grows {growth} (B_1000 = {worst_case_bound(beta1, beta2, 1000):.4g}; "
@@ -457,7 +429,7 @@ class Adam(Optimizer):
                     or layout.key != layout_key(params, exp_avgs, exp_avg_sqs)
                 ):
                     layout = self._layouts[cache_key] = FusedLayout(params, exp_avgs, exp_avg_sqs, per_call)
-                rows = fused_step_(params, grads, exp_avgs, exp_avg_sqs, layout=layout, **scalars)
+                rows = compiled_step_(params, grads, exp_avgs, exp_avg_sqs, layout=layout, **scalars)
             except Exception as error:  # compilation failed (no compiler, unsupported device, ...)
                 if self.fused:
                     raise

@@ -38,9 +38,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.heads_per_call is not None:
-        from adam_monitor.optim import functional
+        from adam_monitor.optim import compiled
 
-        functional.HEADS_PER_CALL = args.heads_per_call
+        compiled.STEP_HEADS_PER_CALL = args.heads_per_call
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

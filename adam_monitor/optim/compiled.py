@@ -1,14 +1,12 @@
-"""One step of the Adam family for one tensor: the specification, and its compiled fast path.
+"""The Adam step compiled by ``torch.compile``: ``compiled_step_`` steps a whole list of tensors with
+the math of ``adam_step_`` (``optim/reference.py``) in vectorized, OpenMP-parallel loops on CPU and
+kernels on GPU, and is tested against it.
 
-``adam_step_`` is the readable reference. The fast path, ``fused_step_``, steps a whole list of
-tensors with the same math compiled by ``torch.compile`` (vectorized, OpenMP-parallel loops on CPU,
-kernels on GPU):
-
-* a tensor of at least ``SMALL`` elements (a head) runs its first ``numel // BLOCK · BLOCK``
-  coordinates as a ``(k, BLOCK)`` alias, up to ``heads_per_call`` heads per compiled call (a call
-  costs ~0.1 ms of dynamo guards and wrappers, more than a head of 64K elements takes to step);
-  statistics and the clipping RMS are summed per row in the compute dtype, the rows in float64,
-  as ``adam_monitor.diagnostics.compiled`` does;
+* a tensor of at least ``STEP_MIN_HEAD_NUMEL`` elements (a head) runs its first
+  ``numel // BLOCK · BLOCK`` coordinates as a ``(k, BLOCK)`` alias, up to ``heads_per_call`` heads
+  per compiled call (a call has a fixed cost of dynamo guards and wrappers, more than a small head
+  takes to step); statistics and the clipping RMS are summed per row in the compute dtype, the
+  rows in float64, as ``adam_monitor.diagnostics.compiled`` does;
 * the small tensors and those tails are concatenated and stepped in one call, their statistics
   returned per coordinate and summed per tensor in float64;
 * with clipping or statistics, pass 1 reads what the step needs of the state before writing it:
@@ -20,22 +18,10 @@ The step's scalars travel in one tensor of coefficients (``_COEFFICIENTS``): one
 step and tensor of a dtype. ``FusedLayout`` holds what outlives a step (the aliases of params and
 moments, index tensors), kept by ``Adam`` while the storages stay. float32 and narrower compute
 atan2 with ``atan2_nonnegative_x`` (a polynomial, ≤ 1.5 ulp), float64 with ``torch.atan2``.
-
-With hyper-parameters of the step (β2_t may vary, see ``Adam``)::
-
-    v_t = β2_t·v_{t-1} + (1-β2_t)·g²                 v̂_t = v_t / c2_t
-    adam:   m_t = β1·m_{t-1} + (1-β1)·g              u = (m_t/c1) / (√v̂_t + ε)
-    laprop: m_t = β1·m_{t-1} + (1-β1)·g/(√v̂_t + ε)   u = m_t/c1
-    atan2:  m_t = β1·m_{t-1} + (1-β1)·g              u = a·atan2(m_t/c1, b·√v̂_t)
-    clip d: u ← u / max(1, RMS_t/d),   RMS_t = √mean(g²/max(v̂_t, ε²))
-    p ← p·(1 - η·λ·s) - η·u      (s = 1/max(1, RMS_t/d) with clipping, else 1)
-
-``c1 = 1 - β1^t`` with momentum bias correction, else 1.
 """
 
 from __future__ import annotations
 
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -43,154 +29,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adam_monitor._runtime import host_values, independent_sizes
+from adam_monitor._runtime import (
+    BLOCK,
+    STEP_HEADS_PER_CALL,
+    STEP_MIN_HEAD_NUMEL,
+    compile_per_configuration,
+    host_values,
+    independent_sizes,
+)
+from adam_monitor.diagnostics.rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, STALENESS_SQ, UPDATE_SQ
+from adam_monitor.optim.reference import ATAN2_A, ATAN2_B, _direction
 
 __all__ = [
-    "ATAN2_A",
-    "ATAN2_B",
-    "BLOCK",
-    "HEADS_PER_CALL",
-    "NORMALIZE",
-    "SMALL",
     "FusedLayout",
-    "adam_step_",
     "atan2_nonnegative_x",
-    "flat_alias",
-    "foreach_step_",
-    "fused_step_",
+    "compiled_step_",
     "heads_per_call",
-    "torch_fused_step_",
     "layout_key",
+    "warn_eager_fallback",
 ]
 
-#: atan2 constants of Everett et al. 2024 ("Scaling Exponents Across Parameterizations and
-#: Optimizers", Adam-atan2): u = a·atan2(m̂, b·√v̂). a = 1.27 ≈ 4/π makes a steady signal
-#: (m̂ = √v̂, Adam's |u| = 1) move by a·π/4 ≈ 1, as Adam does; |u| ≤ a·π/2 ≈ 2 always.
-ATAN2_A = 1.27
-ATAN2_B = 1.0
-
-NORMALIZE = ("adam", "laprop", "atan2")
-
-#: Coordinates summed in the compute dtype before the float64 sum over blocks (fast path).
-BLOCK = 1024
-#: Tensors below this many elements are concatenated and stepped in one compiled call.
-SMALL = 1 << 16
-
-
-def _direction(
-    grad: Tensor,
-    exp_avg: Tensor,
-    sqrt_v_hat: Tensor,
-    beta1,
-    one_minus_beta1,
-    eps,
-    inv_c1,
-    normalize: str,
-    atan2=torch.atan2,
-    atan2_a=ATAN2_A,
-    atan2_b=ATAN2_B,
-) -> tuple[Tensor, Tensor]:
-    """The new momentum m_t and the direction u (before clipping); ``exp_avg`` is read, not written."""
-    if normalize == "adam":
-        m = exp_avg * beta1 + grad * one_minus_beta1
-        return m, m * inv_c1 / (sqrt_v_hat + eps)
-    if normalize == "laprop":
-        # momentum of the normalized gradient; only m is bias-corrected at the update
-        m = exp_avg * beta1 + grad / (sqrt_v_hat + eps) * one_minus_beta1
-        return m, m * inv_c1
-    if normalize == "atan2":
-        m = exp_avg * beta1 + grad * one_minus_beta1
-        return m, atan2_a * atan2(m * inv_c1, atan2_b * sqrt_v_hat)
-    raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-
-
-def adam_step_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    eps_sq: float,
-    inv_c1: float,
-    inv_sqrt_c2: float,
-    inv_c2_prev: float,
-    update_clip: float | None,
-    normalize: str,
-    statistics: bool,
-) -> Tensor | None:
-    """Update ``param``, ``exp_avg``, ``exp_avg_sq`` in place; return a statistics row if asked.
-
-    Scalars come pre-inverted (``inv_c1 = 1/c1``, ``inv_sqrt_c2 = 1/√c2_t``) because a division by
-    a scalar costs a vector division per element in the compiled loop. ``inv_c2_prev = 1/c2_{t-1}``
-    (0 at the first step) is read only with ``statistics``: pass a constant otherwise, since the
-    compiler specializes on the value of a float it does not use (a recompile every step).
-    ``eps_sq`` is ``max(ε², tiny)``: the floor of ``max(v̂, ε²)`` that keeps 0/0 out when ε = 0.
-
-    The row has the columns of ``adam_monitor.diagnostics.STAT_FIELDS`` with the semantics of
-    ``tensor_statistics(grad, u, v̂_t, v̂_{t-1}, ε)``; sums accumulate in float64.
-    """
-    f64 = torch.float64
-    g2 = grad * grad
-    if statistics:
-        # gradient_jump compares g_t with the v̂_{t-1} the step found: read v before overwriting it.
-        had_moment = exp_avg_sq > 0
-        v_hat_prev = (exp_avg_sq * inv_c2_prev).clamp_min(eps_sq)
-        jump_sq = torch.where(had_moment, g2 / v_hat_prev, 0.0).sum(dtype=f64)
-        jump_count = had_moment.sum(dtype=f64)
-    exp_avg_sq.mul_(beta2).add_(g2 * (1 - beta2))
-    v_hat = exp_avg_sq * (inv_sqrt_c2 * inv_sqrt_c2)
-    sqrt_v_hat = exp_avg_sq.sqrt() * inv_sqrt_c2
-    momentum, update = _direction(grad, exp_avg, sqrt_v_hat, beta1, 1 - beta1, eps, inv_c1, normalize)
-    exp_avg.copy_(momentum)
-
-    if update_clip is not None or statistics:
-        staleness_sq = (g2 / v_hat.clamp_min(eps_sq)).sum(dtype=f64)
-    decay = 1 - lr * weight_decay
-    if update_clip is not None:
-        # step over max(1, RMS_t/d) = step·min(1, d/RMS_t); RMS_t = 0 gives d/0 = inf → 1.
-        rms = (staleness_sq / grad.numel()).sqrt()
-        scale = (update_clip / rms).clamp_max(1.0).to(update.dtype)
-        update = update * scale
-        decay = 1 - lr * weight_decay * scale  # the clipped lr also sets the decay (Wortsman et al.)
-    param.mul_(decay).sub_(update * lr)
-
-    if not statistics:
-        return None
-    return torch.stack(
-        [
-            update.square().sum(dtype=f64),
-            staleness_sq,
-            jump_sq,
-            jump_count,
-            (sqrt_v_hat <= eps).sum(dtype=f64),
-            torch.full((), grad.numel(), dtype=f64, device=grad.device),
-        ]
-    )
-
-
-def flat_alias(t: Tensor) -> Tensor:
-    """A 1-D tensor on ``t``'s storage that is not a view of ``t`` (``t`` must be contiguous).
-
-    A view would carry its base's shape into the compiled graph's guards, costing one compile per
-    parameter rank; a plain alias gives one graph for every shape.
-    """
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
-
-
-# ----------------------------------------------------------------------------- fast path
-
-NUM_SUMS = 5  # the summed statistics; the row's last column is the count
 #: The coefficients of the compiled functions, in one tensor of the compute dtype: every scalar
 #: expression is evaluated here, in float64, and rounded once. The compiled loop reads each with a
 #: broadcast load; an expression of them inside the loop (1 - β2 from β2, a float64 → float32
 #: conversion) is evaluated again for every vector: the compiler cannot hoist it out of the loop,
-#: since the vector stores of the loop may alias the scalars' memory. That costs ~20% of an Adam
-#: step, so does a float global (``ATAN2_A``), which dynamo turns into a tensor input too.
+#: since the vector stores of the loop may alias the scalars' memory. A float global (``ATAN2_A``)
+#: costs the same, since dynamo turns it into a tensor input too (``tests/benchmarks/bench_optim.py``).
 _COEFFICIENTS = (
     "lr",
     "beta1",
@@ -233,20 +97,11 @@ def _coefficients(scalars: dict[str, float], dtype: torch.dtype, device: torch.d
     return host_values(values, _acc(dtype), device)
 
 
-#: Heads stepped by one compiled call. A call costs ~0.1 ms of dynamo guards and wrappers, a head
-#: inside it ~20 µs; each head of the graph adds 1-3 s to its first compile, so the graph does not
-#: take the whole list (compile time growing with the model) but this many heads, the last call of
-#: a step padded with tiny dummy heads: one graph per configuration for any model with this many
-#: heads or more (fewer: the next power of two). 4 rather than 8: 15 s less first compile with
-#: statistics (20M params, 2 cores), ~1% more step time.
-HEADS_PER_CALL = 4
-
-
 def heads_per_call(normalize: str) -> int:
-    """At most this many heads per call: ``HEADS_PER_CALL``, but 1 for atan2, whose loop takes
-    ~5-10 s per head to generate and compile (and its step is compute-bound: 0.1 ms per call is
-    ~2% of it)."""
-    return 1 if normalize == "atan2" else HEADS_PER_CALL
+    """At most this many heads per call: ``STEP_HEADS_PER_CALL``, but 1 for atan2, whose loop is
+    the slowest to generate and compile per head (and its step is compute-bound: the fixed cost of
+    a call is a small part of it)."""
+    return 1 if normalize == "atan2" else STEP_HEADS_PER_CALL
 
 
 # atan2_nonnegative_x: atan(z) ≈ z + z·w·Q(w), w = z², for z in [0, 1]; Q of degree 8 minimizes the
@@ -261,7 +116,7 @@ def heads_per_call(normalize: str) -> int:
 def atan2_nonnegative_x(y: Tensor, x: Tensor) -> Tensor:
     """``torch.atan2(y, x)`` for ``x ≥ 0`` (the atan2 direction's ``b·√v̂``), float32 and narrower.
 
-    A division and a polynomial, ~3x cheaper than the vectorized ``atan2`` of the compiled loop;
+    A division and a polynomial, cheaper than the vectorized ``atan2`` of the compiled loop;
     within 1.5 float32 ulp of the exact angle for finite inputs (``tests/test_optim.py`` measures
     it), and exact (as float32 rounds it) where the angle is a multiple of π/4:
     ``atan2(±0, x) = ±0``, ``atan2(y, 0) = ±π/2``, ``atan2(±x, x) = ±π/4`` (inf included);
@@ -272,8 +127,8 @@ def atan2_nonnegative_x(y: Tensor, x: Tensor) -> Tensor:
     z = num / den
     w = z * z
     # Literals, not a global tuple: dynamo would pass global floats as tensor inputs (see
-    # _COEFFICIENTS). Estrin's scheme: half the dependency chain of Horner's, and the loop,
-    # compute-bound here, runs ~15% faster.
+    # _COEFFICIENTS). Estrin's scheme: half the dependency chain of Horner's, for a loop that is
+    # compute-bound here.
     w2 = w * w
     w4 = w2 * w2
     q = (-0.333332991 + 0.199985483 * w) + (-0.142642417 + 0.109521859 * w) * w2
@@ -330,10 +185,6 @@ def _row_sums(terms: list[Tensor], rows: bool) -> Tensor:
     if rows:
         return torch.stack([t.sum(-1, dtype=_acc(t.dtype)) for t in terms]).sum(-1, dtype=torch.float64)
     return torch.stack(terms)
-
-
-# Rows of the per-param sums (the statistics row's columns, then the count).
-UPDATE_SQ, STALENESS_SQ, JUMP_SQ, JUMP_COUNT, EPS_COUNT = range(NUM_SUMS)
 
 
 def _pre_sums(clip: bool, statistics: bool) -> list[int]:
@@ -435,7 +286,7 @@ def _heads_step_kernel(
     inputs, its new param and the atan2 arguments. Without it inductor runs the step as one loop
     over all the coordinates (flat: the tensors are contiguous) and the per-row sums in loops of
     their own, storing what they share with the step (u, √v̂, m_t) in temporaries the size of the
-    tensor, allocated at each call: 2-3x the time of the step. A value that reads
+    tensor, allocated at each call: several times the time of the step. A value that reads
     ``ones[column]`` cannot be flattened: the step runs per row like the sums, in one loop nest,
     and what they share stays in buffers of a row.
     """
@@ -457,35 +308,27 @@ def _heads_step_kernel(
     return torch.stack(rows) if statistics else None
 
 
-_COMPILED: dict[tuple, Callable] = {}
-
-
 def _compiled(fn: Callable, *key, pointwise: bool = False) -> Callable:
-    """``fn`` compiled, one distinct code object per configuration (lazy, cached per process), so
-    that configurations do not share dynamo's per-function recompile limit. ``pointwise``: ``fn``
-    has no per-row sums (see below)."""
-    full_key = (fn.__name__, *key)
-    compiled = _COMPILED.get(full_key)
-    if compiled is None:
-        name = "_".join(str(k) for k in full_key)
-        copy = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
-        # size_asserts: the compiled wrapper re-checks the size and stride of every input (~1 µs
-        # each, 33 per call of 8 heads) that dynamo's guards have just checked.
-        options: dict[str, Any] = {"size_asserts": False}
-        if pointwise:
-            # Inductor inlines a value into each of its uses unless it takes more than this many
-            # operations: the atan2 polynomial, whose values have up to 7 uses each, was traced
-            # thousands of times (5 s per head). A stored value of a pointwise loop stays in
-            # registers (the default threshold, 30, matters for reductions: a stored value there
-            # becomes a temporary the size of the tensor, 2-4x slower).
-            options["realize_opcount_threshold"] = 8
-        compiled = _COMPILED[full_key] = torch.compile(copy, dynamic=True, fullgraph=True, options=options)
-    return compiled
+    """``fn`` compiled for the configuration ``key`` (see ``compile_per_configuration``).
+    ``pointwise``: ``fn`` has no per-row sums (see below)."""
+    name = "_".join(str(k) for k in (fn.__name__, *key))
+    # size_asserts: the compiled wrapper would re-check the size and stride of every input (dozens
+    # per call) that dynamo's guards have just checked.
+    options: dict[str, Any] = {"size_asserts": False}
+    if pointwise:
+        # Inductor inlines a value into each of its uses unless it takes more than this many
+        # operations: the atan2 polynomial, whose values have up to 7 uses each, was traced
+        # thousands of times per head. A stored value of a pointwise loop stays in registers (the
+        # default threshold, 30, matters for reductions: a stored value there becomes a temporary
+        # the size of the tensor, several times slower).
+        options["realize_opcount_threshold"] = 8
+    return compile_per_configuration(fn, name, dynamic=True, fullgraph=True, options=options)
 
 
 def _head_alias(t: Tensor, h: int, static: bool = True) -> Tensor:
-    """The first ``h`` coordinates of contiguous ``t`` as a ``(h/BLOCK, BLOCK)`` alias (not a view:
-    see ``flat_alias``). ``static``: BLOCK stays a constant in the graph (static loop bounds); the
+    """The first ``h`` coordinates of contiguous ``t`` as a ``(h/BLOCK, BLOCK)`` alias on its storage,
+    not a view: a view would carry its base's shape into the graph's guards, one compile per
+    parameter rank; an alias gives one graph for every shape. ``static``: BLOCK stays a constant in the graph (static loop bounds); the
     gradients, aliased anew at each step, skip the marking: every graph also takes a marked
     moment of the same shape, which makes their BLOCK static too."""
     alias = t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (h // BLOCK, BLOCK), (BLOCK, 1))
@@ -526,7 +369,7 @@ def _ones_row(dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 class FusedLayout:
-    """How ``fused_step_`` splits a list of tensors into heads and batch, with what of it outlives
+    """How ``compiled_step_`` splits a list of tensors into heads and batch, with what of it outlives
     a step: the aliases of the params and moments, index tensors. Gradients are not part of it (a
     new tensor every step, usually). ``Adam`` keeps a layout while ``key`` stays the same, the
     identity, storage and size of every param and moment (an alias holds its storage, so a new
@@ -541,7 +384,7 @@ class FusedLayout:
         self.dtype, self.device = dtype, device = params[0].dtype, params[0].device
         n = len(params)
         numels = [p.numel() for p in params]
-        self.heads = heads = [k // BLOCK * BLOCK if k >= SMALL else 0 for k in numels]
+        self.heads = heads = [k // BLOCK * BLOCK if k >= STEP_MIN_HEAD_NUMEL else 0 for k in numels]
         self.head_index = head_index = [i for i, h in enumerate(heads) if h]
         self.head_params = [params[i] for i in head_index]
         self.max_per_call = max_per_call
@@ -591,7 +434,7 @@ def layout_key(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[T
     )
 
 
-def fused_step_(
+def compiled_step_(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -616,10 +459,10 @@ def fused_step_(
     # Heads of equal size in a call get a size symbol each: one graph serves calls of any sizes
     # (instead of one per pattern of equal sizes).
     with independent_sizes():
-        return _fused_step(layout, grads, update_clip, normalize, statistics, scalars)
+        return _compiled_step(layout, grads, update_clip, normalize, statistics, scalars)
 
 
-def _fused_step(
+def _compiled_step(
     layout: FusedLayout,
     grads: list[Tensor],
     update_clip: float | None,
@@ -642,7 +485,7 @@ def _fused_step(
             batch = [torch.cat([b, b.new_zeros(1)]) for b in batch]
 
     if statistics or clip:
-        sums = torch.zeros(NUM_SUMS, n + 1, dtype=f64, device=device)
+        sums = torch.zeros(COUNT, n + 1, dtype=f64, device=device)  # the summed columns
 
     def add_sums(which: list[int], head_outs: list[Tensor] | None, batch_terms: Tensor | None) -> None:
         """Add per-head sums ``(heads, len(which))`` and per-coordinate terms ``(len(which), N)``."""
@@ -699,147 +542,10 @@ def _fused_step(
     return list(torch.cat([sums[:, :n].T, layout.numel_col], dim=1).unbind())
 
 
-#: The dtypes torch's fused AdamW kernel steps (``torch_fused_step_``).
-TORCH_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def torch_fused_available() -> bool:
-    return hasattr(torch, "_fused_adamw_")
-
-
-def torch_fused_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    *,
-    t: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    inv_c1: float,
-    **_: Any,
-) -> None:
-    """``normalize="adam"`` without clipping, β2 schedule or statistics, on torch's own fused
-    AdamW kernel (the one ``torch.optim.AdamW(fused=True)`` runs): one pass over the state, on
-    the CPU and on CUDA.
-
-    That kernel divides the momentum by ``1 - β1^t``. Without momentum bias correction
-    (``inv_c1 = 1``) it gets ``lr·(1 - β1^t)``, which cancels that division, and the weight decay
-    ``λ/(1 - β1^t)``, which keeps the decay ``η·λ``: the same step up to rounding (a relative
-    1e-16 in float64, tested against the specification). Its v̂ is ``v/(1 - β2^t)``, so a β2
-    schedule, whose bias correction is ``1 - Π β2_k``, does not come here.
-    """
-    bias_correction1 = 1 - beta1**t
-    lr_kernel = lr * bias_correction1 * inv_c1  # = lr with momentum bias correction
-    decay_kernel = weight_decay * lr / lr_kernel if lr_kernel else weight_decay
-    step = host_values([float(t)], torch.float32, params[0].device).reshape(())
-    torch._fused_adamw_(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        [],
-        [step] * len(params),
-        lr=lr_kernel,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=decay_kernel,
-        eps=eps,
-        amsgrad=False,
-        maximize=False,
-    )
-
-
-def foreach_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    eps: float,
-    eps_sq: float,
-    inv_c1: float,
-    inv_sqrt_c2: float,
-    update_clip: float | None,
-    normalize: str,
-    **_: Any,
-) -> None:
-    """``adam_step_`` (without statistics) on every tensor of the lists with torch's multi-tensor
-    ``_foreach_`` kernels, all sharing the step's scalars: a few launches per step whatever the
-    number of tensors. The GPU path: there a step of a large model takes well under a millisecond
-    of device time, and the compiled path's per-call overhead (dynamo guards, one call per few
-    tensors) dominates it. Temporaries: one to three times the tensors' size (√v̂, the direction,
-    the clipping ratio): ``Adam`` steps them in runs of at most ``FOREACH_CHUNK_NUMEL`` elements.
-    """
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    sqrt_v_hat = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_mul_(sqrt_v_hat, inv_sqrt_c2)
-    if update_clip is not None:
-        # RMS_t² = mean(g²/max(v̂_t, ε²)), from √v̂_t: max(√v̂_t, ε)² = max(v̂_t, ε²)
-        floor = torch._foreach_maximum(sqrt_v_hat, eps_sq**0.5)
-        ratio = torch._foreach_div(grads, floor)
-        del floor
-        norms = torch._foreach_norm(ratio)
-        del ratio
-        numels = host_values([g.numel() for g in grads], norms[0].dtype, grads[0].device)
-        rms = torch.stack(norms) / numels.sqrt()
-        scales = (update_clip / rms).clamp_max(1.0)  # RMS_t = 0: d/0 = inf → 1
-    torch._foreach_mul_(exp_avgs, beta1)
-    if normalize == "laprop":
-        torch._foreach_add_(sqrt_v_hat, eps)
-        normalized = torch._foreach_div(grads, sqrt_v_hat)
-        torch._foreach_add_(exp_avgs, normalized, alpha=1 - beta1)
-        del normalized
-    else:
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    if update_clip is None and normalize != "atan2":
-        # without a scale, straight into the params: no temporary for the direction
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-        if normalize == "adam":
-            torch._foreach_add_(sqrt_v_hat, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, sqrt_v_hat, value=-lr * inv_c1)
-        else:  # laprop
-            torch._foreach_add_(params, exp_avgs, alpha=-lr * inv_c1)
-        return None
-    if normalize == "adam":
-        torch._foreach_add_(sqrt_v_hat, eps)
-        update = torch._foreach_div(exp_avgs, sqrt_v_hat)
-        torch._foreach_mul_(update, inv_c1)
-    elif normalize == "laprop":
-        update = torch._foreach_mul(exp_avgs, inv_c1)
-    elif normalize == "atan2":
-        # no multi-tensor atan2: one kernel per tensor
-        momentum = torch._foreach_mul(exp_avgs, inv_c1)
-        update = [torch.atan2(m, ATAN2_B * x) for m, x in zip(momentum, sqrt_v_hat)]
-        del momentum
-        torch._foreach_mul_(update, ATAN2_A)
-    else:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    del sqrt_v_hat
-    if update_clip is None:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-        torch._foreach_add_(params, update, alpha=-lr)
-        return None
-    # the clipped lr also sets the decay (see adam_step_)
-    scale_list = list(scales.to(update[0].dtype).unbind())
-    torch._foreach_mul_(update, scale_list)
-    torch._foreach_mul_(params, list((1 - lr * weight_decay * scales).to(params[0].dtype).unbind()))
-    torch._foreach_add_(params, update, alpha=-lr)
-    return None
-
-
 def warn_eager_fallback(error: BaseException) -> None:
     warnings.warn(
         f"torch.compile failed for the Adam step ({type(error).__name__}: {error}); "
-        "running the eager step instead. Pass fused=False to skip compilation.",
+        "running the eager step instead. Pass compiled=False to skip compilation.",
         RuntimeWarning,
         stacklevel=3,
     )
