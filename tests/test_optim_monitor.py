@@ -88,3 +88,33 @@ def _no_warning():
             yield
 
     return ctx()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_histograms_show_each_variants_own_direction(name, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from adam_monitor.cli.events import event_dirs
+
+    torch.manual_seed(0)
+    # float64: the step over lr is read back from a parameter change of lr's size
+    w = torch.nn.Parameter(torch.randn(64, 32, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(32, dtype=torch.float64))
+    opt = VARIANTS[name]([w, b])
+    writer = SummaryWriter(str(tmp_path))
+    monitor = Monitor(opt, named_parameters=[("w", w), ("b", b)], writer=writer, log_every_n_steps=5, histograms=True)
+    for _ in range(5):
+        before = w.detach().clone()
+        w.grad, b.grad = torch.randn_like(w) * 3, torch.randn_like(b)
+        opt.step()
+    monitor.close()
+    # The step over lr is the direction (no weight decay here): what the histogram must show.
+    torch.testing.assert_close(opt.direction(w), (before - w.detach()) / 1e-3, rtol=1e-9, atol=1e-9)
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    (run,) = event_dirs(tmp_path)
+    acc = EventAccumulator(str(run), size_guidance={HISTOGRAMS: 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["histograms"]) == ["adam/update/b", "adam/update/w"]
+    (event,) = acc.Histograms("adam/update/w")
+    assert event.step == 5 and event.histogram_value.num == w.numel()

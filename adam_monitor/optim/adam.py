@@ -20,7 +20,7 @@ from adam_monitor._runtime import (
 )
 from adam_monitor.optim.compiled import FusedLayout, compiled_step_, heads_per_call, layout_key, warn_eager_fallback
 from adam_monitor.optim.foreach import TORCH_FUSED_DTYPES, foreach_step_, torch_fused_available, torch_fused_step_
-from adam_monitor.optim.reference import NORMALIZE, adam_step_
+from adam_monitor.optim.reference import ATAN2_A, ATAN2_B, NORMALIZE, adam_step_
 from adam_monitor.theory import worst_case_bound
 
 __all__ = ["Adam", "AdamD", "LaProp", "AdamAtan2", "StableAdamW", "adafactor_beta2", "worst_case_bound"]
@@ -247,6 +247,35 @@ class Adam(Optimizer):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"beta2_schedule({step}) = {value}: the schedule must return a beta2 in [0, 1)")
         return value
+
+    @torch.no_grad()
+    def direction(self, p: Tensor) -> Tensor:
+        """The direction ``u`` of ``p``'s last step (the step over lr, weight decay excluded), after
+        clipping, rebuilt from its state and the gradient the step used (for histograms)."""
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        state = self.state[p]
+        t = int(state["step"])
+        beta1, beta2 = group["betas"]
+        product = state.get("beta2_product")
+        c2 = 1.0 - (product if product is not None else beta2**t)
+        c1 = 1.0 - beta1**t if group["momentum_bias_correction"] else 1.0
+        compute = torch.promote_types(state["exp_avg"].dtype, torch.float32)
+        m, v = state["exp_avg"].to(compute), state["exp_avg_sq"].to(compute)
+        sqrt_v_hat = (v / c2).sqrt()
+        normalize = group["normalize"]
+        eps = 0.0 if normalize == "atan2" else group["eps"]
+        if normalize == "laprop":
+            u = m / c1
+        elif normalize == "atan2":
+            u = ATAN2_A * torch.atan2(m / c1, ATAN2_B * sqrt_v_hat)
+        else:
+            u = m / c1 / (sqrt_v_hat + eps)
+        clip = group["update_clip"]
+        if clip is not None and p.grad is not None:
+            floor = max(eps * eps, torch.finfo(compute).tiny)
+            rms = (p.grad.to(compute).square() / (v / c2).clamp_min(floor)).mean().sqrt()
+            u = u / (rms / clip).clamp_min(1.0)
+        return u
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
