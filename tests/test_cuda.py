@@ -19,12 +19,14 @@ CUDA = torch.device("cuda")
 # Two heads (one with a tail), a tensor just over the head size, small ones for the batch.
 SHAPES = ((80, 1024), (300, 221), (64, 33), (5, 7), (1,))
 VARIANTS = {
-    "Adam": lambda ps, fused: Adam(
-        ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, fused=fused
+    "Adam": lambda ps, compiled: Adam(
+        ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, compiled=compiled
     ),
-    "LaProp": lambda ps, fused: LaProp(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused),
-    "AdamAtan2": lambda ps, fused: AdamAtan2(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused),
-    "StableAdamW": lambda ps, fused: StableAdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused),
+    "LaProp": lambda ps, compiled: LaProp(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, compiled=compiled),
+    "AdamAtan2": lambda ps, compiled: AdamAtan2(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, compiled=compiled),
+    "StableAdamW": lambda ps, compiled: StableAdamW(
+        ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, compiled=compiled
+    ),
 }
 
 
@@ -43,12 +45,12 @@ def gradients(params, steps, seed=1):
     return out
 
 
-def follows_the_specification(make, fused, record: bool, steps: int = 4):
-    """Step ``make(params, fused)`` and the eager specification on twin params with the same
+def follows_the_specification(make, compiled, record: bool, steps: int = 4):
+    """Step ``make(params, compiled)`` and the eager specification on twin params with the same
     gradients; params, moments (and statistics rows) agree after every step."""
     params = cuda_params()
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    fast, spec = make(params, fused), make(twins, False)
+    fast, spec = make(params, compiled), make(twins, False)
     fast.record_statistics = spec.record_statistics = record
     for step_grads in gradients(params, steps):
         for p, q, g in zip(params, twins, step_grads):
@@ -73,7 +75,7 @@ def test_compiled_step_matches_the_eager_specification_on_cuda(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_default_cuda_step_matches_the_specification(monkeypatch, name):
-    # fused=None without statistics: torch's fused AdamW kernel for Adam, multi-tensor kernels else
+    # compiled=None without statistics: torch's fused AdamW kernel for Adam, multi-tensor kernels else
     import adam_monitor.optim.adam as adam_module
     from adam_monitor.optim import foreach
 
@@ -87,7 +89,7 @@ def test_default_cuda_step_matches_the_specification(monkeypatch, name):
 
 def test_fast_statistics_on_cuda_equal_the_float64_reference():
     params = cuda_params()
-    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), compiled=True)
     for step_grads in gradients(params, 3):
         for p, g in zip(params, step_grads):
             p.grad = g
@@ -147,7 +149,7 @@ def per_step_syncs(
     [
         lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), fused=True),
         lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), foreach=True),
-        lambda ps: Adam(ps, betas=(0.9, 0.95), fused=True),
+        lambda ps: Adam(ps, betas=(0.9, 0.95), compiled=True),
     ],
     ids=["torch-fused", "torch-foreach", "adam_monitor-Adam"],
 )

@@ -122,7 +122,7 @@ def test_preset_matches_plain_loop(name):
     p0 = clone_params(params)
     grads = gradient_sequence(params, 40, heavy=True)
     kw = dict(lr=0.05, betas=(0.9, 0.99), weight_decay=0.1)
-    opt = cls(params, **kw, fused=False)
+    opt = cls(params, **kw, compiled=False)
     run(opt, params, grads)
     refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, **ref_kw)
     for p, q, ref in zip(params, p0, refs):
@@ -156,7 +156,7 @@ def test_beta2_schedule_matches_plain_loop(schedule):
         opt_schedule, beta2_at = "adafactor", (lambda t: min(0.99, 1 - t**-0.8))
     else:
         opt_schedule = beta2_at = lambda t: 0.99 - 0.5 * 0.8**t  # noqa: E731
-    opt = Adam(params, lr=0.05, betas=(0.9, 0.99), weight_decay=0.01, beta2_schedule=opt_schedule, fused=False)
+    opt = Adam(params, lr=0.05, betas=(0.9, 0.99), weight_decay=0.01, beta2_schedule=opt_schedule, compiled=False)
     run(opt, params, grads)
     refs = reference_for(
         p0, grads, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, mbc=False, beta2_at=beta2_at
@@ -187,7 +187,7 @@ def test_bias_corrected_adam_equals_torch_adamw():
     params = make_params(shapes=((4, 3), (6,), (2, 2, 2)))
     twins = clone_params(params)
     p0 = clone_params(params)
-    ours = Adam(grouped(params), momentum_bias_correction=True, fused=False)
+    ours = Adam(grouped(params), momentum_bias_correction=True, compiled=False)
     torch_opt = torch.optim.AdamW(grouped(twins))
     for _ in run_twins(ours, torch_opt, params, twins, gradient_sequence(params, 100, heavy=True)):
         pass
@@ -202,7 +202,7 @@ def test_bias_corrected_adam_equals_torch_adamw():
 def test_beta1_equal_beta2_bounds_every_update_by_one():
     params = make_params(shapes=((50,),))
     for beta in (0.9, 0.95, 0.99):
-        opt = Adam(params, lr=1.0, betas=(beta, beta), eps=0.0, momentum_bias_correction=True, fused=False)
+        opt = Adam(params, lr=1.0, betas=(beta, beta), eps=0.0, momentum_bias_correction=True, compiled=False)
         gen = torch.Generator().manual_seed(3)
         worst = 0.0
         for t in range(300):
@@ -276,7 +276,7 @@ def test_unstable_betas_refused_with_bound_and_fix(betas):
 
 def test_betas_moved_by_a_scheduler_are_checked_at_step():
     params = make_params()
-    opt = Adam(params, fused=False)
+    opt = Adam(params, compiled=False)
     opt.param_groups[0]["betas"] = (0.99, 0.9)
     for p in params:
         p.grad = torch.ones_like(p)
@@ -296,7 +296,7 @@ def test_sparse_gradient_is_a_clear_error():
 
 def test_state_keys_and_grad_none_skipped():
     params = make_params()
-    opt = Adam(params, fused=False)
+    opt = Adam(params, compiled=False)
     params[0].grad = torch.ones_like(params[0])
     opt.step()
     state = opt.state[params[0]]
@@ -316,8 +316,8 @@ def roundtrip(state_dict):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda ps: StableAdamW(ps, weight_decay=0.1, fused=False),
-        lambda ps: Adam(ps, beta2_schedule="adafactor", normalize="laprop", fused=False),
+        lambda ps: StableAdamW(ps, weight_decay=0.1, compiled=False),
+        lambda ps: Adam(ps, beta2_schedule="adafactor", normalize="laprop", compiled=False),
     ],
 )
 def test_state_dict_roundtrip_continues_identically(make):
@@ -342,7 +342,7 @@ def test_torch_adamw_checkpoint_loads_and_continues_identically():
     run(torch_opt, params, grads[:15])
     for p, q in zip(params, twins):
         q.data.copy_(p.data)
-    ours = Adam(twins, momentum_bias_correction=True, fused=False)
+    ours = Adam(twins, momentum_bias_correction=True, compiled=False)
     ours.load_state_dict(roundtrip(torch_opt.state_dict()))
     assert ours.param_groups[0]["lr"] == 0.01 and ours.param_groups[0]["normalize"] == "adam"
     run(torch_opt, params, grads[15:])
@@ -384,7 +384,7 @@ def test_statistics_equal_tensor_statistics(config):
         betas=(0.9, 0.95),
         eps=1e-3,
         weight_decay=0.1,
-        fused=False,
+        compiled=False,
         momentum_bias_correction=config["mbc"],
         normalize=config["normalize"],
         update_clip=config["clip"],
@@ -413,7 +413,7 @@ def test_statistics_equal_tensor_statistics(config):
 
 def test_statistics_dict_is_replaced_and_off_by_default():
     params = make_params()
-    opt = Adam(params, fused=False)
+    opt = Adam(params, compiled=False)
     params[0].grad = torch.ones_like(params[0])
     opt.step()
     assert opt.record_statistics is False and opt.last_statistics == {}
@@ -456,8 +456,8 @@ def test_compiled_step_matches_spec():
 
     assert 300 * 221 > SMALL and 300 * 221 % BLOCK
 
-    def make(ps, fused):
-        return StableAdamW(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    def make(ps, compiled):
+        return StableAdamW(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, compiled=compiled)
 
     params = make_params(shapes=((300, 221), (64, 33), (1,), (7,)), dtype=torch.float32)
     params.append(torch.nn.Parameter(torch.randn(5, 9).t()))
@@ -507,8 +507,8 @@ def test_fast_path_buckets_uneven_heads_and_follows_changing_tensors(monkeypatch
     params = make_params(shapes=shapes, dtype=torch.float32)
     twins = clone_params(params)
 
-    def make(ps, fused):
-        return Adam(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, fused=fused)
+    def make(ps, compiled):
+        return Adam(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, momentum_bias_correction=True, compiled=compiled)
 
     fast, spec = make(params, True), make(twins, False)
     grads = gradient_sequence(params, 12, heavy=True)
@@ -568,8 +568,8 @@ def test_atan2_polynomial_is_within_two_ulp_and_exact_at_special_values():
 
 def test_compiled_atan2_step_matches_spec():
     # float32 takes the polynomial atan2 in the compiled loops (step and statistics pass).
-    def make(ps, fused):
-        return AdamAtan2(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    def make(ps, compiled):
+        return AdamAtan2(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, compiled=compiled)
 
     fast = fast_vs_spec(make, torch.float32, shapes=((80, 1024), (5, 7)), steps=4)
     assert fast._compile is True
@@ -588,7 +588,7 @@ def test_default_runs_eager_below_the_compile_threshold():
 @pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("record", [False, True])
 def test_compiled_step_matches_spec_all_configurations(dtype, normalize, clip, record):
-    def make(ps, fused):
+    def make(ps, compiled):
         return Adam(
             ps,
             lr=0.01,
@@ -597,7 +597,7 @@ def test_compiled_step_matches_spec_all_configurations(dtype, normalize, clip, r
             normalize=normalize,
             update_clip=clip,
             momentum_bias_correction=True,
-            fused=fused,
+            compiled=compiled,
         )
 
     fast_vs_spec(make, dtype, shapes=((40, 30), (17,)), record=record)
@@ -608,7 +608,7 @@ def test_compiled_schedule_does_not_recompile_per_step():
     from torch._dynamo.utils import counters
 
     params = make_params(shapes=((40, 30), (17,), (3, 4, 5)), dtype=torch.float32)
-    fast = Adam(params, beta2_schedule="adafactor", fused=True)
+    fast = Adam(params, beta2_schedule="adafactor", compiled=True)
     fast.record_statistics = True
     grads = gradient_sequence(params, 6)
     run(fast, params, grads[:1])  # compiles (or reuses) one graph for all three shapes
@@ -641,7 +641,7 @@ def test_optim_does_not_import_lightning():
     ids=["Adam", "AdamD-adafactor", "LaProp-clip", "AdamAtan2", "StableAdamW"],
 )
 def test_multi_tensor_step_matches_spec(monkeypatch, make, dtype):
-    # The path fused=None takes on CUDA without statistics, forced on the CPU here.
+    # The path compiled=None takes on CUDA without statistics, forced on the CPU here.
     import adam_monitor.optim.adam as adam_module
     from adam_monitor.optim import foreach
 
@@ -651,7 +651,7 @@ def test_multi_tensor_step_matches_spec(monkeypatch, make, dtype):
     params = make_params(shapes=((30, 20), (64,), (1,), (5, 9)), dtype=dtype)
     params.append(torch.nn.Parameter(torch.randn(9, 5, dtype=dtype).t()))  # non-contiguous is fine here
     twins = clone_params(params)
-    multi, spec = make(params), make(twins, fused=False)
+    multi, spec = make(params), make(twins, compiled=False)
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=2e-5, atol=1e-6)
     for _ in run_twins(multi, spec, params, twins, gradient_sequence(params, 6, heavy=True)):
         for p, q in zip(params, twins):
@@ -669,7 +669,7 @@ def test_multi_tensor_step_matches_spec(monkeypatch, make, dtype):
 def test_update_clip_is_active_in_the_multi_tensor_test():
     # The clipped variants above must actually clip: heavy-tailed gradient scales make RMS_t > 1.
     params = make_params(shapes=((30, 20), (64,)), dtype=F64)
-    opt = StableAdamW(params, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
+    opt = StableAdamW(params, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, compiled=False)
     opt.record_statistics = True
     rms = []
     for step_grads in gradient_sequence(params, 6, heavy=True):
@@ -682,7 +682,7 @@ def test_update_clip_is_active_in_the_multi_tensor_test():
 
 @pytest.mark.parametrize("mbc", [True, False], ids=["Adam", "AdamD"])
 def test_torch_kernel_route_matches_plain_loop(monkeypatch, mbc):
-    # fused=None, normalize="adam", no clipping, schedule or statistics: torch's fused AdamW kernel,
+    # compiled=None, normalize="adam", no clipping, schedule or statistics: torch's fused AdamW kernel,
     # with the lr and decay rescaled when the momentum is not bias-corrected.
     import adam_monitor.optim.adam as adam_module
     from adam_monitor.optim import foreach
@@ -714,7 +714,7 @@ def test_torch_kernel_route_matches_plain_loop(monkeypatch, mbc):
 def test_torch_kernel_route_follows_group_changes_and_zero_lr(monkeypatch):
     params = make_params(shapes=((4, 3), (6,), (2, 2, 2)), dtype=torch.float32)
     twins = clone_params(params)
-    fast, spec = AdamD(grouped(params)), AdamD(grouped(twins), fused=False)
+    fast, spec = AdamD(grouped(params)), AdamD(grouped(twins), compiled=False)
     for k, step_grads in enumerate(gradient_sequence(params, 12, heavy=True)):
         if k == 6:  # a scheduler moves lr (to 0 in one group) and the betas
             for opt in (fast, spec):
@@ -740,7 +740,7 @@ def test_torch_kernel_refusal_falls_back_to_the_eager_step_once(monkeypatch):
     monkeypatch.setattr(adam_module, "torch_fused_step_", refuse)
     params = make_params()
     twins = clone_params(params)
-    opt, spec = AdamD(params, lr=0.05, weight_decay=0.1), AdamD(twins, lr=0.05, weight_decay=0.1, fused=False)
+    opt, spec = AdamD(params, lr=0.05, weight_decay=0.1), AdamD(twins, lr=0.05, weight_decay=0.1, compiled=False)
     for k, step_grads in enumerate(gradient_sequence(params, 3)):
         for p, q, g in zip(params, twins, step_grads):
             p.grad, q.grad = g.clone(), g.clone()
@@ -771,10 +771,58 @@ def test_multi_tensor_step_runs_in_bounded_chunks(monkeypatch):
     twins = clone_params(params)
     multi, spec = (
         StableAdamW(params, lr=0.01, weight_decay=0.1),
-        StableAdamW(twins, lr=0.01, weight_decay=0.1, fused=False),
+        StableAdamW(twins, lr=0.01, weight_decay=0.1, compiled=False),
     )
     for _ in run_twins(multi, spec, params, twins, gradient_sequence(params, 3, heavy=True)):
         pass
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
     assert sizes[:3] == [[600, 64, 1], [45], [800]]  # runs of at most 700 elements, a larger tensor alone
+
+
+def test_torchs_fused_keyword_is_refused_naming_compiled():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(TypeError, match=r"compiled=True or compiled=False"):
+        Adam([p], fused=True)
+    with pytest.raises(TypeError, match=r"StableAdamW\(fused=\.\.\.\)"):
+        StableAdamW([p], fused=False)
+    with pytest.raises(ValueError, match="compiled"):
+        Adam([p], compiled="yes")
+    assert Adam([p], compiled=False).compiled is False
+
+
+@pytest.mark.parametrize(
+    ("cls", "fixed"),
+    [
+        (AdamD, {"momentum_bias_correction": False, "normalize": "adam"}),
+        (LaProp, {"momentum_bias_correction": True, "normalize": "laprop"}),
+        (AdamAtan2, {"momentum_bias_correction": True, "normalize": "atan2", "eps": 0.0}),
+        (StableAdamW, {"momentum_bias_correction": True, "normalize": "adam"}),
+    ],
+)
+def test_presets_are_settings_of_the_core(cls, fixed):
+    import inspect
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    positional = (0.01, (0.8, 0.9), 0.1) if cls is AdamAtan2 else (0.01, (0.8, 0.9), 1e-6, 0.1)
+    opt = cls([p], *positional)
+    assert {k: opt.defaults[k] for k in fixed} == fixed
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["weight_decay"]) == (0.01, (0.8, 0.9), 0.1)
+    assert opt.defaults["update_clip"] == (1.0 if cls is StableAdamW else None)
+    signature = inspect.signature(cls)
+    assert list(signature.parameters)[: len(positional) + 1] == ["params", "lr", "betas"] + (
+        ["weight_decay"] if cls is AdamAtan2 else ["eps", "weight_decay"]
+    )
+    assert not set(fixed) & set(signature.parameters)
+    for option, value in fixed.items():
+        with pytest.raises(TypeError, match=rf"{cls.__name__} fixes {option}="):
+            cls([p], **{option: value})
+    with pytest.raises(TypeError, match="positional"):
+        cls([p], *positional, 0.5)
+    # a preset's state round-trips like any torch optimizer's
+    p.grad = torch.ones(3)
+    opt.step()
+    twin = cls([torch.nn.Parameter(p.detach().clone())], *positional)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+    assert twin.param_groups[0]["normalize"] == fixed["normalize"]

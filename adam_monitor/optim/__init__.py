@@ -5,15 +5,8 @@ adam / laprop / atan2 normalization, decoupled weight decay); ``AdamD``, ``LaPro
 and ``StableAdamW`` are presets of it. ``adam_step_`` is the single-tensor specification.
 """
 
-from adam_monitor.optim.adam import (
-    Adam,
-    AdamAtan2,
-    AdamD,
-    LaProp,
-    StableAdamW,
-    adafactor_beta2,
-    worst_case_bound,
-)
+from adam_monitor.optim.adam import Adam, adafactor_beta2, worst_case_bound
+from adam_monitor.optim.presets import AdamAtan2, AdamD, LaProp, StableAdamW
 from adam_monitor.optim.reference import adam_step_
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -23,7 +24,7 @@ from adam_monitor.optim.foreach import TORCH_FUSED_DTYPES, foreach_step_, torch_
 from adam_monitor.optim.reference import ATAN2_A, ATAN2_B, NORMALIZE, adam_step_
 from adam_monitor.theory import worst_case_bound
 
-__all__ = ["Adam", "AdamD", "LaProp", "AdamAtan2", "StableAdamW", "adafactor_beta2", "worst_case_bound"]
+__all__ = ["Adam", "adafactor_beta2", "worst_case_bound"]
 
 
 def adafactor_beta2(step: int, beta2: float) -> float:
@@ -129,9 +130,10 @@ class Adam(Optimizer):
     on the param's device (no host sync), equal to ``tensor_statistics(g_t, u_t, v̂_t, v̂_{t-1}, ε)``
     (ε = 0 for atan2), computed inside the step.
 
-    ``fused``: ``False`` runs the eager single-tensor step (the specification), ``True`` the
+    ``compiled``: ``False`` runs the eager single-tensor step (the specification), ``True`` the
     ``torch.compile``'d step (an error if it cannot compile). ``None`` (the default) takes the
-    fastest path that computes the same step, per batch of tensors:
+    fastest path that computes the same step, per batch of tensors (torch's ``fused=`` names its
+    own kernel, which ``None`` picks where it computes this step; it is not an option here):
 
     * ``normalize="adam"`` without clipping, β2 schedule or statistics (``Adam``, ``AdamD``):
       torch's own fused AdamW kernel, on the CPU and on CUDA;
@@ -139,11 +141,21 @@ class Adam(Optimizer):
     * otherwise, when the optimizer holds at least ``2**20`` elements: the compiled step
       (falling back to eager with a warning if compilation fails); else the eager step.
 
-    Compilation happens at the first step of each configuration (10-40 s on 2 CPU cores, once per
-    process; cached on disk by inductor). Params with ``grad=None`` are skipped; sparse gradients
+    Compilation happens at the first step of each configuration (seconds to tens of seconds, once
+    per process; cached on disk by inductor). Params with ``grad=None`` are skipped; sparse gradients
     are an error. The compiled step keeps aliases of the params and moments from step to step; it
     notices new storages (``p.data = ...``, ``load_state_dict``) and rebuilds them.
     """
+
+    def __init_subclass__(cls, *, fixed: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """A preset: ``class P(Adam, fixed={...}, defaults={...}, positional=(...))`` is ``Adam``
+        with the options in ``fixed`` set (passing one is an error), other ``defaults``, and the
+        optional arguments after ``params`` that may be given by position."""
+        defaults = kwargs.pop("defaults", {})
+        positional = kwargs.pop("positional", ("lr", "betas", "eps", "weight_decay"))
+        super().__init_subclass__(**kwargs)
+        if fixed is not None:
+            cls.__init__ = _preset_init(cls.__name__, fixed, defaults, positional)
 
     def __init__(
         self,
@@ -158,14 +170,21 @@ class Adam(Optimizer):
         update_clip: float | None = None,
         normalize: str = "adam",
         allow_unstable_betas: bool = False,
-        fused: bool | None = None,
+        compiled: bool | None = None,
+        fused: None = None,
     ) -> None:
+        if fused is not None:
+            raise TypeError(
+                f"{type(self).__name__}(fused=...) is torch's switch for its own fused kernel; here it is chosen "
+                "automatically where it computes the same step. To force or forbid the torch.compile'd step, "
+                "pass compiled=True or compiled=False."
+            )
         if beta2_schedule is not None and beta2_schedule != "adafactor" and not callable(beta2_schedule):
             raise ValueError(
                 f"Invalid beta2_schedule: {beta2_schedule!r}; use None, 'adafactor' or a callable step -> beta2"
             )
-        if fused not in (None, True, False):
-            raise ValueError(f"Invalid fused value: {fused!r}; use None, True or False")
+        if compiled not in (None, True, False):
+            raise ValueError(f"Invalid compiled value: {compiled!r}; use None, True or False")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -179,10 +198,10 @@ class Adam(Optimizer):
         # The schedule and the execution choice are not per-group options: a callable is not
         # serializable, and state_dict() must load with torch.load(weights_only=True).
         self.beta2_schedule = beta2_schedule
-        self.fused = fused
+        self.compiled = compiled
         self.record_statistics: bool = False
         self.last_statistics: dict[Tensor, Tensor] = {}
-        self._compile: bool | None = None if fused is None else fused
+        self._compile: bool | None = compiled
         self._layouts: dict[tuple, FusedLayout] = {}  # fast-path layouts by (group index, batch)
         self._torch_kernel_failed = False  # torch's fused AdamW kernel refused a step (see _step_group)
         super().__init__(params, defaults)
@@ -314,17 +333,17 @@ class Adam(Optimizer):
         counts = torch.stack(steps).tolist()  # CPU tensors: no device sync
 
         # The params share their step's scalars when they share (t, Π β2_k, compute dtype): usually
-        # the whole group, then one set of scalars and one fused_step_ per dtype and device.
+        # the whole group, then one set of scalars and one compiled_step_ per dtype and device.
         scalar_sets: dict[tuple, dict[str, Any]] = {}
         eager: list[tuple[int, dict[str, Any]]] = []
-        fused: dict[tuple, list[int]] = {}
+        compiled_batches: dict[tuple, list[int]] = {}
         foreach: dict[tuple, list[int]] = {}
         torch_fused: dict[tuple, list[int]] = {}
         use_compiled = self._use_compiled()
-        foreach_devices = FOREACH_DEVICES if self.fused is None and statistics is None else ()
+        foreach_devices = FOREACH_DEVICES if self.compiled is None and statistics is None else ()
         # torch's fused AdamW kernel computes exactly this step (see torch_fused_step_)
         torch_kernel = (
-            self.fused is None
+            self.compiled is None
             and statistics is None
             and group["normalize"] == "adam"
             and group["update_clip"] is None
@@ -368,7 +387,7 @@ class Adam(Optimizer):
             elif alike and kind in foreach_devices:
                 foreach.setdefault((key, kind, index), []).append(i)
             elif flat and use_compiled:
-                fused.setdefault((key, kind, index), []).append(i)
+                compiled_batches.setdefault((key, kind, index), []).append(i)
             else:
                 eager.append((i, scalars))
 
@@ -404,7 +423,7 @@ class Adam(Optimizer):
         for (key, *_), members in foreach.items():
             for start, stop in bounded_runs([params[i].numel() for i in members], FOREACH_CHUNK_NUMEL):
                 foreach_step_(*columns(members[start:stop]), **scalar_sets[key])
-        for ordinal, ((key, *_), members) in enumerate(fused.items()):
+        for ordinal, ((key, *_), members) in enumerate(compiled_batches.items()):
             rows.update(zip(members, self._apply_compiled((index, ordinal), *columns(members), scalar_sets[key])))
         if statistics is not None:
             statistics.update((params[i], rows[i]) for i in sorted(rows))  # in param order
@@ -412,7 +431,7 @@ class Adam(Optimizer):
     def _scalars(
         self, group: dict[str, Any], t: int, product_prev: float | None, dtype: torch.dtype, *, record: bool
     ) -> dict[str, Any]:
-        """The keyword arguments of ``adam_step_`` / ``fused_step_`` at step ``t``."""
+        """The keyword arguments of ``adam_step_`` / ``compiled_step_`` at step ``t``."""
         beta1, beta2 = group["betas"]
         normalize = group["normalize"]
         eps = 0.0 if normalize == "atan2" else group["eps"]  # atan2 is ε-free
@@ -460,7 +479,7 @@ class Adam(Optimizer):
                     layout = self._layouts[cache_key] = FusedLayout(params, exp_avgs, exp_avg_sqs, per_call)
                 rows = compiled_step_(params, grads, exp_avgs, exp_avg_sqs, layout=layout, **scalars)
             except Exception as error:  # compilation failed (no compiler, unsupported device, ...)
-                if self.fused:
+                if self.compiled:
                     raise
                 warn_eager_fallback(error)
                 self._compile = False
@@ -470,154 +489,38 @@ class Adam(Optimizer):
         return [adam_step_(*tensors, **scalars) for tensors in zip(params, grads, exp_avgs, exp_avg_sqs)]
 
 
-class AdamD(Adam):
-    r"""Adam without momentum bias correction (v is still bias-corrected), decoupled weight decay::
+def _preset_init(name: str, fixed: dict[str, Any], defaults: dict[str, Any], positional: tuple[str, ...]):
+    """The ``__init__`` of a preset of :class:`Adam`: its own signature, Adam's checks."""
+    base = inspect.signature(Adam.__init__)
+    unknown = sorted((set(fixed) | set(defaults) | set(positional)) - set(base.parameters))
+    if unknown:
+        raise TypeError(f"preset {name}: {unknown} are not options of Adam")
 
-        m_t = β1·m_{t-1} + (1-β1)·g_t,   v̂_t = v_t/(1-β2^t),   u_t = m_t/(√v̂_t + ε)
+    def __init__(self, params, *args, **options):
+        if len(args) > len(positional):
+            raise TypeError(
+                f"{name}() takes at most {len(positional) + 1} positional arguments ({len(args) + 1} given)"
+            )
+        for option, value in zip(positional, args):
+            if option in options:
+                raise TypeError(f"{name}() got multiple values for argument {option!r}")
+            options[option] = value
+        chosen = sorted(set(options) & set(fixed))
+        if chosen:
+            settings = ", ".join(f"{k}={fixed[k]!r}" for k in chosen)
+            raise TypeError(f"{name} fixes {settings}; to choose {', '.join(chosen)}, use adam_monitor.optim.Adam")
+        Adam.__init__(self, params, **{**defaults, **options, **fixed})
 
-    On a constant gradient the first steps are |u_t| = 1 - β1^t (a warmup of timescale 1/(1-β1))
-    instead of Adam's full-size steps on a one-sample momentum. Reference: "AdamD: Improved bias-
-    correction in Adam" (J. St. John, 2021, arXiv:2110.10828).
-    """
-
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        *,
-        beta2_schedule=None,
-        update_clip=None,
-        allow_unstable_betas=False,
-        fused=None,
-    ):
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            momentum_bias_correction=False,
-            beta2_schedule=beta2_schedule,
-            update_clip=update_clip,
-            normalize="adam",
-            allow_unstable_betas=allow_unstable_betas,
-            fused=fused,
-        )
-
-
-class LaProp(Adam):
-    r"""LaProp (Ziyin, Wang & Ueda 2020, "LaProp: Separating Momentum and Adaptivity in Adam")::
-
-        v_t = β2·v_{t-1} + (1-β2)·g_t²,   m_t = β1·m_{t-1} + (1-β1)·g_t/(√(v_t/(1-β2^t)) + ε)
-        u_t = m_t/(1-β1^t)
-
-    Momentum of the normalized gradient: each gradient is divided by the v̂ of its own step, ε
-    inside; both moments are bias-corrected (v at normalization, m at the update). Since
-    v_t ≥ (1-β2)·g_t², |u_t| ≤ 1/√(1-β2) for any β1: no β1² < β2 coupling is needed. Decoupled
-    weight decay.
-    """
-
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        *,
-        beta2_schedule=None,
-        update_clip=None,
-        allow_unstable_betas=False,
-        fused=None,
-    ):
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            momentum_bias_correction=True,
-            beta2_schedule=beta2_schedule,
-            update_clip=update_clip,
-            normalize="laprop",
-            allow_unstable_betas=allow_unstable_betas,
-            fused=fused,
-        )
-
-
-class AdamAtan2(Adam):
-    r"""Adam-atan2 (Everett et al. 2024, "Scaling Exponents Across Parameterizations and Optimizers")::
-
-        u_t = a·atan2(m̂_t, b·√v̂_t),   a = 1.27, b = 1,   m̂, v̂ bias-corrected as in Adam
-
-    ε-free and scale-invariant: the division m̂/(√v̂+ε) becomes an angle, so a gradient that
-    underflows v cannot blow the step up; |u_t| ≤ a·π/2 ≈ 2. Decoupled weight decay.
-    """
-
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        weight_decay=0.0,
-        *,
-        beta2_schedule=None,
-        update_clip=None,
-        allow_unstable_betas=False,
-        fused=None,
-    ):
-        super().__init__(
-            params,
-            lr,
-            betas,
-            0.0,
-            weight_decay,
-            momentum_bias_correction=True,
-            beta2_schedule=beta2_schedule,
-            update_clip=update_clip,
-            normalize="atan2",
-            allow_unstable_betas=allow_unstable_betas,
-            fused=fused,
-        )
-
-
-class StableAdamW(Adam):
-    r"""StableAdamW (Wortsman et al. 2023, "Stable and low-precision training for large-scale
-    vision-language models"): AdamW with Adafactor's per-tensor update clipping::
-
-        RMS_t = √mean(g_t²/max(v̂_t, ε²)),   η_t = η/max(1, RMS_t)
-        p_t = p_{t-1}·(1 - η_t·λ) - η_t·m̂_t/(√v̂_t + ε)
-
-    RMS_t > 1 means v̂ is stale (the gradient outgrew the second moment, the precursor of loss
-    spikes); the clip then shrinks the step instead of letting m̂/√v̂ overshoot.
-    """
-
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        *,
-        update_clip=1.0,
-        beta2_schedule=None,
-        allow_unstable_betas=False,
-        fused=None,
-    ):
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            momentum_bias_correction=True,
-            beta2_schedule=beta2_schedule,
-            update_clip=update_clip,
-            normalize="adam",
-            allow_unstable_betas=allow_unstable_betas,
-            fused=fused,
-        )
+    parameters = [base.parameters["self"], base.parameters["params"]]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters += [
+        base.parameters[k].replace(kind=kind, default=defaults.get(k, base.parameters[k].default)) for k in positional
+    ]
+    rest = [k for k in base.parameters if k not in ("self", "params", "fused", *positional, *fixed)]
+    kind = inspect.Parameter.KEYWORD_ONLY
+    parameters += [
+        base.parameters[k].replace(kind=kind, default=defaults.get(k, base.parameters[k].default)) for k in rest
+    ]
+    __init__.__signature__ = base.replace(parameters=parameters)
+    __init__.__qualname__ = f"{name}.__init__"
+    return __init__

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the parameters live (cpu, cuda)")
     parser.add_argument("--only", nargs="+", default=None, help="time only the variants whose names start so")
     parser.add_argument(
-        "--compiled", action="store_true", help="our variants with fused=True (the torch.compile'd step)"
+        "--compiled", action="store_true", help="our variants with compiled=True (the torch.compile'd step)"
     )
     parser.add_argument(
         "--heads-per-call", type=int, default=None, help="tensors per compiled call (default: the library's)"
@@ -62,7 +62,7 @@ def main() -> None:
         "torch AdamW fused": lambda: torch.optim.AdamW(params, fused=True, **kw),
         "torch AdamW foreach": lambda: torch.optim.AdamW(params, foreach=True, **kw),
     }
-    ours = dict(kw, fused=True) if args.compiled else kw
+    ours = dict(kw, compiled=True) if args.compiled else kw
     variants |= {
         "Adam (bias-corrected)": lambda: Adam(params, momentum_bias_correction=True, **ours),
         "AdamD": lambda: AdamD(params, **ours),
