@@ -69,7 +69,7 @@ def follows_the_specification(make, compiled, record: bool, steps: int = 4):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_compiled_step_matches_the_eager_specification_on_cuda(name):
     fast = follows_the_specification(VARIANTS[name], True, record=True)
-    assert fast._compile is True
+    assert fast._compiled_steps.enabled is True
     assert all(row.device.type == "cuda" for row in fast.last_statistics.values())
 
 

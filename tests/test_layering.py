@@ -91,3 +91,19 @@ def test_no_module_imports_a_layer_above_its_own():
             if rank is not None and rank > own:
                 wrong.append(f"{module} imports {target}")
     assert not wrong, "\n".join(wrong)
+
+
+#: Above these sizes a class or function holds more than one job: split it by what the parts are.
+MAX_CLASS_LINES, MAX_FUNCTION_LINES = 300, 100
+
+
+def test_no_class_or_function_outgrows_one_job():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    too_long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: {lines} > {limit}")
+    assert not too_long, "\n".join(too_long)

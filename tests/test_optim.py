@@ -471,7 +471,7 @@ def test_compiled_step_matches_spec():
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5, atol=1e-6)
-    assert fast._compile is True
+    assert fast._compiled_steps.enabled is True
 
 
 def assert_twins_match(fast, spec, params, twins, record):
@@ -535,7 +535,7 @@ def test_fast_path_buckets_uneven_heads_and_follows_changing_tensors(monkeypatch
         if t == 7:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
-    assert fast._compile is True and {fast.state[p]["step"].item() for p in params} == {12.0, 10.0, 9.0}
+    assert fast._compiled_steps.enabled is True and {fast.state[p]["step"].item() for p in params} == {12.0, 10.0, 9.0}
 
 
 def test_atan2_polynomial_is_within_two_ulp_and_exact_at_special_values():
@@ -572,14 +572,14 @@ def test_compiled_atan2_step_matches_spec():
         return AdamAtan2(ps, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, compiled=compiled)
 
     fast = fast_vs_spec(make, torch.float32, shapes=((80, 1024), (5, 7)), steps=4)
-    assert fast._compile is True
+    assert fast._compiled_steps.enabled is True
 
 
 def test_default_runs_eager_below_the_compile_threshold():
     params = make_params()
     opt = Adam(params)
     run(opt, params, gradient_sequence(params, 1))
-    assert opt._compile is False
+    assert opt._compiled_steps.enabled is False
 
 
 @pytest.mark.slow

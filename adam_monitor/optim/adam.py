@@ -1,4 +1,19 @@
-"""The configurable Adam and its presets."""
+"""The configurable Adam: validation, state, and the choice of path for each batch of tensors.
+
+With ``compiled=None`` (the default) each batch of tensors takes the fastest path that computes
+the same step:
+
+* ``normalize="adam"`` without clipping, β2 schedule or statistics (``Adam``, ``AdamD``):
+  torch's own fused AdamW kernel, on the CPU and on CUDA;
+* otherwise on CUDA, without statistics: torch's multi-tensor (``_foreach_``) kernels;
+* otherwise, when the optimizer holds at least ``2**20`` elements: the compiled step
+  (falling back to eager with a warning if compilation fails); else the eager step.
+
+Compilation happens at the first step of each configuration (seconds to tens of seconds, once
+per process; cached on disk by inductor). The compiled step keeps aliases of the params and
+moments from step to step; it notices new storages (``p.data = ...``, ``load_state_dict``) and
+rebuilds them.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +28,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adam_monitor._runtime import (
-    COMPILE_MIN_ELEMENTS,
     FOREACH_CHUNK_NUMEL,
     FOREACH_DEVICES,
     TORCH_FUSED_DEVICES,
     bounded_runs,
 )
-from adam_monitor.optim.compiled import FusedLayout, compiled_step_, heads_per_call, layout_key, warn_eager_fallback
+from adam_monitor.optim.compiled import CompiledSteps
 from adam_monitor.optim.foreach import TORCH_FUSED_DTYPES, foreach_step_, torch_fused_available, torch_fused_step_
-from adam_monitor.optim.reference import ATAN2_A, ATAN2_B, NORMALIZE, adam_step_
+from adam_monitor.optim.reference import NORMALIZE, adam_step_, direction_from_state
 from adam_monitor.theory import worst_case_bound
 
 __all__ = ["Adam", "adafactor_beta2", "worst_case_bound"]
@@ -135,16 +149,7 @@ class Adam(Optimizer):
     fastest path that computes the same step, per batch of tensors (torch's ``fused=`` names its
     own kernel, which ``None`` picks where it computes this step; it is not an option here):
 
-    * ``normalize="adam"`` without clipping, β2 schedule or statistics (``Adam``, ``AdamD``):
-      torch's own fused AdamW kernel, on the CPU and on CUDA;
-    * otherwise on CUDA, without statistics: torch's multi-tensor (``_foreach_``) kernels;
-    * otherwise, when the optimizer holds at least ``2**20`` elements: the compiled step
-      (falling back to eager with a warning if compilation fails); else the eager step.
-
-    Compilation happens at the first step of each configuration (seconds to tens of seconds, once
-    per process; cached on disk by inductor). Params with ``grad=None`` are skipped; sparse gradients
-    are an error. The compiled step keeps aliases of the params and moments from step to step; it
-    notices new storages (``p.data = ...``, ``load_state_dict``) and rebuilds them.
+    see the module's documentation. Params with ``grad=None`` are skipped; sparse gradients are an error.
     """
 
     def __init_subclass__(cls, *, fixed: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -201,8 +206,7 @@ class Adam(Optimizer):
         self.compiled = compiled
         self.record_statistics: bool = False
         self.last_statistics: dict[Tensor, Tensor] = {}
-        self._compile: bool | None = compiled
-        self._layouts: dict[tuple, FusedLayout] = {}  # fast-path layouts by (group index, batch)
+        self._compiled_steps = CompiledSteps(compiled)
         self._torch_kernel_failed = False  # torch's fused AdamW kernel refused a step (see _step_group)
         super().__init__(params, defaults)
 
@@ -238,13 +242,9 @@ class Adam(Optimizer):
                 param_state["step"] = step.to("cpu", torch.float32)
             elif isinstance(step, (int, float)):  # an old torch checkpoint: steps are counted in one foreach add
                 param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
-        self._layouts = {}  # new state tensors: the fast path's aliases must not outlive the old ones
-
-    def _use_compiled(self) -> bool:
-        if self._compile is None:
-            numel = sum(p.numel() for group in self.param_groups for p in group["params"])
-            self._compile = numel >= COMPILE_MIN_ELEMENTS
-        return self._compile
+        # new state tensors: the compiled path's aliases must not outlive the old ones
+        if hasattr(self, "_compiled_steps"):
+            self._compiled_steps.forget_layouts()
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -273,28 +273,18 @@ class Adam(Optimizer):
         clipping, rebuilt from its state and the gradient the step used (for histograms)."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         state = self.state[p]
-        t = int(state["step"])
-        beta1, beta2 = group["betas"]
+        t, (beta1, beta2) = int(state["step"]), group["betas"]
         product = state.get("beta2_product")
-        c2 = 1.0 - (product if product is not None else beta2**t)
-        c1 = 1.0 - beta1**t if group["momentum_bias_correction"] else 1.0
-        compute = torch.promote_types(state["exp_avg"].dtype, torch.float32)
-        m, v = state["exp_avg"].to(compute), state["exp_avg_sq"].to(compute)
-        sqrt_v_hat = (v / c2).sqrt()
-        normalize = group["normalize"]
-        eps = 0.0 if normalize == "atan2" else group["eps"]
-        if normalize == "laprop":
-            u = m / c1
-        elif normalize == "atan2":
-            u = ATAN2_A * torch.atan2(m / c1, ATAN2_B * sqrt_v_hat)
-        else:
-            u = m / c1 / (sqrt_v_hat + eps)
-        clip = group["update_clip"]
-        if clip is not None and p.grad is not None:
-            floor = max(eps * eps, torch.finfo(compute).tiny)
-            rms = (p.grad.to(compute).square() / (v / c2).clamp_min(floor)).mean().sqrt()
-            u = u / (rms / clip).clamp_min(1.0)
-        return u
+        return direction_from_state(
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            p.grad,
+            c1=1.0 - beta1**t if group["momentum_bias_correction"] else 1.0,
+            c2=1.0 - (product if product is not None else beta2**t),
+            eps=group["eps"],
+            normalize=group["normalize"],
+            update_clip=group["update_clip"],
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -312,19 +302,8 @@ class Adam(Optimizer):
 
     def _step_group(self, index: int, group: dict[str, Any], statistics: dict[Tensor, Tensor] | None) -> None:
         _check_betas(group)  # a scheduler may have moved them
-        params, grads = [], []
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients; use torch.optim.SparseAdam"
-                )
-            if p.is_complex():
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters; use torch.view_as_real")
-            params.append(p)
-            grads.append(grad)
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [_checked_gradient(type(self).__name__, p) for p in params]
         if not params:
             return
         states = [self._init_state(p) for p in params]
@@ -336,10 +315,8 @@ class Adam(Optimizer):
         # the whole group, then one set of scalars and one compiled_step_ per dtype and device.
         scalar_sets: dict[tuple, dict[str, Any]] = {}
         eager: list[tuple[int, dict[str, Any]]] = []
-        compiled_batches: dict[tuple, list[int]] = {}
-        foreach: dict[tuple, list[int]] = {}
-        torch_fused: dict[tuple, list[int]] = {}
-        use_compiled = self._use_compiled()
+        batches: dict[str, dict[tuple, list[int]]] = {"torch_fused": {}, "foreach": {}, "compiled": {}}
+        use_compiled = self._compiled_steps.decide(sum(p.numel() for g in self.param_groups for p in g["params"]))
         foreach_devices = FOREACH_DEVICES if self.compiled is None and statistics is None else ()
         # torch's fused AdamW kernel computes exactly this step (see torch_fused_step_)
         torch_kernel = (
@@ -351,45 +328,23 @@ class Adam(Optimizer):
             and torch_fused_available()
             and not self._torch_kernel_failed
         )
-        # This loop runs for every param at every step: its checks are spelled out, cheapest first.
+        routes = (torch_kernel, foreach_devices, use_compiled)
         for i, (p, g, state, t) in enumerate(zip(params, grads, states, counts)):
             product = state.get("beta2_product")
             dtype = p.dtype
             key = (t, product, dtype)
             scalars = scalar_sets.get(key)
             if scalars is None:
-                scalars = scalar_sets[key] = self._scalars(group, int(t), product, dtype, record=statistics is not None)
+                scalars = scalar_sets[key] = _step_scalars(
+                    group, int(t), self._beta2(int(t), group["betas"][1]), product, dtype, record=statistics is not None
+                )
             if product is not None:
                 state["beta2_product"] = product * scalars["beta2"]
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            # One size, dtype and device for the four tensors: what every multi-tensor path needs.
-            # (Sizes, not shapes, and device indices: the cheap reads; autograd and zeros_like
-            # give the shapes, and a device type is read once per param below.)
-            n, index = p.numel(), p.get_device()
-            alike = (
-                g.numel() == n
-                and m.numel() == n
-                and v.numel() == n
-                and g.dtype == dtype
-                and m.dtype == dtype
-                and v.dtype == dtype
-                and g.get_device() == index
-                and m.get_device() == index
-                and v.get_device() == index
-            )
-            # the kernels of torch and the compiled step read flat memory
-            flat = (
-                alike and n > 0 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
-            )
-            kind = "cuda" if p.is_cuda else "cpu" if p.is_cpu else p.device.type
-            if flat and torch_kernel and kind in TORCH_FUSED_DEVICES and dtype in TORCH_FUSED_DTYPES:
-                torch_fused.setdefault((key, kind, index), []).append(i)
-            elif alike and kind in foreach_devices:
-                foreach.setdefault((key, kind, index), []).append(i)
-            elif flat and use_compiled:
-                compiled_batches.setdefault((key, kind, index), []).append(i)
-            else:
+            path, kind, device_index = _path(p, g, state["exp_avg"], state["exp_avg_sq"], routes)
+            if path == "eager":
                 eager.append((i, scalars))
+            else:
+                batches[path].setdefault((key, kind, device_index), []).append(i)
 
         def columns(indices: list[int]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
             """The params, gradients and moments of ``indices``, as the multi-tensor paths take them."""
@@ -404,7 +359,7 @@ class Adam(Optimizer):
         for i, scalars in eager:
             state = states[i]
             rows[i] = adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalars)
-        for (key, *_), members in torch_fused.items():
+        for (key, *_), members in batches["torch_fused"].items():
             try:
                 torch_fused_step_(*columns(members), t=int(key[0]), **scalar_sets[key])
             except (RuntimeError, NotImplementedError) as error:
@@ -420,73 +375,17 @@ class Adam(Optimizer):
                 for i in members:
                     state = states[i]
                     adam_step_(params[i], grads[i], state["exp_avg"], state["exp_avg_sq"], **scalar_sets[key])
-        for (key, *_), members in foreach.items():
+        for (key, *_), members in batches["foreach"].items():
             for start, stop in bounded_runs([params[i].numel() for i in members], FOREACH_CHUNK_NUMEL):
                 foreach_step_(*columns(members[start:stop]), **scalar_sets[key])
-        for ordinal, ((key, *_), members) in enumerate(compiled_batches.items()):
-            rows.update(zip(members, self._apply_compiled((index, ordinal), *columns(members), scalar_sets[key])))
+        for ordinal, ((key, *_), members) in enumerate(batches["compiled"].items()):
+            batch = columns(members)
+            stepped = self._compiled_steps.step((index, ordinal), *batch, scalar_sets[key])
+            if stepped is None:  # compilation failed: eager from now on
+                stepped = [adam_step_(*tensors, **scalar_sets[key]) for tensors in zip(*batch)]
+            rows.update(zip(members, stepped))
         if statistics is not None:
             statistics.update((params[i], rows[i]) for i in sorted(rows))  # in param order
-
-    def _scalars(
-        self, group: dict[str, Any], t: int, product_prev: float | None, dtype: torch.dtype, *, record: bool
-    ) -> dict[str, Any]:
-        """The keyword arguments of ``adam_step_`` / ``compiled_step_`` at step ``t``."""
-        beta1, beta2 = group["betas"]
-        normalize = group["normalize"]
-        eps = 0.0 if normalize == "atan2" else group["eps"]  # atan2 is ε-free
-        beta2_t = self._beta2(t, beta2)
-        if product_prev is not None:  # a β2 schedule: exact bias correction by the running product
-            c2, c2_prev = 1.0 - product_prev * beta2_t, 1.0 - product_prev
-        else:
-            c2, c2_prev = 1.0 - beta2_t**t, 1.0 - beta2_t ** (t - 1)
-        compute_dtype = torch.promote_types(dtype, torch.float32)
-        return dict(
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2_t,
-            weight_decay=group["weight_decay"],
-            eps=eps,
-            eps_sq=max(eps * eps, torch.finfo(compute_dtype).tiny),
-            inv_c1=1.0 / (1.0 - beta1**t) if group["momentum_bias_correction"] else 1.0,
-            inv_sqrt_c2=1.0 / math.sqrt(c2),
-            inv_c2_prev=1.0 / c2_prev if record and c2_prev > 0.0 else 0.0,
-            update_clip=group["update_clip"],
-            normalize=normalize,
-            statistics=record,
-        )
-
-    def _apply_compiled(
-        self,
-        cache_key: tuple,
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        scalars: dict[str, Any],
-    ) -> list[Tensor | None]:
-        if self._compile:
-            # The layout (aliases of params and moments, index tensors) outlives the step while the
-            # params and moments keep their storages: rebuilt after load_state_dict, p.data = ...
-            try:
-                layout = self._layouts.get(cache_key)
-                per_call = heads_per_call(scalars["normalize"])
-                if (
-                    layout is None
-                    or layout.max_per_call != per_call
-                    or layout.key != layout_key(params, exp_avgs, exp_avg_sqs)
-                ):
-                    layout = self._layouts[cache_key] = FusedLayout(params, exp_avgs, exp_avg_sqs, per_call)
-                rows = compiled_step_(params, grads, exp_avgs, exp_avg_sqs, layout=layout, **scalars)
-            except Exception as error:  # compilation failed (no compiler, unsupported device, ...)
-                if self.compiled:
-                    raise
-                warn_eager_fallback(error)
-                self._compile = False
-                self._layouts.clear()
-            else:
-                return rows if rows is not None else [None] * len(params)
-        return [adam_step_(*tensors, **scalars) for tensors in zip(params, grads, exp_avgs, exp_avg_sqs)]
 
 
 def _preset_init(name: str, fixed: dict[str, Any], defaults: dict[str, Any], positional: tuple[str, ...]):
@@ -524,3 +423,72 @@ def _preset_init(name: str, fixed: dict[str, Any], defaults: dict[str, Any], pos
     __init__.__signature__ = base.replace(parameters=parameters)
     __init__.__qualname__ = f"{name}.__init__"
     return __init__
+
+
+def _checked_gradient(optimizer: str, p: Tensor) -> Tensor:
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{optimizer} does not support sparse gradients; use torch.optim.SparseAdam")
+    if p.is_complex():
+        raise RuntimeError(f"{optimizer} does not support complex parameters; use torch.view_as_real")
+    return p.grad
+
+
+def _step_scalars(
+    group: dict[str, Any], t: int, beta2_t: float, product_prev: float | None, dtype: torch.dtype, *, record: bool
+) -> dict[str, Any]:
+    """The keyword arguments of ``adam_step_`` / ``compiled_step_`` at step ``t`` (β2 of this step: ``beta2_t``)."""
+    beta1 = group["betas"][0]
+    normalize = group["normalize"]
+    eps = 0.0 if normalize == "atan2" else group["eps"]  # atan2 is ε-free
+    if product_prev is not None:  # a β2 schedule: exact bias correction by the running product
+        c2, c2_prev = 1.0 - product_prev * beta2_t, 1.0 - product_prev
+    else:
+        c2, c2_prev = 1.0 - beta2_t**t, 1.0 - beta2_t ** (t - 1)
+    compute_dtype = torch.promote_types(dtype, torch.float32)
+    return dict(
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2_t,
+        weight_decay=group["weight_decay"],
+        eps=eps,
+        eps_sq=max(eps * eps, torch.finfo(compute_dtype).tiny),
+        inv_c1=1.0 / (1.0 - beta1**t) if group["momentum_bias_correction"] else 1.0,
+        inv_sqrt_c2=1.0 / math.sqrt(c2),
+        inv_c2_prev=1.0 / c2_prev if record and c2_prev > 0.0 else 0.0,
+        update_clip=group["update_clip"],
+        normalize=normalize,
+        statistics=record,
+    )
+
+
+def _path(p: Tensor, g: Tensor, m: Tensor, v: Tensor, routes: tuple[bool, tuple[str, ...], bool]):
+    """``(path, device type, device index)`` of one param's step: ``"torch_fused"``, ``"foreach"``,
+    ``"compiled"`` or ``"eager"``. ``routes``: (torch's kernel computes this step, the devices of the
+    multi-tensor step, compiling). Runs for every param at every step: the checks are spelled out,
+    cheapest first."""
+    torch_kernel, foreach_devices, use_compiled = routes
+    dtype = p.dtype
+    # One size, dtype and device for the four tensors: what every multi-tensor path needs. (Sizes,
+    # not shapes, and device indices: the cheap reads; autograd and zeros_like give the shapes.)
+    n, index = p.numel(), p.get_device()
+    alike = (
+        g.numel() == n
+        and m.numel() == n
+        and v.numel() == n
+        and g.dtype == dtype
+        and m.dtype == dtype
+        and v.dtype == dtype
+        and g.get_device() == index
+        and m.get_device() == index
+        and v.get_device() == index
+    )
+    # the kernels of torch and the compiled step read flat memory
+    flat = alike and n > 0 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+    kind = "cuda" if p.is_cuda else "cpu" if p.is_cpu else p.device.type
+    if flat and torch_kernel and kind in TORCH_FUSED_DEVICES and dtype in TORCH_FUSED_DTYPES:
+        return "torch_fused", kind, index
+    if alike and kind in foreach_devices:
+        return "foreach", kind, index
+    if flat and use_compiled:
+        return "compiled", kind, index
+    return "eager", kind, index

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from adam_monitor._runtime import (
     BLOCK,
+    COMPILE_MIN_ELEMENTS,
     STEP_HEADS_PER_CALL,
     STEP_MIN_HEAD_NUMEL,
     compile_per_configuration,
@@ -549,3 +550,49 @@ def warn_eager_fallback(error: BaseException) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+class CompiledSteps:
+    """The compiled path of one optimizer: whether it runs, and the layouts it keeps from step to step.
+
+    ``mode`` is the optimizer's ``compiled``: ``True`` runs it (a failure raises), ``False`` never,
+    ``None`` once the optimizer holds ``COMPILE_MIN_ELEMENTS`` (a failure warns and turns it off).
+    """
+
+    def __init__(self, mode: bool | None):
+        self.required = mode is True
+        self.enabled: bool | None = mode
+        # The layout (aliases of params and moments, index tensors) outlives the step while the
+        # params and moments keep their storages: rebuilt after load_state_dict, p.data = ...
+        self._layouts: dict[tuple, FusedLayout] = {}
+
+    def decide(self, numel: int) -> bool:
+        """Whether this step compiles (``numel``: elements the optimizer holds; read once)."""
+        if self.enabled is None:
+            self.enabled = numel >= COMPILE_MIN_ELEMENTS
+        return self.enabled
+
+    def forget_layouts(self) -> None:
+        self._layouts = {}
+
+    def step(self, cache_key: tuple, params, grads, exp_avgs, exp_avg_sqs, scalars: dict) -> list | None:
+        """The compiled step of one batch (its statistics rows, or ``None`` each), or ``None`` if
+        compilation failed, after which this path stays off."""
+        try:
+            layout = self._layouts.get(cache_key)
+            per_call = heads_per_call(scalars["normalize"])
+            if (
+                layout is None
+                or layout.max_per_call != per_call
+                or layout.key != layout_key(params, exp_avgs, exp_avg_sqs)
+            ):
+                layout = self._layouts[cache_key] = FusedLayout(params, exp_avgs, exp_avg_sqs, per_call)
+            rows = compiled_step_(params, grads, exp_avgs, exp_avg_sqs, layout=layout, **scalars)
+        except Exception as error:  # no compiler, unsupported device, ...
+            if self.required:
+                raise
+            warn_eager_fallback(error)
+            self.enabled = False
+            self._layouts.clear()
+            return None
+        return rows if rows is not None else [None] * len(params)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ATAN2_A", "ATAN2_B", "NORMALIZE", "adam_step_"]
+__all__ = ["direction_from_state", "ATAN2_A", "ATAN2_B", "NORMALIZE", "adam_step_"]
 
 #: atan2 constants of Everett et al. 2024 ("Scaling Exponents Across Parameterizations and
 #: Optimizers", Adam-atan2): u = a·atan2(m̂, b·√v̂). a = 1.27 ≈ 4/π makes a steady signal
@@ -123,3 +123,33 @@ def adam_step_(
             torch.full((), grad.numel(), dtype=f64, device=grad.device),
         ]
     )
+
+
+def direction_from_state(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    grad: Tensor | None,
+    *,
+    c1: float,
+    c2: float,
+    eps: float,
+    normalize: str,
+    update_clip: float | None,
+) -> Tensor:
+    """The direction ``u`` of a finished step from the moments it wrote (``c1``, ``c2``: its bias
+    corrections, ``c1 = 1`` without momentum bias correction), clipped by the RMS of
+    ``g²/max(v̂, ε²)`` as the step was; the compute dtype is at least float32."""
+    compute = torch.promote_types(exp_avg.dtype, torch.float32)
+    m, v_hat = exp_avg.to(compute), exp_avg_sq.to(compute) / c2
+    if normalize == "atan2":
+        eps = 0.0  # ε-free
+    if normalize == "laprop":
+        u = m / c1
+    elif normalize == "atan2":
+        u = ATAN2_A * torch.atan2(m / c1, ATAN2_B * v_hat.sqrt())
+    else:
+        u = m / c1 / (v_hat.sqrt() + eps)
+    if update_clip is not None and grad is not None:
+        rms = (grad.to(compute).square() / v_hat.clamp_min(max(eps * eps, torch.finfo(compute).tiny))).mean().sqrt()
+        u = u / (rms / update_clip).clamp_min(1.0)
+    return u
