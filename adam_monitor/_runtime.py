@@ -20,17 +20,18 @@ from torch import Tensor
 # ---------------------------------------------------------------------------------------------- tuning constants
 #: Coordinates summed in the compute dtype before the float64 sum over blocks.
 BLOCK = 1024
-#: Tensors smaller than this go through one batched foreach call: a compiled call costs a fixed
-#: few tens of µs (guards, launch), more than the foreach kernels spend on a bias or a norm.
+#: Tensors smaller than this go through one batched foreach call: a compiled call has a fixed cost
+#: (guards, launch) larger than the foreach kernels spend on a bias or a norm
+#: (tests/benchmarks/bench_monitor.py).
 MIN_COMPILED_NUMEL = 1 << 16
 #: The eager path holds about three temporaries the size of its input: it runs on runs of tensors
 #: of at most this many elements in all (a larger tensor alone), so they stay within 3 x 128 MiB
 #: in float32, or three times the largest tensor.
 EAGER_CHUNK_NUMEL = 1 << 25
-#: Tensors summed by one compiled call. A call costs 0.1-0.2 ms of guards, wrappers and output
-#: allocation whatever its size (2 CPU cores); four tensors a call take 2 ms less than one a call
-#: on 8 tensors of 0.26-1M elements. The last call of a step is padded with tiny dummy tensors, so
-#: one graph serves any number of tensors; each head adds seconds to the first compilation.
+#: Tensors summed by one compiled call. A call costs guards, wrappers and output allocation
+#: whatever its size, so a few tensors a call beat one (tests/benchmarks/bench_monitor.py); the
+#: last call of a step is padded with tiny dummy tensors, so one graph serves any number of
+#: tensors, and each head adds seconds to the first compilation.
 HEADS_PER_CALL = 4
 #: Environment variable that forces the eager foreach path when set to a true value.
 EAGER_ENV = "ADAM_MONITOR_EAGER"

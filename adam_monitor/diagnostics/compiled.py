@@ -175,10 +175,9 @@ def fast_adam_statistics(
     amsgrad = max_exp_avg_sqs is not None
     state = [grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     # On CUDA too: there the eager path's twenty-odd passes cost device time, while the compiled
-    # path's larger host cost overlaps the device's work in training (H200, 20-40 ms of matrix
-    # products queued before each step, two runs: the hook adds 0.35-0.47 ms at 24M parameters,
-    # eager 1.2-1.35; 1.1-2.7 ms at 215M, eager 9.6-10.3). Only a step with nothing else on the
-    # device, bound by the host, is slower compiled.
+    # path's larger host cost overlaps the device's work in training (bench_monitor.py --load-ms,
+    # figures in the README). Only a step with nothing else on the device, bound by the host, is
+    # slower compiled.
     use_compiled = compiled if compiled is not None else compiled_available()
     large = [i for i, g in enumerate(grads) if g.numel() >= MIN_COMPILED_NUMEL] if use_compiled else []
     if not large:
