@@ -1,6 +1,6 @@
 """The per-step fast paths against their references: the flat (concatenated) small-tensor
 statistics against the per-tensor foreach passes and the one-tensor specification, and the host
-(numpy) alert rules against decisions recorded from real steps."""
+(numpy) alert rules on rows whose alert follows from the mechanism."""
 
 import math
 
@@ -9,7 +9,13 @@ import torch
 
 from adam_monitor.alerts import AlertRules, Thresholds
 from adam_monitor.diagnostics import (
+    COUNT,
+    EPS_COUNT,
+    JUMP_COUNT,
+    JUMP_SQ,
     NUM_STATS,
+    STALENESS_SQ,
+    UPDATE_SQ,
     adam_statistics,
     previous_second_moment,
     tensor_statistics,
@@ -57,16 +63,22 @@ def test_flat_path_matches_foreach_and_specification(dtype, steps, amsgrad):
     flat = adam_statistics(*lists, **kw, flat=True)
     rtol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(flat, foreach, rtol=rtol, atol=1e-12)
-    if steps == 2:  # v_1 rebuilt from v_2 cancels: the step-2 jump is ill-conditioned in float32 for both paths
-        return
-    torch.testing.assert_close(
-        flat,
-        specification(lists, {k: kw[k] for k in ("beta1", "beta2", "eps", "step")}, maxes),
-        rtol=1e-12 if dtype == torch.float64 else 2e-5,
-        atol=1e-12,
-    )
+    spec = specification(lists, {k: kw[k] for k in ("beta1", "beta2", "eps", "step")}, maxes)
+    checked = list(range(NUM_STATS))
+    if steps == 2:
+        # v_1 rebuilt from v_2 cancels where β2·v_1 is small against v_2, amplifying the rounding of
+        # v_2 by v_2/(β2·v_1). In float64 that leaves the jump within 1e-8. In float32 the fast
+        # paths drop the coordinates within a few ulp (the specification rebuilds in float64), so
+        # the jump columns differ by design there; the two fast paths, which rebuild alike, were
+        # compared on them above.
+        checked = [c for c in checked if c not in (JUMP_SQ, JUMP_COUNT)]
+        if dtype == torch.float64:
+            jump = [JUMP_SQ, JUMP_COUNT]
+            torch.testing.assert_close(flat[:, jump], spec[:, jump], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(flat[:, checked], spec[:, checked], rtol=rtol, atol=1e-12)
     # counts are exact
-    assert torch.equal(flat[:, 3:], foreach[:, 3:])
+    counts = [JUMP_COUNT, EPS_COUNT, COUNT]
+    assert torch.equal(flat[:, counts], foreach[:, counts])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -124,58 +136,63 @@ def test_reader_rows_unchanged_by_the_fast_paths():
         torch.testing.assert_close(rows, ref, rtol=2e-5, atol=1e-12)
 
 
-def _drive_rows(n, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.tensor([4096.0, 64.0, 10.0, 300.0][:n], dtype=torch.float64)
-    seq = []
+def _steady_rows(generator, count, *, update=0.23, staleness=1.0, eps_fraction=0.0):
+    """One tensor's statistics row of a steady run, within 5% noise of the given levels."""
+    jitter = 1 + 0.05 * torch.rand(2, generator=generator, dtype=torch.float64)
+    row = torch.zeros(NUM_STATS, dtype=torch.float64)
+    row[COUNT] = row[JUMP_COUNT] = count
+    row[UPDATE_SQ] = count * (update * jitter[0]) ** 2
+    row[STALENESS_SQ] = row[JUMP_SQ] = count * (staleness * jitter[1]) ** 2
+    row[EPS_COUNT] = round(count * eps_fraction)
+    return row
+
+
+def _run_rules(betas, event, steps=300, names=("w", "b"), thresholds=None):
+    """Alerts ``(rule, step, parameter)`` of a steady run on which ``event(t, name)`` sets the
+    levels of a tensor at step t (``None``: steady)."""
+    generator = torch.Generator().manual_seed(0)
+    rules = AlertRules(list(names), optimizer="A", betas=betas, thresholds=thresholds)
+    found = []
     for t in range(1, steps + 1):
-        level = 10.0 if t in (120, 121, 200) else 1.0
-        rows = torch.zeros(n, NUM_STATS, dtype=torch.float64)
-        rows[:, 5] = counts
-        rows[:, 0] = counts * (0.05 + 0.01 * torch.rand(n, generator=g, dtype=torch.float64)) * level**2
-        stale = (1.0 + 0.1 * torch.rand(n, generator=g, dtype=torch.float64)) * (
-            1.3 ** max(0, t - 300) if t < 310 else 1
-        )
-        rows[:, 1] = counts * torch.clamp(stale * level, max=15.0)
-        rows[:, 2] = rows[:, 1]
-        rows[:, 3] = counts
-        rows[:, 4] = counts * (0.9 if 350 < t < 390 else 0.0)
-        if t == 420:
-            rows[1, 0] = math.nan
-        seq.append((t, rows))
-    return seq
+        rows = torch.stack([_steady_rows(generator, 4096.0, **(event(t, name) or {})) for name in names])
+        found += [(a.rule, a.step, a.parameter) for a in rules.observe(t, rows)]
+    return found
 
 
-# Recorded from the earlier implementation of the rules (torch ops on the rows' device) that the
-# host-side one replaced; both gave exactly these alerts. A change here changes alert behaviour.
-EXPECTED_ALERTS = {
-    "one pair": [
-        ("update_rms_spike", 120, "mid"),
-        ("stale_second_moment", 200, "mid"),
-        ("update_rms_spike", 200, "mid"),
-        ("stale_second_moment", 307, "w"),
-        ("eps_dominance", 355, "w"),
-        ("nonfinite", 420, "b"),
-    ],
-    "mixed pairs": [
-        ("stale_second_moment", 120, "mid"),
-        ("update_rms_spike", 120, "mid"),
-        ("stale_second_moment", 200, "mid"),
-        ("update_rms_spike", 200, "mid"),
-        ("stale_second_moment", 307, "w"),
-        ("stale_second_moment", 308, "mid"),
-        ("eps_dominance", 355, "w"),
-        ("nonfinite", 420, "b"),
-    ],
-}
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.95)])
+def test_host_rules_are_silent_on_a_steady_run(betas):
+    assert _run_rules(betas, lambda t, name: None) == []
 
 
-@pytest.mark.parametrize(
-    "case,betas",
-    [("one pair", (0.9, 0.999)), ("mixed pairs", [(0.9, 0.999), (0.9, 0.95), (0.9, 0.999), (0.5, 0.95)])],
-)
-def test_host_rules_give_the_recorded_alerts(case, betas):
-    names = ["w", "b", "tiny", "mid"]
-    rules = AlertRules(names, optimizer="A", betas=betas, thresholds=Thresholds(eps_steps=5))
-    got = [(a.rule, a.step, a.parameter) for t, rows in _drive_rows(4, 450) for a in rules.observe(t, rows)]
-    assert got == EXPECTED_ALERTS[case]
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.95)])
+def test_host_rules_flag_a_tenfold_update_at_its_step(betas):
+    # an update 10x its steady level, within the bound: the relative spike test, at that step only
+    event = lambda t, name: {"update": 2.3} if (t, name) == (150, "w") else None  # noqa: E731
+    assert _run_rules(betas, event) == [("update_rms_spike", 150, "w")]
+
+
+def test_host_rules_forecast_a_gradient_jump_by_beta2():
+    # a noise std jump x10 (DESIGN §3): staleness 8.94 at beta2 = 0.999 predicts an overshoot;
+    # 3.47 at 0.95, where v-hat catches up within a few steps, predicts none
+    def jump(staleness):
+        return lambda t, name: {"staleness": staleness} if t == 150 and name == "w" else None
+
+    assert _run_rules((0.9, 0.999), jump(8.94)) == [("stale_second_moment", 150, "w")]
+    assert _run_rules((0.9, 0.95), jump(3.47)) == []
+
+
+def test_host_rules_report_nonfinite_once_per_episode():
+    # NaN from step 200 on in one tensor: one error at its first step, naming that tensor
+    def event(t, name):
+        return {"update": math.nan} if t >= 200 and name == "b" else None
+
+    assert _run_rules((0.9, 0.95), event) == [("nonfinite", 200, "b")]
+
+
+def test_host_rules_flag_eps_dominance_after_eps_steps():
+    # 90% of the coordinates eps-dominated from step 100: the regime is reported after 5 steps of it
+    def event(t, name):
+        return {"eps_fraction": 0.9} if t >= 100 and name == "w" else None
+
+    thresholds = Thresholds(eps_steps=5)
+    assert _run_rules((0.9, 0.95), event, thresholds=thresholds) == [("eps_dominance", 104, "w")]
