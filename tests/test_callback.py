@@ -1,5 +1,6 @@
 """AdamMonitor under Lightning: what lands in TensorBoard, on which step, in which set-up."""
 
+import io
 import math
 import warnings
 
@@ -166,9 +167,35 @@ def test_resume_from_checkpoint_logs_what_an_uninterrupted_run_logs(tmp_path):
         assert dict(resumed[tag])[11] == pytest.approx(dict(full[tag])[11], rel=1e-6)
 
 
-def test_the_callback_state_round_trips():
-    cb = AdamMonitor()
-    assert cb.state_key == "AdamMonitor"
-    state = {"version": 1, "optimizers": []}
-    cb.load_state_dict(state)
-    assert cb._loaded_state == state
+def test_the_callback_state_round_trips(tmp_path):
+    # The state a checkpoint holds mid-run (2 steps pending since the log at step 4, the rules'
+    # baselines), through torch.save / torch.load(weights_only=True), into a new callback.
+    assert AdamMonitor().state_key == "AdamMonitor"
+    monitor, saved = AdamMonitor(log_every_n_steps=4), {}
+
+    class Save(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                buffer = io.BytesIO()
+                torch.save(monitor.state_dict(), buffer)
+                buffer.seek(0)
+                saved.update(torch.load(buffer, weights_only=True))
+
+    fit(tmp_path, AdamBoring(), callbacks=[monitor, Save()], max_steps=6, log_every_n_steps=4)
+    (entry,) = saved["optimizers"]
+    assert (entry["step"], entry["pending_steps"], entry["applied"]) == (6, 2, 6)
+    restored, seen = AdamMonitor(log_every_n_steps=4), {}
+    restored.load_state_dict(saved)
+
+    class Look(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update(restored.monitor.state_dict())
+
+    fit(tmp_path, AdamBoring(), callbacks=[restored, Look()], max_steps=1, name="restored")
+    (loaded,) = seen["optimizers"]
+    assert {k: loaded[k] for k in ("step", "pending_steps", "applied")} == {
+        k: entry[k] for k in ("step", "pending_steps", "applied")
+    }
+    assert torch.equal(loaded["sums"], entry["sums"])
+    assert all(torch.equal(loaded["rules"][k], v) for k, v in entry["rules"].items() if isinstance(v, torch.Tensor))
+    assert seen["alerts"] == saved["alerts"]

@@ -115,7 +115,8 @@ class _Tracked:
         """Counts and sums of ``entry``; the rules' state is loaded by whoever builds the rules."""
         if entry["sums"] is not None:
             device = self.reader.params[0].device if self.reader.params else "cpu"
-            self.sums = entry["sums"].to(device=device, dtype=torch.float64).reshape(-1, NUM_STATS)
+            # a copy: the caller's state (a loaded checkpoint) must not become the running sums
+            self.sums = entry["sums"].to(device=device, dtype=torch.float64, copy=True).reshape(-1, NUM_STATS)
         self.pending_steps = int(entry["pending_steps"])
         self.step = int(entry["step"])
         self.applied = int(entry.get("applied", 0))
