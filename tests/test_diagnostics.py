@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from reference import reference_row
 
 from adam_monitor.diagnostics import (
     COUNT,
@@ -17,24 +18,6 @@ from adam_monitor.diagnostics import (
     previous_second_moment,
     tensor_statistics,
 )
-
-
-def reference_row(g, m, v, v_prev, *, beta1, beta2, eps, t, v_den=None):
-    """Plain Python floats, one coordinate at a time (DESIGN §2)."""
-    c1, c2 = 1 - beta1**t, 1 - beta2**t
-    c2p = 1 - beta2 ** (t - 1)
-    v_den = v if v_den is None else v_den
-    upd = stale = jump = 0.0
-    njump = neps = 0
-    for gi, mi, vi, vpi, vdi in zip(g, m, v, v_prev, v_den):
-        u = (mi / c1) / (math.sqrt(vdi / c2) + eps)
-        upd += u * u
-        stale += gi * gi / max(vi / c2, eps * eps)
-        if t > 1 and vpi > 0:
-            jump += gi * gi / max(vpi / c2p, eps * eps)
-            njump += 1
-        neps += math.sqrt(vdi / c2) <= eps
-    return [upd, stale, jump, njump, neps, len(g)]
 
 
 def run_adam(shapes, steps, *, beta1=0.9, beta2=0.99, eps=1e-8, amsgrad=False, scale=None, dtype=torch.float64):

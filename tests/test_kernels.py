@@ -5,15 +5,13 @@ import warnings
 
 import pytest
 import torch
+from reference import specification, torch_adam_state
 
 import adam_monitor.diagnostics.compiled as kernels
 from adam_monitor.diagnostics import (
     JUMP_SQ,
     NUM_STATS,
-    adam_direction,
     adam_statistics,
-    previous_second_moment,
-    tensor_statistics,
 )
 from adam_monitor.diagnostics.compiled import BLOCK, fast_adam_statistics
 
@@ -22,39 +20,19 @@ SHAPES = [(3, BLOCK), (2 * BLOCK + 5,), (BLOCK + 1, 3), (7,), (2 * BLOCK,)]
 
 
 def adam_state(dtype, *, steps, amsgrad=False, eps=1e-8, betas=(0.9, 0.999)):
-    """Run torch Adam; gradients keep a per-coordinate scale (so v_{t-1} is well conditioned) and
-    a fifth of the coordinates never see a gradient (v = 0) unless ε = 0."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES]
-    scales = [torch.rand(s) * 2 + 0.5 for s in SHAPES]
-    opt = torch.optim.Adam(params, betas=betas, eps=eps, amsgrad=amsgrad)
-    for _ in range(steps):
-        for p, scale in zip(params, scales):
-            g = scale * (1 + 0.3 * torch.randn(p.shape))
-            if eps > 0:  # with ε = 0 such a coordinate's step is 0/0 in torch Adam itself
-                g.view(-1)[::5] = 0.0
-            p.grad = g.to(dtype)
-        opt.step()
-    states = [opt.state[p] for p in params]
-    lists = ([p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states])
-    kw = dict(beta1=betas[0], beta2=betas[1], eps=eps, step=steps)
-    if amsgrad:
-        kw["max_exp_avg_sqs"] = [s["max_exp_avg_sq"] for s in states]
-    return lists, kw
+    """torch Adam on gradients with a per-coordinate scale (so v_{t-1} is well conditioned), a fifth
+    of the coordinates never seeing a gradient (v = 0) unless ε = 0."""
+    generator = torch.Generator().manual_seed(1)
+    scales = {}
 
+    def gradient(p, t):
+        scale = scales.setdefault(id(p), torch.rand(p.shape, generator=generator) * 2 + 0.5)
+        g = scale * (1 + 0.3 * torch.randn(p.shape, generator=generator))
+        if eps > 0:  # with ε = 0 such a coordinate's step is 0/0 in torch Adam itself
+            g.view(-1)[::5] = 0.0
+        return g.to(p.dtype)
 
-def specification(lists, kw):
-    """Rows from ``tensor_statistics`` in float64, from the same stored state."""
-    t, b1, b2, eps = kw["step"], kw["beta1"], kw["beta2"], kw["eps"]
-    c2, c2p = 1 - b2**t, 1 - b2 ** (t - 1)
-    rows = []
-    for i, (g, m, v) in enumerate(zip(*lists)):
-        v_den = kw["max_exp_avg_sqs"][i] if "max_exp_avg_sqs" in kw else v
-        u = adam_direction(m.double(), v_den.double(), bias_correction1=1 - b1**t, bias_correction2=c2, eps=eps)
-        cdt = torch.float64 if v.dtype == torch.float64 else torch.float32  # the rebuild's precision
-        prev = previous_second_moment(v.to(cdt), g.to(cdt), b2).double() / c2p if t > 1 else None
-        rows.append(tensor_statistics(g, u, v.double() / c2, prev, eps, v_den.double() / c2))
-    return torch.stack(rows)
+    return torch_adam_state(SHAPES, dtype, steps=steps, amsgrad=amsgrad, eps=eps, betas=betas, gradient=gradient)
 
 
 def assert_rows_close(actual, expected, rtol):
