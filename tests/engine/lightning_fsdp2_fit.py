@@ -1,6 +1,6 @@
 """A Lightning fit with AdamMonitor, on one process or FSDP2 over 2 CPU processes.
 
-    python tests/lightning_fsdp2_fit.py fsdp2|single LOGDIR
+    python tests/engine/lightning_fsdp2_fit.py fsdp2|single LOGDIR
 
 Lightning's ModelParallelStrategy launches this script again in each process, so it is a file
 of its own rather than a test function.

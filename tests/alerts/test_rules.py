@@ -449,7 +449,7 @@ def test_errors_name_the_fix():
 def test_quick_calibration_meets_the_goal():
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import spike_scenarios
 
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@
 On CUDA, ``blocking_alerts=False`` copies each step's rows to pinned memory without waiting and
 runs the rules when the copy has landed. Here the device copy is replaced by one that lands a set
 number of steps later, so the bookkeeping (order, log points, betas changes, state_dict, close) is
-checked on the CPU against the blocking run. ``tests/test_cuda.py`` counts the syncs on a GPU.
+checked on the CPU against the blocking run. ``tests/engine/test_cuda.py`` counts the syncs on a GPU.
 """
 
 import warnings
