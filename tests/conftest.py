@@ -1,5 +1,3 @@
-import warnings
-
 import pytest
 import torch
 
@@ -12,10 +10,3 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture
-def no_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        yield

@@ -8,12 +8,10 @@ import sys
 import textwrap
 import warnings
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.loggers import TensorBoardLogger
+from support import AdamBoring, quiet_trainer
 from torch.utils.tensorboard import SummaryWriter
 
 from adam_monitor import AdamMonitor, InstabilityError, InstabilityWarning, Monitor
@@ -22,31 +20,12 @@ from adam_monitor.cli import main as cli
 from adam_monitor.cli.events import read_scalars
 
 
-class BetasBoring(BoringModel):
-    def __init__(self, betas):
-        super().__init__()
-        self.betas = betas
-
-    def training_step(self, batch, batch_idx):
-        return self.step(batch)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3, betas=self.betas)
+def BetasBoring(betas):
+    return AdamBoring(betas, optimizer=torch.optim.Adam, lr=1e-3)
 
 
 def trainer(tmp_path, callbacks, max_steps=8, **kwargs):
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=TensorBoardLogger(tmp_path, name="run", version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=2,
-        **kwargs,
-    )
+    return quiet_trainer(tmp_path, callbacks=callbacks, max_steps=max_steps, log_every_n_steps=2, **kwargs)
 
 
 def test_unstable_betas_in_raise_mode_fail_the_fit_and_the_alert_is_on_disk(tmp_path):

@@ -9,46 +9,16 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.loggers import TensorBoardLogger
+from support import AdamBoring, quiet_trainer
 
 from adam_monitor import DIAGNOSTICS, AdamMonitor
 from adam_monitor.cli.events import read_scalars
 
 
-class AdamBoring(BoringModel):
-    def __init__(self, betas=(0.9, 0.95)):
-        super().__init__()
-        self.betas = betas
-
-    def training_step(self, batch, batch_idx):
-        loss = self.step(batch)
-        self.log("loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2, betas=self.betas)
-
-    def train_dataloader(self):
-        # Fixed data, 6 batches an epoch: a run resumed at step 6 starts a fresh epoch on the same data.
-        data = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
-        return torch.utils.data.DataLoader(data, batch_size=1)
-
-
 def fit(tmp_path, model, *, callbacks=None, max_steps=10, name="run", ckpt_path=None, **trainer_kwargs):
     callbacks = callbacks if callbacks is not None else [AdamMonitor()]
     trainer_kwargs.setdefault("log_every_n_steps", 5)
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=TensorBoardLogger(tmp_path, name=name, version=0),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, max_steps=max_steps, name=name, **trainer_kwargs)
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer, read_scalars(trainer.logger.log_dir)
 

@@ -1,11 +1,11 @@
 """The one-pass statistics against the foreach path and the float64 one-tensor specification."""
 
 import math
-import warnings
 
 import pytest
 import torch
 from reference import specification, torch_adam_state
+from support import no_warnings
 
 import adam_monitor.diagnostics.compiled as kernels
 from adam_monitor.diagnostics import (
@@ -137,8 +137,7 @@ def test_compile_failure_falls_back_once(small_compiled, monkeypatch):
         rows = fast_adam_statistics(*lists, **kw)
     assert_rows_close(rows, adam_statistics(*lists, **kw), 0)
     assert not kernels.compiled_available()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with no_warnings():
         fast_adam_statistics(*lists, **kw)  # eager from now on, silently
     with pytest.raises(RuntimeError, match="no compiler"):
         fast_adam_statistics(*lists, **kw, compiled=True)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from support import no_warnings
 
 from adam_monitor import Monitor
 from adam_monitor.optim import Adam, AdamAtan2, AdamD, LaProp, StableAdamW
@@ -71,23 +72,10 @@ def test_coupled_betas_are_no_error_for_directions_bounded_whatever_the_betas():
     ):
         opt = make()
         monitor = Monitor(opt, log_every_n_steps=None)
-        with pytest.warns() if errors else _no_warning():
+        with pytest.warns() if errors else no_warnings():
             monitor.check_configuration()
         assert [a.rule for a in monitor.alerts] == ["beta_coupling"] * errors
         monitor.close()
-
-
-def _no_warning():
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def ctx():
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            yield
-
-    return ctx()
 
 
 @pytest.mark.parametrize("name", VARIANTS)

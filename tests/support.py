@@ -1,0 +1,58 @@
+"""What many tests share: a BoringModel with a configurable Adam, one quiet Trainer, and a block
+in which any warning fails the test."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import TensorBoardLogger
+
+
+@contextlib.contextmanager
+def no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+class AdamBoring(BoringModel):
+    """BoringModel trained by ``optimizer(params, lr=lr, betas=betas, **options)`` on fixed data, 6
+    batches an epoch (a run resumed at step 6 starts a fresh epoch on the same data); logs ``loss``."""
+
+    def __init__(self, betas=(0.9, 0.95), *, optimizer=torch.optim.AdamW, lr=1e-2, **options):
+        super().__init__()
+        self.betas, self.optimizer, self.lr, self.options = betas, optimizer, lr, options
+
+    def training_step(self, batch, batch_idx):
+        loss = self.step(batch)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters(), lr=self.lr, betas=self.betas, **self.options)
+
+    def train_dataloader(self):
+        data = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(data, batch_size=1)
+
+
+def quiet_trainer(tmp_path, *, callbacks, max_steps, name="run", **kwargs) -> L.Trainer:
+    """A CPU Trainer with no progress bar, summary or validation, logging to TensorBoard under
+    ``tmp_path/name/version_0``; checkpointing only with a ``ModelCheckpoint`` among ``callbacks``."""
+    kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path, name=name, version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **kwargs,
+    )
