@@ -11,6 +11,7 @@ from adam_monitor.diagnostics import (
     EPS_COUNT,
     JUMP_COUNT,
     NUM_STATS,
+    UPDATE_SQ,
     adam_direction,
     adam_statistics,
     diagnostics_from_statistics,
@@ -134,7 +135,7 @@ def test_zero_eps_is_finite_where_torch_is_and_nan_where_torch_is():
     opt.step()
     s = opt.state[q]
     row = adam_statistics([q.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.99, eps=0.0, step=1)[0]
-    assert q.isnan().any() and row[0].isnan()
+    assert q.isnan().any() and row[UPDATE_SQ].isnan()
 
 
 def test_pooling_is_exact_not_a_mean_of_means():

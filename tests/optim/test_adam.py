@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from adam_monitor.diagnostics import NUM_STATS, tensor_statistics
+from adam_monitor.diagnostics import COUNT, NUM_STATS, STALENESS_SQ, tensor_statistics
 from adam_monitor.optim import Adam, AdamAtan2, AdamD, LaProp, StableAdamW, worst_case_bound
 
 F64 = torch.float64
@@ -676,7 +676,7 @@ def test_update_clip_is_active_in_the_multi_tensor_test():
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
-        rms += [math.sqrt(row[1].item() / row[-1].item()) for row in opt.last_statistics.values()]
+        rms += [math.sqrt(row[STALENESS_SQ].item() / row[COUNT].item()) for row in opt.last_statistics.values()]
     assert max(rms) > 1.0, rms
 
 
