@@ -107,6 +107,16 @@ def assert_close_rel(actual, expected, rtol):
     assert err <= rtol, f"relative error {err:.3g} > {rtol}"
 
 
+def assert_follows_reference(p, p0, ref, state=None, rtol=1e-12):
+    """``p`` moved from ``p0`` as the reference run's last step says (relative to the total move),
+    and, given its ``state``, holds the reference's moments."""
+    moved = p.detach().flatten() - p0.detach().flatten()
+    assert_close_rel(moved, torch.tensor(ref[-1]["p"], dtype=F64) - p0.detach().flatten(), rtol)
+    if state is not None:
+        assert_close_rel(state["exp_avg"].flatten(), ref[-1]["m"], rtol)
+        assert_close_rel(state["exp_avg_sq"].flatten(), ref[-1]["v"], rtol)
+
+
 PRESETS = {
     "AdamD": (AdamD, dict(mbc=False, normalize="adam", eps=1e-8)),
     "LaProp": (LaProp, dict(mbc=True, normalize="laprop", eps=1e-8)),
@@ -126,13 +136,7 @@ def test_preset_matches_plain_loop(name):
     run(opt, params, grads)
     refs = reference_for(p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, **ref_kw)
     for p, q, ref in zip(params, p0, refs):
-        assert_close_rel(
-            p.detach().flatten() - q.detach().flatten(),
-            torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(),
-            1e-12,
-        )
-        assert_close_rel(opt.state[p]["exp_avg"].flatten(), ref[-1]["m"], 1e-12)
-        assert_close_rel(opt.state[p]["exp_avg_sq"].flatten(), ref[-1]["v"], 1e-12)
+        assert_follows_reference(p, q, ref, opt.state[p])
 
 
 def test_update_clip_is_active_in_the_test_above():
@@ -162,11 +166,7 @@ def test_beta2_schedule_matches_plain_loop(schedule):
         p0, grads, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, mbc=False, beta2_at=beta2_at
     )
     for p, q, ref in zip(params, p0, refs):
-        assert_close_rel(
-            p.detach().flatten() - q.detach().flatten(),
-            torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(),
-            1e-12,
-        )
+        assert_follows_reference(p, q, ref)
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)  # applied at compute time, never written back
     if schedule == "adafactor":
         assert opt.state[params[0]]["beta2_product"] == 0.0  # β2_1 = 0: c2 = 1 exactly
@@ -701,13 +701,7 @@ def test_torch_kernel_route_matches_plain_loop(monkeypatch, mbc):
         p0, grads, lr=0.05, beta1=0.9, beta2=0.99, weight_decay=0.1, mbc=mbc, normalize="adam", eps=1e-8
     )
     for p, q, ref in zip(params, p0, refs):
-        assert_close_rel(
-            p.detach().flatten() - q.detach().flatten(),
-            torch.tensor(ref[-1]["p"], dtype=F64) - q.detach().flatten(),
-            1e-12,
-        )
-        assert_close_rel(opt.state[p]["exp_avg"].flatten(), ref[-1]["m"], 1e-12)
-        assert_close_rel(opt.state[p]["exp_avg_sq"].flatten(), ref[-1]["v"], 1e-12)
+        assert_follows_reference(p, q, ref, opt.state[p])
         assert opt.state[p]["step"].device.type == "cpu" and opt.state[p]["step"] == 40  # torch's layout kept
 
 
