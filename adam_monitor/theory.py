@@ -329,7 +329,7 @@ def bound_table(beta1: float, beta2: float, steps=(10, 100, 1000, 10000)) -> str
             f"Verdict: UNBOUNDED. beta1^2 >= beta2, so the worst-case update grows {growth} "
             "without limit; raise beta2 above beta1^2 or lower beta1."
         )
-    elif beta1 >= beta2:
+    elif beta1 >= beta2 and beta1 > 0:
         lines.append(
             f"Verdict: WARNING. beta1 >= beta2: momentum outlives the second moment (stale "
             f"momentum), so a shrinking gradient can inflate updates up to {_fmt(b_inf)}."

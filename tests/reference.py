@@ -41,7 +41,7 @@ def specification(lists, kw):
         v_den = maxes[i] if maxes is not None else v
         u = adam_direction(m.double(), v_den.double(), bias_correction1=1 - b1**t, bias_correction2=c2, eps=eps)
         cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
-        prev = previous_second_moment(v.to(cdt), g.to(cdt), b2).double() / c2p if t > 1 else None
+        prev = previous_second_moment(v.to(cdt), g.to(cdt), b2).double() / c2p if t > 1 and b2 > 0 else None
         rows.append(tensor_statistics(g, u, v.double() / c2, prev, eps, v_den.double() / c2))
     return torch.stack(rows)
 

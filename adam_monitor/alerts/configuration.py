@@ -17,14 +17,19 @@ def configuration_alerts(
     """``beta_coupling`` (β1² ≥ β2) and ``beta_order`` (β1 ≥ β2 > β1²) alerts, one per offending group.
 
     ``None`` marks a group whose update is not Adam's ``m̂/(√v̂+ε)`` (LaProp, atan2): their size is
-    bounded whatever the betas, so the coupling rules do not apply.
+    bounded whatever the betas, so the coupling rules do not apply. Every pair torch accepts gets a
+    verdict: β1 = 0 (RMSprop, sign descent at β2 = 0) is bounded by 1/√(1-β2) and raises nothing;
+    β2 = 0 < β1 is unbounded (v̂ holds only the last gradient, m̂ all of them).
     """
     alerts = []
     for gi, betas in enumerate(betas_by_group):
         if betas is None:
             continue
         beta1, beta2 = (float(b) for b in betas)
+        if beta1 == 0.0:
+            continue  # no momentum: |u_t| = |g_t|/√v̂_t ≤ 1/√(1-β2) whatever β2 (theory.asymptotic_bound)
         gamma = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
+        per_step = beta1 / math.sqrt(beta2) if beta2 > 0 else math.inf
         if beta1 * beta1 >= beta2:
             bounds = ", ".join(f"B_{t} = {worst_case_bound(beta1, beta2, t):.3g}" for t in (10, 100, 1000))
             alerts.append(
@@ -36,7 +41,7 @@ def configuration_alerts(
                         f"param group {gi}: betas=({beta1:g}, {beta2:g}) have beta1^2 >= beta2 "
                         f"(gamma = beta1^2/beta2 = {gamma:.4g}), so the largest possible update/lr grows "
                         f"without limit ({bounds}); once gradients shrink each update can grow by "
-                        f"beta1/sqrt(beta2) = {beta1 / math.sqrt(beta2):.4g} per step. Raise beta2 above "
+                        f"beta1/sqrt(beta2) = {per_step:.4g} per step. Raise beta2 above "
                         f"beta1^2 = {beta1 * beta1:.4g} (e.g. beta2 >= 0.95 with beta1 = 0.9) or lower beta1."
                     ),
                     optimizer=optimizer,

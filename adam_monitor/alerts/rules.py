@@ -156,7 +156,8 @@ def jump_model(subject_betas: Sequence[tuple[float, float]]) -> JumpModel:
 
 
 def predicted_peak(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.ndarray, np.ndarray]:
-    """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 (no v̂_{t-1}).
+    """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 and where β2 = 0
+    (no v̂_{t-1}: v̂_t = g_t² makes the staleness 1 whatever the gradients did).
 
     Inverts the staleness for a (see :class:`AlertRules`) and takes the largest update of the jump
     formula with bias corrections over the grid of steps after the jump.
@@ -172,17 +173,20 @@ def predicted_peak(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[n
     a = np.sqrt(x)[:, None]
     w1 = model.beta1_k * (1 - p1)[:, None] / (1 - p1[:, None] * model.beta1_k)
     w2 = model.beta2_k * (1 - p2)[:, None] / (1 - p2[:, None] * model.beta2_k)
-    u = (w1 + (1 - w1) * a) / np.sqrt(w2 + (1 - w2) * a * a)
-    return u.max(1), a[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = (w1 + (1 - w1) * a) / np.sqrt(w2 + (1 - w2) * a * a)
+    memoryless = b2 == 0
+    return np.where(memoryless, 0.0, u.max(1)), np.where(memoryless, math.nan, a[:, 0])
 
 
 def _rule_bound(beta1: float, beta2: float, step: int) -> float:
     """B_t as the update_rms_spike rule uses it."""
     if step < 1:
         return math.nan  # steps count from 1: no bound, and a NaN level never fires
-    # With γ = β1²/β2 ≥ 1 B_t grows without limit and beta_coupling already reports the betas as an
-    # error; a bound test there would only repeat it on every tensor, so the level is infinite.
-    if not (beta2 > 0 and beta1 * beta1 / beta2 < 1):
+    # With β1 > 0 and β1² ≥ β2 B_t grows without limit and beta_coupling already reports the betas
+    # as an error; a bound test there would only repeat it on every tensor, so the level is
+    # infinite. β1 = 0 is bounded for every β2 (B_t = 1 for sign descent, β2 = 0).
+    if beta1 > 0 and beta1 * beta1 >= beta2:
         return math.inf
     return worst_case_bound(beta1, beta2, step)
 

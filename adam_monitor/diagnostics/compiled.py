@@ -12,7 +12,7 @@ Per coordinate, with ``a = 1/√c2``, ``w = v - (1-β2)·g²`` (the rebuilt ``β
     update_sq    = Σ (m/d)²          / c1²
     staleness_sq = Σ g²/max(v, c2·ε²) · c2      = Σ g²/max(v̂_t, ε²)
     jump_sq      = Σ' g²/max(w, s·ε²) · s       = Σ' g²/max(v̂_{t-1}, ε²)   over w > tol·v
-    jump_count   = #(w > tol·v)                  (0 at t = 1: no previous moment)
+    jump_count   = #(w > tol·v)                  (0 at t = 1 or β2 = 0: no previous moment)
     eps_count    = #(d ≤ 2ε)                     ⟺ √v̂ ≤ ε
 
 Sums are blocked: each run of ``BLOCK`` coordinates is summed in the compute dtype (float32 for
@@ -143,7 +143,8 @@ def _scalars(beta2: float, eps: float, step: int, compute_dtype: torch.dtype, de
     c2 = 1 - beta2**step
     eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
     scale = beta2 * (1 - beta2 ** (step - 1))
-    tol = reconstruction_tolerance(compute_dtype) if step > 1 else math.inf
+    # No previous moment at t = 1, and none to rebuild at β2 = 0 (v_t = g_t² forgets v_{t-1}).
+    tol = reconstruction_tolerance(compute_dtype) if step > 1 and beta2 > 0 else math.inf
     values = [1 / math.sqrt(c2), eps, 2 * eps, c2 * eps_sq, 1 - beta2, tol, scale * eps_sq]
     return host_values(values, torch.float64, device)
 

@@ -36,7 +36,8 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     c1 = 1 - beta1**step
     c2 = 1 - beta2**step
     eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
-    terms = np.empty((5 if step > 1 else 3, g.shape[0]), dtype=g.dtype)
+    has_previous = step > 1 and beta2 > 0  # β2 = 0: v_t = g_t² keeps nothing of v_{t-1}
+    terms = np.empty((5 if has_previous else 3, g.shape[0]), dtype=g.dtype)
     with np.errstate(all="ignore"):
         denom = np.sqrt(v_den)
         np.divide(denom, dt(math.sqrt(c2)), out=denom)
@@ -48,7 +49,7 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
         np.sign(denom, out=terms[1])
         g2 = g * g
         np.divide(g2, np.maximum(v, dt(c2 * eps_sq)), out=terms[2])
-        if step > 1:
+        if has_previous:
             c2_prev = 1 - beta2 ** (step - 1)
             scale = beta2 * c2_prev
             # a + α·b as torch computes it (fused multiply-add in its vector kernels): the
@@ -75,7 +76,7 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
         rows[:, UPDATE_SQ] = sums[0] / (c1 * c1)
         rows[:, EPS_COUNT] = counts - sums[1]
         rows[:, STALENESS_SQ] = sums[2] * c2
-        if step > 1:
+        if has_previous:
             rows[:, JUMP_COUNT] = sums[3]
             rows[:, JUMP_SQ] = sums[4] * scale
         rows[:, COUNT] = counts
@@ -176,7 +177,7 @@ def adam_statistics(
     del v_floor, ratio
 
     # gradient jump against v_{t-1} = (v - (1-β2)g²)/β2, bias-corrected by c2' = 1 - β2^(t-1).
-    if step > 1:
+    if step > 1 and beta2 > 0:  # β2 = 0: v_t = g_t² keeps nothing of v_{t-1}
         c2_prev = 1 - beta2 ** (step - 1)
         scale = beta2 * c2_prev  # v̂_{t-1} = w / scale with w = v - (1-β2)·g²
         w = torch._foreach_add(v, g2, alpha=-(1 - beta2))

@@ -74,7 +74,8 @@ def _check_group(group: dict[str, Any]) -> None:
 def _check_betas(group: dict[str, Any]) -> None:
     beta1, beta2 = group["betas"]
     # The bound B_t concerns m̂/√v̂; LaProp (|u| ≤ 1/√(1-β2)) and atan2 (|u| ≤ a·π/2) are bounded anyway.
-    if group["allow_unstable_betas"] or group["normalize"] != "adam" or beta1 * beta1 < beta2:
+    # β1 = 0 is bounded by 1/√(1-β2) for every β2 (sign descent at β2 = 0): nothing to refuse.
+    if group["allow_unstable_betas"] or group["normalize"] != "adam" or beta1 == 0 or beta1 * beta1 < beta2:
         return
     if beta1 * beta1 == beta2:
         growth = "like √t"

@@ -253,14 +253,23 @@ def test_update_rms_above_the_bound():
     assert alerts[0].threshold == pytest.approx(worst_case_bound(0.9, 0.999, 1) * (1 + 1e-4), rel=1e-12)
 
 
-@pytest.mark.parametrize("betas", [(0.95, 0.8), (0.9, 0.81), (0.0, 0.0), (0.5, 0.0)])
+@pytest.mark.parametrize("betas", [(0.95, 0.8), (0.9, 0.81), (0.9, 0.0), (0.5, 0.0)])
 def test_no_bound_test_where_beta1_squared_reaches_beta2(betas):
     # B_t grows without limit there and beta_coupling reports the betas: the spike rule's bound
     # level is infinite, however large the update.
     rules = AlertRules(["w"], optimizer="X", betas=betas)
     assert rules.observe(1, stat_rows([1000], update_rms=1e6)) == []
-    if betas[1] > 0:
-        assert [a.rule for a in configuration_alerts([betas], optimizer="X", step=1)] == ["beta_coupling"]
+    (alert,) = configuration_alerts([betas], optimizer="X", step=1)
+    assert (alert.rule, alert.severity) == ("beta_coupling", "error")
+    assert "sqrt(beta2) = inf" in alert.message if betas[1] == 0 else "inf" not in alert.message
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.0), (0.0, 0.5), (0.0, 0.999)])
+def test_no_momentum_is_bounded_for_every_beta2(betas):
+    # |u_t| = |g_t|/√v̂_t ≤ 1/√(1-β2): no configuration alert, and the bound test applies (B_t = 1 at β2 = 0).
+    assert configuration_alerts([betas], optimizer="X", step=1) == []
+    rules = AlertRules(["w"], optimizer="X", betas=[betas])
+    assert [a.rule for a in rules.observe(1, stat_rows([1000], update_rms=1.5))] == ["update_rms_spike"]
 
 
 def test_subject_bounds_are_theory_per_pair_spread_over_subjects():

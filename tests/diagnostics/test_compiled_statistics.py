@@ -177,3 +177,15 @@ def test_eager_path_runs_in_bounded_chunks_with_the_same_rows(monkeypatch, amsgr
     chunked = fast_adam_statistics(*lists, **kw, compiled=False)
     assert len(seen) > 1 and max(seen) <= max(sizes)
     assert_rows_close(chunked, whole, 1e-12)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.0), (0.0, 0.0), (0.0, 0.999)])
+def test_every_beta_pair_torch_accepts_gets_finite_rows(uncompiled_kernel, betas):
+    # β2 = 0 keeps nothing of v_{t-1}: no jump is defined (as at t = 1), and nothing divides by β2.
+    lists, kw = adam_state(torch.float32, steps=4, betas=betas)
+    fast = fast_adam_statistics(*lists, **kw)
+    assert torch.isfinite(fast).all()
+    assert_rows_close(fast, specification(lists, kw), 2e-6)
+    assert_rows_close(fast, adam_statistics(*lists, **kw), 2e-5)
+    if betas[1] == 0.0:
+        assert fast[:, JUMP_SQ].eq(0).all()

@@ -263,7 +263,7 @@ def test_unknown_kwarg_is_a_type_error_naming_it():
         StableAdamW(make_params(), foo=1)
 
 
-@pytest.mark.parametrize("betas", [(0.99, 0.95), (0.9, 0.81)])
+@pytest.mark.parametrize("betas", [(0.99, 0.95), (0.9, 0.81), (0.9, 0.0)])
 def test_unstable_betas_refused_with_bound_and_fix(betas):
     with pytest.raises(ValueError) as info:
         Adam(make_params(), betas=betas)
@@ -272,6 +272,20 @@ def test_unstable_betas_refused_with_bound_and_fix(betas):
     assert ("√t" in text) == (betas == (0.9, 0.81))
     Adam(make_params(), betas=betas, allow_unstable_betas=True)  # opt-in works
     LaProp(make_params(), betas=betas)  # bounded by 1/√(1-β2) whatever β1
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.0), (0.0, 0.9)])
+def test_no_momentum_is_accepted_for_every_beta2(betas):
+    # |u_t| = |g_t|/√v̂_t ≤ 1/√(1-β2): sign descent at β2 = 0, bounded by 1.
+    params = make_params()
+    opt = Adam(params, betas=betas, momentum_bias_correction=True, eps=0.0, compiled=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    if betas[1] == 0.0:
+        for p, b in zip(params, before):
+            torch.testing.assert_close((b - p) / opt.defaults["lr"], p.grad.sign())
 
 
 def test_betas_moved_by_a_scheduler_are_checked_at_step():
