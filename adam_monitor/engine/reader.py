@@ -23,7 +23,7 @@ from ..diagnostics.compiled import fast_adam_statistics
 from ..diagnostics.reference import adam_direction
 from ..diagnostics.rows import NUM_STATS
 
-__all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "shard_group"]
+__all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "real_view", "shard_group"]
 
 
 def all_reduce(tensor: Tensor, group) -> None:
@@ -39,6 +39,13 @@ def local_tensor(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def real_view(t: Tensor) -> Tensor:
+    """The local shard as torch Adam steps it: a complex tensor as its real view (``[..., 2]``),
+    every real and imaginary part one coordinate."""
+    t = local_tensor(t)
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def shard_group(p: Tensor):
@@ -242,7 +249,7 @@ class StepReader:
     def _adam_rows(self, stepped) -> Iterable[tuple[list[int] | None, Tensor]]:
         buckets: dict[tuple, list] = defaultdict(list)
         for gi, _group, p, state, step in stepped:
-            g = local_tensor(p.grad)
+            g = real_view(p.grad)
             buckets[(gi, step, g.device, g.dtype)].append((p, state))
         for members in buckets.values():
             for _p, state in members:
@@ -259,13 +266,13 @@ class StepReader:
             grads = [self._gradient_used(p, state, group, step) for p, state in members]
             rows = fast_adam_statistics(
                 grads,
-                [local_tensor(s["exp_avg"]) for _, s in members],
-                [local_tensor(s["exp_avg_sq"]) for _, s in members],
+                [real_view(s["exp_avg"]) for _, s in members],
+                [real_view(s["exp_avg_sq"]) for _, s in members],
                 beta1=beta1,
                 beta2=beta2,
                 eps=eps,
                 step=int(step),
-                max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
+                max_exp_avg_sqs=[real_view(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
             )
             positions = [self._position[id(p)] for p, _ in members]
             if len(positions) == len(self.params) and positions == list(range(len(self.params))):
@@ -274,7 +281,7 @@ class StepReader:
                 yield positions, rows
 
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
-        grad = local_tensor(p.grad)
+        grad = real_view(p.grad)
         wd = group.get("weight_decay", 0.0)
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
         if not wd or decoupled:
@@ -282,7 +289,7 @@ class StepReader:
         # Adam's L2 decay fed g + λ·p_{t-1} into the moments; p_{t-1} = p_t + η·u_t.
         beta1, beta2 = (_as_float(b) for b in group["betas"])
         u = self.direction(p, state, group, step)
-        param_prev = local_tensor(p.detach()) + group["lr"] * u
+        param_prev = real_view(p.detach()) + group["lr"] * u
         used = -grad if group.get("maximize", False) else grad
         return used + wd * param_prev
 
@@ -291,8 +298,8 @@ class StepReader:
         beta1, beta2 = (_as_float(b) for b in group["betas"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
         return adam_direction(
-            local_tensor(state["exp_avg"]),
-            local_tensor(v),
+            real_view(state["exp_avg"]),
+            real_view(v),
             bias_correction1=1 - beta1**step,
             bias_correction2=1 - beta2**step,
             eps=_as_float(group["eps"]),
