@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from numbers import Real
+from numbers import Integral, Real
 
 __all__ = ["Alert", "SEVERITY_ORDER", "Thresholds", "InstabilityError", "InstabilityWarning"]
 
@@ -121,10 +121,18 @@ class Thresholds:
     fast_growth_steps: int = 2
 
     def __post_init__(self):
+        # Each field's type first, then its range: a comparison with a wrong type must not be
+        # the error the user sees.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            integral = f.type in ("int", int)
+            if isinstance(value, bool) or not isinstance(value, Integral if integral else Real) or value != value:
+                what = "an int" if integral else "a number"
+                raise ValueError(f"Thresholds.{f.name} must be {what}, got {value!r}")
+
         def check(name: str, ok: bool, what: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Real) or not ok:
-                raise ValueError(f"Thresholds.{name} must be {what}, got {value!r}")
+            if not ok:
+                raise ValueError(f"Thresholds.{name} must be {what}, got {getattr(self, name)!r}")
 
         check("stale_peak", self.stale_peak > 1, "a number > 1 (1 is the steady update)")
         check("stale_clear", 0 < self.stale_clear <= self.stale_peak, "in (0, stale_peak]")
@@ -133,26 +141,20 @@ class Thresholds:
         check("spike_decay", 0 < self.spike_decay < 1, "in (0, 1)")
         check("bound_factor", self.bound_factor > 0, "a number > 0 (math.inf disables the bound test)")
         check("growth_ratio", self.growth_ratio > 1, "a number > 1")
-        check("growth_steps", isinstance(self.growth_steps, int) and self.growth_steps >= 1, "an int >= 1")
+        check("growth_steps", self.growth_steps >= 1, "an int >= 1")
         check("eps_fraction", 0 <= self.eps_fraction < 1, "in [0, 1)")
         check("eps_clear", 0 <= self.eps_clear <= self.eps_fraction, "in [0, eps_fraction]")
-        check("eps_steps", isinstance(self.eps_steps, int) and self.eps_steps >= 1, "an int >= 1")
-        check("min_numel", isinstance(self.min_numel, int) and self.min_numel >= 1, "an int >= 1")
+        check("eps_steps", self.eps_steps >= 1, "an int >= 1")
+        check("min_numel", self.min_numel >= 1, "an int >= 1")
         check(
             "growth_steps_after_alert",
-            isinstance(self.growth_steps_after_alert, int) and 1 <= self.growth_steps_after_alert <= self.growth_steps,
+            1 <= self.growth_steps_after_alert <= self.growth_steps,
             "an int in [1, growth_steps]",
         )
         check("growth_floor", self.growth_floor >= 0, "a number >= 0")
         check("fast_growth_ratio", self.fast_growth_ratio > 1, "a number > 1 (math.inf turns it off)")
-        check(
-            "fast_growth_steps", isinstance(self.fast_growth_steps, int) and self.fast_growth_steps >= 1, "an int >= 1"
-        )
-        check(
-            "after_alert_window",
-            isinstance(self.after_alert_window, int) and self.after_alert_window >= 0,
-            "an int >= 0",
-        )
+        check("fast_growth_steps", self.fast_growth_steps >= 1, "an int >= 1")
+        check("after_alert_window", self.after_alert_window >= 0, "an int >= 0")
 
 
 class InstabilityWarning(UserWarning):

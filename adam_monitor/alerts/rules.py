@@ -460,13 +460,22 @@ class AlertRules:
                 f"AlertRules.load_state_dict: the state is for {int(state['num_tensors'])} tensors, these "
                 f"rules watch {len(self.names)}; build the rules with the same parameters as the saved run"
             )
+        loaded = {}  # every entry converted before any is replaced: a bad state changes nothing
         for rule in self._state.values():
             for k, current in rule.items():
                 if k in state:  # states saved before a rule existed start that rule afresh
                     value = state[k]
                     value = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-                    rule[k] = np.array(value, dtype=current.dtype, copy=True).reshape(current.shape)
-        self.last_step = int(state["last_step"])
+                    try:
+                        loaded[k] = np.array(value, dtype=current.dtype, copy=True).reshape(current.shape)
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(
+                            f"AlertRules.load_state_dict: entry {k!r} does not fit these rules: {err}"
+                        ) from None
+        last_step = int(state["last_step"])
+        for rule in self._state.values():
+            rule.update((k, v) for k, v in loaded.items() if k in rule)
+        self.last_step = last_step
 
     # ------------------------------------------------------------------ rules
     def observe(self, step: int, rows: Tensor) -> list[Alert]:

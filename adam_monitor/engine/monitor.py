@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from ..alerts.records import Alert, InstabilityError, Thresholds
 from ..alerts.rules import AlertRules
 from ..diagnostics.rows import NUM_STATS
 from .metrics import log_point
-from .names import names_by_id, optimizer_prefixes, parameter_names, unwrap_optimizer
+from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_parameters, unwrap_optimizer
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
 from .reader import StepReader, UnsupportedOptimizer
@@ -48,6 +49,85 @@ def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> A
     if not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
     return AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds)
+
+
+def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers to hook (wrappers unwrapped), or a ``TypeError`` saying what was passed."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        given = [optimizer]
+    elif isinstance(optimizer, Iterable) and not isinstance(optimizer, (str, bytes, dict)):
+        given = list(optimizer)
+    else:
+        given = [optimizer]
+    optimizers = [unwrap_optimizer(o) for o in given]
+    wrong = [o for o in optimizers if not isinstance(o, torch.optim.Optimizer)]
+    if not optimizers or wrong:
+        got = type(wrong[0]).__name__ if wrong else "an empty sequence"
+        raise TypeError(
+            f"Monitor(optimizer): expected a torch.optim.Optimizer or a list of them, got {got}. "
+            "Create the optimizer first, then Monitor(optimizer, ...)."
+        )
+    return optimizers
+
+
+def _check_sinks(*, writer, log_dir, scalar_sink, step_axis) -> None:
+    """Refuse sinks that would fail at the first log point, inside ``optimizer.step``."""
+    if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(
+            f"Monitor(writer=...) must be a TensorBoard SummaryWriter (anything with add_scalar), got "
+            f"{type(writer).__name__} {writer!r:.60}; for a folder pass writer=SummaryWriter(path) or log_dir=path"
+        )
+    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(f"Monitor(log_dir=...) must be a path (str or os.PathLike), got {type(log_dir).__name__}")
+    for name, value in (("scalar_sink", scalar_sink), ("step_axis", step_axis)):
+        if value is not None and not callable(value):
+            raise TypeError(f"Monitor({name}=...) must be a function, got {type(value).__name__}")
+
+
+def _resolve_options(options: MonitorOptions | None, values: dict) -> MonitorOptions:
+    if options is None:
+        return MonitorOptions.of("Monitor", **values)
+    if values:
+        raise TypeError(f"Monitor(): pass options= or its fields ({', '.join(values)}), not both")
+    if not isinstance(options, MonitorOptions):
+        raise TypeError(f"Monitor(options=...) must be a MonitorOptions, got {type(options).__name__}")
+    return options
+
+
+def _writer_folder(writer) -> str | None:
+    if writer is None:
+        return None
+    return getattr(writer, "log_dir", None) or (writer.get_logdir() if hasattr(writer, "get_logdir") else None)
+
+
+def _track(optimizers: list[torch.optim.Optimizer], on_step: Callable[[_Tracked], None]) -> list[_Tracked]:
+    """A hooked :class:`_Tracked` per readable optimizer; the others get one warning."""
+    tracked_all = []
+    for opt, prefix in zip(optimizers, optimizer_prefixes(optimizers)):
+        try:
+            reader = StepReader(opt)
+        except UnsupportedOptimizer as err:
+            warn(
+                f"adam-monitor is not monitoring {type(opt).__name__}: {err}. Training goes on; nothing is logged for it."
+            )
+            continue
+        label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
+        tracked = _Tracked(opt, reader, prefix, label)
+        tracked.hook = opt.register_step_post_hook(lambda *_, tracked=tracked: on_step(tracked))
+        tracked_all.append(tracked)
+    return tracked_all
+
+
+def _warn_unnamed(optimizers: Sequence[torch.optim.Optimizer], named: dict[int, str]) -> None:
+    for opt in optimizers:
+        missing = unnamed_parameters(opt, named)
+        if missing:
+            total = sum(len(g["params"]) for g in opt.param_groups)
+            warn(
+                f"adam-monitor: named_parameters has no name for {len(missing)} of the {total} parameters of "
+                f"{type(opt).__name__} (first: {missing[0]}); they are logged as group<i>.param<j>. Pass "
+                "named_parameters of the model this optimizer trains."
+            )
 
 
 @dataclass
@@ -111,17 +191,33 @@ class _Tracked:
             "hook_skips": self.hook_skips,
         }
 
-    def load_state_dict(self, entry: dict) -> None:
-        """Counts and sums of ``entry``; the rules' state is loaded by whoever builds the rules."""
-        if entry["sums"] is not None:
+    def loaded(self, entry: dict, rules: AlertRules | None) -> dict:
+        """The fields :meth:`state_dict`'s ``entry`` restores (``rules``: already built and loaded),
+        all checked: a state that does not fit raises ``ValueError`` before anything changes."""
+        sums = entry["sums"]
+        if sums is not None:
+            rows = len(self.reader.params)
+            if not isinstance(sums, Tensor) or sums.numel() != rows * NUM_STATS:
+                got = tuple(sums.shape) if isinstance(sums, Tensor) else type(sums).__name__
+                raise ValueError(
+                    f"Monitor.load_state_dict: the state of {self.prefix!r} holds sums of shape {got}, this "
+                    f"optimizer has {rows} parameters ({rows} x {NUM_STATS}); resume with the parameters of the saved run"
+                )
             device = self.reader.params[0].device if self.reader.params else "cpu"
             # a copy: the caller's state (a loaded checkpoint) must not become the running sums
-            self.sums = entry["sums"].to(device=device, dtype=torch.float64, copy=True).reshape(-1, NUM_STATS)
-        self.pending_steps = int(entry["pending_steps"])
-        self.step = int(entry["step"])
-        self.applied = int(entry.get("applied", 0))
-        self.attempts = entry.get("attempts")
-        self.hook_skips = int(entry.get("hook_skips", 0))
+            sums = sums.to(device=device, dtype=torch.float64, copy=True).reshape(-1, NUM_STATS)
+        attempts = entry.get("attempts")
+        values = dict(
+            sums=self.sums if sums is None else sums,
+            pending_steps=int(entry["pending_steps"]),
+            step=int(entry["step"]),
+            applied=int(entry.get("applied", 0)),
+            attempts=None if attempts is None else int(attempts),
+            hook_skips=int(entry.get("hook_skips", 0)),
+        )
+        if rules is not None:
+            values["rules"] = rules
+        return values
 
 
 class Monitor:
@@ -165,45 +261,24 @@ class Monitor:
         options: MonitorOptions | None = None,
         **option_values,
     ):
-        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
-        optimizers = [unwrap_optimizer(o) for o in optimizers]
-        if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
-            raise TypeError(
-                "Monitor(optimizer): expected a torch.optim.Optimizer or a sequence of them, "
-                f"got {type(optimizer).__name__}"
-            )
-        if options is not None and option_values:
-            raise TypeError(f"Monitor(): pass options= or its fields ({', '.join(option_values)}), not both")
-        self.options = options if options is not None else MonitorOptions.of("Monitor", **option_values)
+        optimizers = _optimizers(optimizer)
+        self.options = _resolve_options(options, option_values)
+        _check_sinks(writer=writer, log_dir=log_dir, scalar_sink=scalar_sink, step_axis=step_axis)
         self._named = names_by_id(named_parameters)
+        if self._named:
+            _warn_unnamed(optimizers, self._named)
         self.writer = writer
         self._step_axis = step_axis
-        if log_dir is None and writer is not None:
-            log_dir = getattr(writer, "log_dir", None) or (
-                writer.get_logdir() if hasattr(writer, "get_logdir") else None
-            )
-        self.log_dir = log_dir
+        self.log_dir = log_dir if log_dir is not None else _writer_folder(writer)
         self._sink = TensorBoardSink(writer, scalar_sink=scalar_sink, per_parameter=self.options.per_parameter)
         self._policy = AlertPolicy(
-            AlertLog(log_dir, writer=writer, enabled=is_rank_zero()),
+            AlertLog(self.log_dir, writer=writer, enabled=is_rank_zero()),
             on_alert=self.options.on_alert,
             fail_on=self.options.fail_on,
             before_raise=self._sink.flush,
         )
         self._config_seen: set[str] = set()
-        self._tracked: list[_Tracked] = []
-        for opt, prefix in zip(optimizers, optimizer_prefixes(optimizers)):
-            try:
-                reader = StepReader(opt)
-            except UnsupportedOptimizer as err:
-                warn(
-                    f"adam-monitor is not monitoring {type(opt).__name__}: {err}. Training goes on; nothing is logged for it."
-                )
-                continue
-            label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
-            tracked = _Tracked(opt, reader, prefix, label)
-            tracked.hook = opt.register_step_post_hook(lambda *_, tracked=tracked: self._on_step(tracked))
-            self._tracked.append(tracked)
+        self._tracked = _track(optimizers, self._on_step)
 
     # ------------------------------------------------------------------ the step
     def _on_step(self, tracked: _Tracked) -> None:
@@ -413,14 +488,28 @@ class Monitor:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = {entry["prefix"]: entry for entry in state.get("optimizers", [])}
-        for tracked in self._tracked:
-            entry = saved.get(tracked.prefix)
-            if entry is None:
-                continue
-            tracked.load_state_dict(entry)
-            if entry.get("rules") is not None:
-                tracked.rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
-                tracked.rules.load_state_dict(entry["rules"])
-        self._policy.load([Alert.from_dict(d) for d in state.get("alerts", [])])
-        self._config_seen = set(state.get("configuration_seen", []))
+        """Resume from :meth:`state_dict`. A state that does not fit raises ``ValueError`` and changes nothing."""
+        try:
+            saved = {entry["prefix"]: entry for entry in state.get("optimizers", [])}
+            alerts = [Alert.from_dict(d) for d in state.get("alerts", [])]
+            seen = {str(k) for k in state.get("configuration_seen", [])}
+            staged = [
+                (t, t.loaded(saved[t.prefix], self._saved_rules(t, saved[t.prefix])))
+                for t in self._tracked
+                if t.prefix in saved
+            ]
+        except (AttributeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"Monitor.load_state_dict: not a Monitor.state_dict() ({type(err).__name__}: {err})"
+            ) from None
+        for tracked, values in staged:
+            vars(tracked).update(values)
+        self._policy.load(alerts)
+        self._config_seen = seen
+
+    def _saved_rules(self, tracked: _Tracked, entry: dict) -> AlertRules | None:
+        if entry.get("rules") is None:
+            return None
+        rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
+        rules.load_state_dict(entry["rules"])
+        return rules

@@ -8,7 +8,14 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["clean_parameter_name", "optimizer_prefixes", "parameter_names", "unwrap_optimizer"]
+__all__ = [
+    "clean_parameter_name",
+    "names_by_id",
+    "optimizer_prefixes",
+    "parameter_names",
+    "unnamed_parameters",
+    "unwrap_optimizer",
+]
 
 _WRAPPER_COMPONENTS = ("_orig_mod.", "_forward_module.")  # torch.compile, Lightning Fabric
 
@@ -40,11 +47,48 @@ def optimizer_prefixes(optimizers: Sequence[torch.optim.Optimizer], root: str = 
 
 
 def names_by_id(named_parameters: Iterable[tuple[str, Tensor]] | dict[str, Tensor] | None) -> dict[int, str]:
-    """``id(parameter) -> clean name`` from ``model.named_parameters()`` or a dict."""
+    """``id(parameter) -> clean name`` from ``model.named_parameters()`` or a dict.
+
+    Raises ``ValueError`` when one name is given to different tensors (their tags would merge) and
+    ``TypeError`` for anything that is not ``(name, tensor)`` pairs.
+    """
     if named_parameters is None:
         return {}
     items = named_parameters.items() if isinstance(named_parameters, dict) else named_parameters
-    return {id(p): clean_parameter_name(n) for n, p in items}
+    named: dict[int, str] = {}
+    owner: dict[str, int] = {}
+    try:
+        pairs = list(items)
+    except TypeError:
+        raise TypeError(
+            f"named_parameters must be model.named_parameters() or a dict of name -> tensor, got "
+            f"{type(named_parameters).__name__}"
+        ) from None
+    for pair in pairs:
+        if not (
+            isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], Tensor)
+        ):
+            raise TypeError(
+                f"named_parameters must yield (name, tensor) pairs like model.named_parameters(), got {pair!r:.80}"
+            )
+        name, p = clean_parameter_name(pair[0]), pair[1]
+        if owner.setdefault(name, id(p)) != id(p):
+            raise ValueError(
+                f"named_parameters names two different tensors {name!r}: their charts and alerts would merge "
+                "under one tag. Give every tensor its own name (e.g. prefix the names of each model)."
+            )
+        named[id(p)] = name
+    return named
+
+
+def unnamed_parameters(optimizer: torch.optim.Optimizer, named: dict[int, str]) -> list[str]:
+    """The ``group<i>.param<j>`` (and shape) of each parameter of ``optimizer`` that ``named`` misses."""
+    return [
+        f"group{gi}.param{pj} {tuple(p.shape)}"
+        for gi, group in enumerate(optimizer.param_groups)
+        for pj, p in enumerate(group["params"])
+        if id(p) not in named
+    ]
 
 
 def parameter_names(optimizer: torch.optim.Optimizer, named: dict[int, str]) -> list[str]:
