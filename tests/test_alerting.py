@@ -156,9 +156,11 @@ def test_bad_options_name_the_option():
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def make_run(root, rules):
+def make_run(root, rules, steps=10):
     path = alerts_path(root)
     path.parent.mkdir(parents=True)
+    monitored = [{"optimizer": "Adam", "class": "Adam", "parameters": 2, "steps": steps}]
+    (path.parent / "run.json").write_text(json.dumps({"format": 1, "closed": True, "monitored": monitored}))
     with open(path, "w") as f:
         for i, (rule, severity) in enumerate(rules):
             f.write(
@@ -195,7 +197,7 @@ def test_check_exit_codes(tmp_path, capsys):
     broken = make_run(tmp_path / "broken", [])
     alerts_path(broken).write_text("not json\n{}\n")
     assert cli(["check", str(broken)]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "broken/adam_monitor/alerts.jsonl:1: not an alert record: not JSON" in capsys.readouterr().err
 
 
 def test_check_json_and_a_truncated_last_line(tmp_path, capsys):
@@ -204,7 +206,12 @@ def test_check_json_and_a_truncated_last_line(tmp_path, capsys):
         f.write('{"rule": "nonfin')  # the write a kill interrupted
     assert cli(["check", str(run), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["failing"] == 1 and report["runs"][0]["alerts"][0]["rule"] == "nonfinite"
+    first, torn = report["runs"][0]["alerts"]
+    assert report["failing"] == 2 and first["rule"] == "nonfinite"
+    # the cut took the severity: the torn record counts as an error, shown as it began
+    assert (torn["rule"], torn["severity"]) == ("torn_record", "error")
+    assert report["runs"][0]["torn_last_line"] == '{"rule": "nonfin'
+    assert read_alerts(alerts_path(run))[-1].rule == "nonfinite"  # readers of complete records skip it
 
 
 def test_check_as_an_installed_console_script(tmp_path):

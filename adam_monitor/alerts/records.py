@@ -164,8 +164,14 @@ class InstabilityWarning(UserWarning):
 class InstabilityError(RuntimeError):
     """Training was stopped by an instability alert; ``alerts`` holds the alerts that acted."""
 
-    def __init__(self, alerts: Sequence[Alert], where: str | None = None):
+    def __init__(self, alerts: Sequence[Alert], where: str | None = None, note: str | None = None):
         self.alerts = list(alerts)
+        self.where, self.note = where, note
         lines = [f"[{a.severity}] {a.rule} at step {a.step}: {a.message}" for a in self.alerts]
         tail = f"\nAll alerts of the run: {where}" if where else ""
+        tail += f"\n{note}" if note else ""
         super().__init__("adam-monitor stopped the run:\n" + "\n".join(lines) + tail)
+
+    def __reduce__(self):
+        # Rebuilt from its alerts, so it crosses process boundaries (multiprocessing, spawn) whole.
+        return type(self), (self.alerts, self.where, self.note)

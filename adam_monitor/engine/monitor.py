@@ -100,8 +100,11 @@ def _writer_folder(writer) -> str | None:
     return getattr(writer, "log_dir", None) or (writer.get_logdir() if hasattr(writer, "get_logdir") else None)
 
 
-def _track(optimizers: list[torch.optim.Optimizer], on_step: Callable[[_Tracked], None]) -> list[_Tracked]:
-    """A hooked :class:`_Tracked` per readable optimizer; the others get one warning."""
+def _track(
+    optimizers: list[torch.optim.Optimizer], on_step: Callable[[_Tracked], None], unmonitored: list[dict]
+) -> list[_Tracked]:
+    """A hooked :class:`_Tracked` per readable optimizer; the others get one warning and an entry
+    in ``unmonitored``."""
     tracked_all = []
     for opt, prefix in zip(optimizers, optimizer_prefixes(optimizers)):
         try:
@@ -116,6 +119,45 @@ def _track(optimizers: list[torch.optim.Optimizer], on_step: Callable[[_Tracked]
         tracked.hook = opt.register_step_post_hook(lambda *_, tracked=tracked: on_step(tracked))
         tracked_all.append(tracked)
     return tracked_all
+
+
+def _saved_rules(tracked: _Tracked, entry: dict, named: dict[int, str], options: MonitorOptions) -> AlertRules | None:
+    """Rules built for ``tracked`` holding the saved rules' state of ``entry`` (``None`` if it has none)."""
+    if entry.get("rules") is None:
+        return None
+    rules = _rules_for(tracked, tracked.parameter_names(named), options.thresholds)
+    rules.load_state_dict(entry["rules"])
+    return rules
+
+
+def _unseen(alerts: list[Alert], seen: set[str]) -> list[Alert]:
+    """The configuration alerts not said yet (a resumed run does not repeat them); adds them to ``seen``."""
+    fresh = []
+    for alert in alerts:
+        key = f"{alert.optimizer}|{alert.rule}|{alert.message}"
+        if key not in seen:
+            seen.add(key)
+            fresh.append(alert)
+    return fresh
+
+
+def _run_status(tracked_all: list[_Tracked], unmonitored: list[dict], *, closed: bool) -> dict:
+    """The run record (``run.json``): what is monitored, how many steps each optimizer took."""
+    return {
+        "closed": closed,
+        "monitored": [
+            {
+                "optimizer": t.label,
+                "class": type(t.optimizer).__name__,
+                "parameters": len(t.reader.params),
+                "steps": t.step,
+                "steps_applied": t.applied,
+                "steps_skipped": t.skipped,
+            }
+            for t in tracked_all
+        ],
+        "not_monitored": unmonitored,
+    }
 
 
 def _warn_unnamed(optimizers: Sequence[torch.optim.Optimizer], named: dict[int, str]) -> None:
@@ -278,7 +320,9 @@ class Monitor:
             before_raise=self._sink.flush,
         )
         self._config_seen: set[str] = set()
-        self._tracked = _track(optimizers, self._on_step)
+        self._unmonitored: list[dict] = []
+        self._tracked = _track(optimizers, self._on_step, self._unmonitored)
+        self._write_status()
 
     # ------------------------------------------------------------------ the step
     def _on_step(self, tracked: _Tracked) -> None:
@@ -300,6 +344,8 @@ class Monitor:
             tracked.rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
         tracked.unchecked.append((step, self._axis(step), HostCopy(rows)))
         tracked.accumulate(rows, step)
+        if tracked.applied == 1:
+            self._write_status()  # a run killed before its first log point has still stepped
         every = self.options.log_every_n_steps
         log_now = every is not None and step % every == 0
         # A log point's transfer waits for the device anyway: the rules then see every step in flight.
@@ -330,6 +376,8 @@ class Monitor:
         )
         tracked.unhook()
         self._tracked.remove(tracked)
+        self._unmonitored.append({"class": type(tracked.optimizer).__name__, "reason": reason})
+        self._write_status()
 
     def note_step_attempt(self, optimizer) -> None:
         """Announce that ``optimizer.step`` is about to be attempted.
@@ -361,12 +409,7 @@ class Monitor:
             tracked.rules = None  # betas changed mid-run: the rules' constants depend on them
         tracked.betas = betas
         checked = [b if _bounded_by_adam(g) else None for b, g in zip(betas, groups)]
-        fresh = []
-        for alert in configuration_alerts(checked, optimizer=tracked.label, step=step):
-            key = f"{alert.optimizer}|{alert.rule}|{alert.message}"
-            if key not in self._config_seen:  # a resumed run does not repeat what it said already
-                self._config_seen.add(key)
-                fresh.append(alert)
+        fresh = _unseen(configuration_alerts(checked, optimizer=tracked.label, step=step), self._config_seen)
         self._policy.handle(fresh, self._axis(step))
         return fresh
 
@@ -438,9 +481,10 @@ class Monitor:
         x = tracked.step if step is None else step
         self._sink.write_layout({t.prefix: t.parameter_names(self._named) for t in self._tracked})
         histograms = self._histograms(tracked) if self.options.histograms else ()
-        self._sink.write(tracked.prefix, metrics, x, worst=worst, histograms=histograms)
-        tracked.sums.zero_()
-        tracked.pending_steps = 0
+        if self._sink.write(tracked.prefix, metrics, x, worst=worst, histograms=histograms):
+            tracked.sums.zero_()  # else the next log point pools these steps too
+            tracked.pending_steps = 0
+        self._write_status()  # and alerts a failed write left pending
         return metrics
 
     def _histograms(self, tracked: _Tracked) -> Iterable[tuple[str, Tensor]]:
@@ -451,6 +495,9 @@ class Monitor:
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [t.optimizer for t in self._tracked]
+
+    def _write_status(self, *, closed: bool = False) -> None:
+        self._policy.log.write_status(_run_status(self._tracked, self._unmonitored, closed=closed))
 
     def close(self, *, raise_on_stop: bool = True) -> None:
         """Write what is pending, remove the hooks, flush the writer. Idempotent.
@@ -463,13 +510,15 @@ class Monitor:
                 self._drain(tracked, wait=True)
                 if tracked.pending_steps:
                     self._flush_one(tracked, None)
+            self._write_status(closed=True)
             self._policy.close()
         finally:  # an alert raised on the last steps still leaves the optimizers unhooked
             for tracked in self._tracked:
                 tracked.unhook()
             self._sink.flush()
         if raise_on_stop and self._policy.stop_alerts:
-            raise InstabilityError(self._policy.take_stop_alerts(), where=self.alerts_file)
+            note = self._policy.unwritten_note()
+            raise InstabilityError(self._policy.take_stop_alerts(), where=self.alerts_file, note=note)
 
     def __enter__(self) -> Monitor:
         return self
@@ -492,12 +541,13 @@ class Monitor:
         try:
             saved = {entry["prefix"]: entry for entry in state.get("optimizers", [])}
             alerts = [Alert.from_dict(d) for d in state.get("alerts", [])]
-            seen = {str(k) for k in state.get("configuration_seen", [])}
-            staged = [
-                (t, t.loaded(saved[t.prefix], self._saved_rules(t, saved[t.prefix])))
+            seen = set(state.get("configuration_seen", []))
+            rules = {
+                t.prefix: _saved_rules(t, saved[t.prefix], self._named, self.options)
                 for t in self._tracked
                 if t.prefix in saved
-            ]
+            }
+            staged = [(t, t.loaded(saved[t.prefix], rules[t.prefix])) for t in self._tracked if t.prefix in rules]
         except (AttributeError, KeyError, TypeError) as err:
             raise ValueError(
                 f"Monitor.load_state_dict: not a Monitor.state_dict() ({type(err).__name__}: {err})"
@@ -506,10 +556,3 @@ class Monitor:
             vars(tracked).update(values)
         self._policy.load(alerts)
         self._config_seen = seen
-
-    def _saved_rules(self, tracked: _Tracked, entry: dict) -> AlertRules | None:
-        if entry.get("rules") is None:
-            return None
-        rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
-        rules.load_state_dict(entry["rules"])
-        return rules

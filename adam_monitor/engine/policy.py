@@ -3,11 +3,10 @@ repeats condensed, then acted on by ``on_alert``: nothing more, raise, or ask th
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._runtime import is_rank_zero
+from .._faults import warn
 from ..alerts.log import AlertLog
 from ..alerts.records import SEVERITY_ORDER, Alert, InstabilityError, InstabilityWarning
 
@@ -19,13 +18,6 @@ __all__ = ["AlertPolicy", "REPEAT_WARNING_STEPS", "warn"]
 #: full text each time buries the console. Every alert is still recorded (``Monitor.alerts``,
 #: alerts.jsonl, TensorBoard) and acted on.
 REPEAT_WARNING_STEPS = 100
-
-
-def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """A warning on rank zero, pointing at no line: it is raised from inside ``optimizer.step``,
-    where a line of ours or torch's would only distract. Filters by category and message still work."""
-    if is_rank_zero():
-        warnings.warn_explicit(message, category, filename="adam-monitor", lineno=0, module="adam_monitor")
 
 
 @dataclass
@@ -73,7 +65,7 @@ class AlertPolicy:
             return
         if self.on_alert == "raise":
             self._before_raise()
-            raise InstabilityError(acting, where=self.alerts_file)
+            raise InstabilityError(acting, where=self.alerts_file, note=self.unwritten_note())
         self.stop_alerts.extend(acting)
 
     def _warn(self, alert: Alert) -> None:
@@ -104,10 +96,18 @@ class AlertPolicy:
         )
         repeats.since, repeats.count, repeats.latest = a.step, 0, None
 
+    def unwritten_note(self) -> str | None:
+        """What the error must carry itself when the alerts file could not take it."""
+        unwritten = self.log.unwritten
+        if not unwritten:
+            return None
+        return f"{len(unwritten)} alert record(s) could not be written to {self.log.path}:\n" + "\n".join(unwritten)
+
     def close(self) -> None:
-        """Warn the repeats not warned yet."""
+        """Warn the repeats not warned yet; last try at writing what is pending."""
         for repeats in self._repeats.values():
             self._warn_repeats(repeats)
+        self.log.close()
 
     def take_stop_alerts(self) -> list[Alert]:
         stop, self.stop_alerts = self.stop_alerts, []

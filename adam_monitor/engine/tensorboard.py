@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
+from .._faults import SoftWrites
 from ..diagnostics.rows import DIAGNOSTICS
 
 __all__ = ["TensorBoardSink", "custom_scalars_layout", "module_of", "worst_table"]
@@ -82,19 +83,30 @@ def worst_table(worst: dict[str, list[tuple[float, str]]]) -> str:
 
 class TensorBoardSink:
     """Where a log point goes: scalars to ``scalar_sink`` (Lightning's loggers) or the writer; the
-    worst-tensor text, the custom-scalars layout (once) and histograms to the writer."""
+    worst-tensor text, the custom-scalars layout (once) and histograms to the writer.
+
+    A sink that fails (disk full, a closed writer, a logger's error) is warned about once and
+    skipped at that log point: the next log point pools every step since the last one written.
+    """
 
     def __init__(self, writer, *, scalar_sink: Callable[[dict[str, float], int], None] | None, per_parameter: bool):
         self.writer = writer
         self._scalar_sink = scalar_sink
         self._per_parameter = per_parameter
         self._layout_written = False
+        self.soft = SoftWrites()
+        folder = getattr(writer, "log_dir", None)
+        self._where = f"TensorBoard ({folder})" if folder else "the TensorBoard writer"
 
     def write_layout(self, names_by_prefix: dict[str, list[str]]) -> None:
         if self._layout_written or self.writer is None or not hasattr(self.writer, "add_custom_scalars"):
             return
-        self.writer.add_custom_scalars(custom_scalars_layout(names_by_prefix, per_parameter=self._per_parameter))
-        self._layout_written = True
+        layout = custom_scalars_layout(names_by_prefix, per_parameter=self._per_parameter)
+        self._layout_written = self.soft.attempt(
+            f"the custom-scalars layout to {self._where}",
+            lambda: self.writer.add_custom_scalars(layout),
+            kept="the scalars are written without it",
+        )
 
     def write(
         self,
@@ -104,14 +116,28 @@ class TensorBoardSink:
         *,
         worst: dict[str, list[tuple[float, str]]],
         histograms: Iterable[tuple[str, Tensor]] = (),
-    ) -> None:
+    ) -> bool:
+        """Write one log point; ``False`` if the scalars could not be written."""
+        kept = "the next log point written pools these steps with its own"
         if self._scalar_sink is not None:
-            self._scalar_sink(metrics, x)
+            written = self.soft.attempt("scalars to the loggers", lambda: self._scalar_sink(metrics, x), kept=kept)
         elif self.writer is not None:
-            for tag, value in metrics.items():
-                self.writer.add_scalar(tag, value, x)
-        if self.writer is None:
-            return
+            written = self.soft.attempt(f"scalars to {self._where}", lambda: self._scalars(metrics, x), kept=kept)
+        else:
+            written = True
+        if self.writer is not None and (worst or histograms):
+            self.soft.attempt(
+                f"text and histograms to {self._where}",
+                lambda: self._extras(prefix, x, worst, histograms),
+                kept="the scalars are written without them",
+            )
+        return written
+
+    def _scalars(self, metrics: dict[str, float], x: int) -> None:
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, x)
+
+    def _extras(self, prefix, x, worst, histograms) -> None:
         if worst:
             self.writer.add_text(f"{prefix}/worst_tensors", worst_table(worst), x)
         for name, direction in histograms:
@@ -119,4 +145,4 @@ class TensorBoardSink:
 
     def flush(self) -> None:
         if self.writer is not None and hasattr(self.writer, "flush"):
-            self.writer.flush()
+            self.soft.attempt(f"{self._where} (flush)", self.writer.flush, kept="what it held may be lost")
