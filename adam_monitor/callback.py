@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,8 +38,9 @@ class AdamMonitor(Callback):
         on_alert: ``"warn"`` (a Python warning, the run goes on; a rule's repeats are summed up in
             one line at most every 100 steps), ``"raise"`` (``InstabilityError``
             at the step of the alert, on every rank, after the alert is written) or ``"stop"``
-            (a graceful stop: the current batch ends, checkpoints and logs are written, then ``fit``
-            ends in ``InstabilityError`` so the script exits non-zero).
+            (the current batch ends and the logs are written, then ``fit`` ends in
+            ``InstabilityError`` at that batch's end, before any checkpoint of the state after the
+            alert is saved: the last good checkpoint is never replaced, and the error names it).
         fail_on: the lowest severity that ``"raise"``/``"stop"`` act on: ``"error"`` (default) or
             ``"warning"``. Lower-severity alerts are still written and warned about.
         blocking_alerts: whether the rules see each step's statistics before the step returns (one
@@ -77,6 +79,8 @@ class AdamMonitor(Callback):
         self.monitor: Monitor | None = None
         self._alerts: list[Alert] = []
         self._loaded_state: dict | None = None
+        self._final_state: dict | None = None  # the closed monitor's, for checkpoints saved after fit
+        self._alerts_file: str | None = None
         self._trainer: pl.Trainer | None = None
 
     @property
@@ -87,6 +91,7 @@ class AdamMonitor(Callback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
+        self._final_state = None
         writer = None
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -131,34 +136,68 @@ class AdamMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.monitor is None:
             return
-        if self.monitor.should_stop:
-            trainer.should_stop = True  # identical on every rank: the alerts come from identical state
-        if self._should_log(trainer):
+        if self._should_log(trainer) or self.monitor.should_stop:
             self.monitor.flush(step=_lightning_step(trainer))
+        if self.monitor.should_stop:
+            # Raised here, before ModelCheckpoint's hooks (Lightning runs them last) and the
+            # epoch's end: no checkpoint of the state after the alert replaces the last good one.
+            # Identical on every rank: the alerts come from identical state.
+            raise InstabilityError(
+                list(self.monitor.stop_alerts), where=self.monitor.alerts_file, note=_restore_note(trainer)
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is not None:
             self.monitor.flush(step=_lightning_step(trainer))
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call teardown on callbacks when fit fails: close here, so the hooks
+        # come off the optimizer and the last steps' diagnostics and alerts are written.
+        self._close(summary=True)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.monitor is None:
-            return
-        monitor, self.monitor = self.monitor, None
-        monitor.close(raise_on_stop=False)  # the rules see the last steps here
-        self._alerts = monitor.alerts
-        stop = list(monitor.stop_alerts)
-        if is_rank_zero() and stage == "fit":
-            print(monitor.summary())
+        stop = self._close(summary=stage == "fit")
         if stop:
-            # Last of all: checkpoints, logs and the alert file are written by now.
-            raise InstabilityError(stop, where=monitor.alerts_file)
+            # Last of all: logs and the alert file are written by now.
+            raise InstabilityError(stop, where=self._alerts_file, note=_restore_note(trainer))
+
+    def _close(self, *, summary: bool) -> list[Alert]:
+        """Close the monitor once, keep its alerts and state; returns the alerts that ask to stop."""
+        if self.monitor is None:
+            return []
+        monitor, self.monitor = self.monitor, None
+        try:
+            monitor.close(raise_on_stop=False)  # the rules see the last steps here
+        finally:
+            self._alerts = monitor.alerts
+            self._alerts_file = monitor.alerts_file
+            self._final_state = monitor.state_dict()
+        if is_rank_zero() and summary:
+            print(monitor.summary())
+        return list(monitor.stop_alerts)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.monitor is None else self.monitor.state_dict()
+        if self.monitor is not None:
+            return self.monitor.state_dict()
+        return dict(self._final_state or {})  # trainer.save_checkpoint() after fit
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
         else:
-            self._loaded_state = state_dict
+            self._loaded_state = state_dict or None
+
+
+def _restore_note(trainer: pl.Trainer) -> str:
+    """Which checkpoint to go back to: the newest one saved, all of them from before the alert."""
+    saved = {
+        path
+        for cb in trainer.checkpoint_callbacks
+        for path in (getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", ""))
+        if path and os.path.isfile(path)
+    }
+    if not saved:
+        return "No checkpoint had been saved before the alert, and none was saved after it."
+    newest = max(saved, key=os.path.getmtime)
+    return f"No checkpoint was saved after the alert; the newest, from before it: {newest}"

@@ -75,15 +75,15 @@ import lightning as L  # noqa: E402
 class NanModel(L.LightningModule):
     """Gradients turn NaN at one optimizer step, identically on every rank."""
 
-    def __init__(self, nan_at):
+    def __init__(self, nan_at, rank=None):
         super().__init__()
-        self.nan_at = nan_at
+        self.nan_at, self.nan_rank = nan_at, rank  # rank: only that rank's loss turns NaN
         self.net = make_model()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x), y)
-        if self.global_step + 1 == self.nan_at:
+        if self.global_step + 1 == self.nan_at and self.nan_rank in (None, self.global_rank):
             loss = loss * float("nan")
         return loss
 

@@ -49,7 +49,8 @@ def test_two_processes_log_what_one_process_logs(kind, single, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_raise_mode_ends_every_ddp_rank_together(tmp_path):
+@pytest.mark.parametrize("nan_rank", [None, 1])
+def test_raise_mode_ends_every_ddp_rank_together(tmp_path, nan_rank):
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -68,10 +69,11 @@ def test_raise_mode_ends_every_ddp_rank_together(tmp_path):
         enable_checkpointing=False,
         use_distributed_sampler=False,
     )
-    # A NaN gradient at step 5 on every rank: if one rank raised alone, the other would hang in
-    # the next gradient all-reduce and the test would time out.
+    # A NaN gradient at step 5 on every rank, or on rank 1 alone (the gradient all-reduce carries
+    # it to rank 0): if one rank raised alone, the other would hang in the next all-reduce and the
+    # test would time out.
     with pytest.raises(Exception, match="nonfinite"):
-        trainer.fit(dist_workers.NanModel(nan_at=5))
+        trainer.fit(dist_workers.NanModel(nan_at=5, rank=nan_rank))
     alerts = read_alerts(alerts_path(tmp_path / "run" / "version_0"))
     assert [(a.rule, a.step) for a in alerts] == [("nonfinite", 5)]
 
