@@ -67,8 +67,12 @@ class SoftWrites:
 
 
 def _locked(fd: int, lock: bool) -> None:
-    if fcntl is not None:
+    if fcntl is None:
+        return
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX if lock else fcntl.LOCK_UN)
+    except OSError:
+        pass  # a file system without locks (some network mounts): append unserialised rather than not at all
 
 
 _FIELD = {

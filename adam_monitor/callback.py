@@ -10,8 +10,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ._faults import warn
 from ._runtime import is_rank_zero
-from .alerts.records import Alert, InstabilityError, Thresholds
+from .alerts.records import Alert, InstabilityError, InstabilityWarning, Thresholds
 from .engine.monitor import Monitor
 from .engine.options import FailOn, MonitorOptions, OnAlert
 
@@ -152,8 +153,13 @@ class AdamMonitor(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning does not call teardown on callbacks when fit fails: close here, so the hooks
-        # come off the optimizer and the last steps' diagnostics and alerts are written.
-        self._close(summary=True)
+        # come off the optimizer and the last steps' diagnostics and alerts are written. The
+        # exception that ended fit is the one the user must see: an alert raised while closing
+        # (under "raise") is recorded and warned, not raised over it.
+        try:
+            self._close(summary=True)
+        except InstabilityError as err:
+            warn(f"adam-monitor, closing after {type(exception).__name__}: {err}", InstabilityWarning)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         stop = self._close(summary=stage == "fit")

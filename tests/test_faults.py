@@ -326,11 +326,12 @@ def test_the_gate_needs_a_run_that_monitored_and_stepped(tmp_path, capsys):
     assert "run.json is missing" in capsys.readouterr().err
 
 
-def test_a_real_sgd_run_and_a_run_dead_at_step_zero_do_not_pass(tmp_path):
+def test_a_real_sgd_run_and_a_run_dead_at_step_zero_do_not_pass(tmp_path, capsys):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.warns(UserWarning, match="not monitoring SGD"):
         Monitor(torch.optim.SGD([p], lr=0.1), log_dir=tmp_path / "sgd").close()
     assert cli(["check", str(tmp_path / "sgd")]) == 2
+    assert "nothing was monitored (SGD: SGD is not torch.optim.Adam" in capsys.readouterr().err
     Monitor(torch.optim.AdamW([p]), log_dir=tmp_path / "dead")  # never stepped, never closed
     assert cli(["check", str(tmp_path / "dead")]) == 2
 

@@ -278,8 +278,8 @@ def read_run(folder: str | os.PathLike) -> RunData:
         lines = []
     last = len(lines) - 1  # after the final newline: b"" for a complete file
     for i, raw in enumerate(lines):
-        if not raw.strip() and i == last:
-            continue
+        if not raw.strip():
+            continue  # holds nothing (the end of a complete file, a blank line)
         try:
             data.records.append(_parse_line(raw))
         except ValueError as err:

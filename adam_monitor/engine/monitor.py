@@ -113,6 +113,7 @@ def _track(
             warn(
                 f"adam-monitor is not monitoring {type(opt).__name__}: {err}. Training goes on; nothing is logged for it."
             )
+            unmonitored.append({"class": type(opt).__name__, "reason": str(err)})
             continue
         label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
         tracked = _Tracked(opt, reader, prefix, label)
