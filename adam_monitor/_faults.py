@@ -8,9 +8,7 @@ target works again, or fails again after it had recovered.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ try:  # POSIX: one writer at a time per file, across processes (two runs sharing
 except ImportError:  # pragma: no cover - Windows: appends are not serialised across processes
     fcntl = None
 
-__all__ = ["SoftWrites", "append_lines", "replace_file", "torn_fields", "warn"]
+__all__ = ["SoftWrites", "append_lines", "replace_file", "warn"]
 
 #: How much of a file's end is read to find (and repair) a torn last line.
 TAIL_BYTES = 1 << 16
@@ -73,24 +71,6 @@ def _locked(fd: int, lock: bool) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX if lock else fcntl.LOCK_UN)
     except OSError:
         pass  # a file system without locks (some network mounts): append unserialised rather than not at all
-
-
-_FIELD = {
-    key: re.compile(rf'"{key}"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)') for key in ("rule", "severity", "step", "optimizer")
-}
-
-
-def torn_fields(fragment: str) -> dict[str, object]:
-    """The fields of an alert record readable in a line cut short (killed mid-write, disk full)."""
-    found: dict[str, object] = {}
-    for key, pattern in _FIELD.items():
-        match = pattern.search(fragment)
-        if match:
-            try:
-                found[key] = json.loads(match.group(1))
-            except ValueError:
-                pass
-    return found
 
 
 def append_lines(path: Path, lines: list[str], repair: Callable[[str], str]) -> None:

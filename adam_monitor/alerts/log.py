@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .._faults import SoftWrites, append_lines, replace_file, torn_fields, warn
+from .._faults import SoftWrites, append_lines, replace_file, warn
 from .records import SEVERITY_ORDER, Alert
 
 __all__ = [
@@ -43,6 +44,24 @@ RUN_FORMAT = 1
 
 def alerts_path(log_dir: str | os.PathLike) -> Path:
     return Path(log_dir) / ALERTS_FILE
+
+
+_FIELD = {
+    key: re.compile(rf'"{key}"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)') for key in ("rule", "severity", "step", "optimizer")
+}
+
+
+def torn_fields(fragment: str) -> dict[str, object]:
+    """The fields of an alert record readable in a line cut short (killed mid-write, disk full)."""
+    found: dict[str, object] = {}
+    for key, pattern in _FIELD.items():
+        match = pattern.search(fragment)
+        if match:
+            try:
+                found[key] = json.loads(match.group(1))
+            except ValueError:
+                pass
+    return found
 
 
 def torn_record(fragment: str) -> dict:
