@@ -1,5 +1,6 @@
 """Worker functions for the multi-process tests (importable by spawned processes)."""
 
+import datetime
 import os
 
 import torch
@@ -38,7 +39,8 @@ def train(model, steps, *, log_every, betas=(0.9, 0.95)):
 
 def _init(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A rank that never joins fails the others' first collective in 2 minutes, not torch's 30.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
 
 

@@ -1,6 +1,7 @@
 """Same numbers on one process, DDP and FSDP2; one collective per step under sharding."""
 
 import socket
+import time
 
 import dist_workers
 import pytest
@@ -24,14 +25,34 @@ def single():
     return dist_workers.train(dist_workers.make_model(), STEPS, log_every=EVERY)
 
 
+def run_ranks(fn, args, nprocs, timeout):
+    """``mp.spawn`` with a deadline: daemonic ranks, killed when the deadline passes, so a rank that
+    hangs (in a collective, or in torch's exit) fails this test instead of the whole session."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, daemon=True, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        # join() is True once every rank has exited, False while one still runs, and raises for a
+        # rank that failed.
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                pytest.fail(f"ranks {alive} still running after {timeout} s")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+
 def strip_ddp_prefix(metrics):
     return {k.replace("/module.", "/"): v for k, v in metrics.items()}
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_two_processes_log_what_one_process_logs(kind, single, tmp_path):
-    mp.spawn(dist_workers.distributed_worker, args=(2, free_port(), kind, STEPS, EVERY, str(tmp_path)), nprocs=2)
+    args = (2, free_port(), kind, STEPS, EVERY, str(tmp_path))
+    run_ranks(dist_workers.distributed_worker, args, nprocs=2, timeout=180)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in results:
         logged = {t: strip_ddp_prefix(m) for t, m in res["logged"].items()}
@@ -88,7 +109,8 @@ def test_lightning_model_parallel_strategy_logs_what_one_process_logs(tmp_path):
 
     script = Path(__file__).with_name("lightning_fsdp2_fit.py")
     for kind in ("single", "fsdp2"):
-        proc = subprocess.run([sys.executable, str(script), kind, str(tmp_path / kind)], capture_output=True, text=True)
+        command = [sys.executable, str(script), kind, str(tmp_path / kind)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=140)
         assert proc.returncode == 0, proc.stderr[-3000:]
     single = read_scalars(tmp_path / "single" / "run" / "version_0")
     sharded = read_scalars(tmp_path / "fsdp2" / "run" / "version_0")
