@@ -17,7 +17,7 @@ def reference_row(g, m, v, v_prev, *, beta1, beta2, eps, t, v_den=None):
     c2p = 1 - beta2 ** (t - 1)
     v_den = v if v_den is None else v_den
     upd = stale = jump = 0.0
-    njump = neps = 0
+    njump = neps = ngrad = 0
     for gi, mi, vi, vpi, vdi in zip(g, m, v, v_prev, v_den):
         u = (mi / c1) / (math.sqrt(vdi / c2) + eps)
         upd += u * u
@@ -25,8 +25,10 @@ def reference_row(g, m, v, v_prev, *, beta1, beta2, eps, t, v_den=None):
         if t > 1 and vpi > 0:
             jump += gi * gi / max(vpi / c2p, eps * eps)
             njump += 1
-        neps += math.sqrt(vdi / c2) <= eps
-    return [upd, stale, jump, njump, neps, len(g)]
+        if gi != 0:  # ε-dominance is a fraction of the coordinates that got a gradient
+            neps += math.sqrt(vdi / c2) <= eps
+            ngrad += 1
+    return [upd, stale, jump, njump, neps, ngrad, len(g)]
 
 
 def specification(lists, kw):
@@ -63,3 +65,22 @@ def torch_adam_state(shapes, dtype, *, steps, amsgrad=False, eps=1e-8, betas=(0.
     if amsgrad:
         kw["max_exp_avg_sqs"] = [s["max_exp_avg_sq"] for s in states]
     return lists, kw
+
+
+def embedding_gradient(signal: int, tiny: int, once: int):
+    """``gradient(param, t)`` for :func:`torch_adam_state` of embedding tables ``(vocab, dim)``, as
+    token rows: rows ``[0, signal)`` get gradients of order 1 at every step, the next ``tiny`` rows
+    of order 1e-12 (ε-dominated under ε = 1e-8), the next ``once`` rows one at the first step only,
+    the rest none ever (v = 0). A row without a gradient has g = 0 exactly, as an embedding's
+    backward leaves the rows of tokens absent from the batch. After the first step
+    ``eps_dominance = tiny / (signal + tiny)``: the rows with g = 0 count nowhere."""
+
+    def gradient(p, t):
+        g = torch.zeros_like(p)
+        g[:signal] = 1 + torch.rand_like(g[:signal])
+        g[signal : signal + tiny] = 1e-12 * (1 + torch.rand_like(g[signal : signal + tiny]))
+        if t == 1:
+            g[signal + tiny : signal + tiny + once] = 1 + torch.rand_like(g[signal + tiny : signal + tiny + once])
+        return g
+
+    return gradient

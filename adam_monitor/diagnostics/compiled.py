@@ -3,7 +3,7 @@
 ``adam_statistics`` makes about twenty elementwise ``torch._foreach_*`` passes over the state;
 ``fast_adam_statistics`` returns the same rows reading ``g``, ``m``, ``v`` (and ``max_exp_avg_sq``
 under amsgrad) once per tensor: ``torch.compile`` turns the per-tensor function below into one
-fused loop that produces all five sums (inductor: vectorized C++ on CPU, one kernel on GPU).
+fused loop that produces all six sums (inductor: vectorized C++ on CPU, one kernel on GPU).
 
 Per coordinate, with ``a = 1/√c2``, ``w = v - (1-β2)·g²`` (the rebuilt ``β2·v_{t-1}``) and
 ``s = β2·c2_{t-1}`` (so ``v̂_{t-1} = w/s``)::
@@ -13,13 +13,14 @@ Per coordinate, with ``a = 1/√c2``, ``w = v - (1-β2)·g²`` (the rebuilt ``β
     staleness_sq = Σ g²/max(v, c2·ε²) · c2      = Σ g²/max(v̂_t, ε²)
     jump_sq      = Σ' g²/max(w, s·ε²) · s       = Σ' g²/max(v̂_{t-1}, ε²)   over w > tol·v
     jump_count   = #(w > tol·v)                  (0 at t = 1 or β2 = 0: no previous moment)
-    eps_count    = #(d ≤ 2ε)                     ⟺ √v̂ ≤ ε
+    eps_count    = #(d ≤ 2ε and g ≠ 0)           ⟺ √v̂ ≤ ε, on a coordinate that got a gradient
+    grad_count   = #(g ≠ 0)
 
 Sums are blocked: each run of ``BLOCK`` coordinates is summed in the compute dtype (float32 for
 float32 and narrower, float64 for float64), the block sums in float64. A float32 block of 1024
 terms carries a relative rounding error of at most ~1024/8·2⁻²⁴ ≈ 8e-6 (8 vector lanes), far less
 on real data, and counts stay exact (≤ 1024 per block); one float32 accumulator over a whole 16M
-tensor would not be. Temporaries: a ``(numel/BLOCK, 5)`` buffer per tensor, nothing the size of a
+tensor would not be. Temporaries: a ``(numel/BLOCK, 6)`` buffer per tensor, nothing the size of a
 parameter.
 
 Compilation is lazy (first call), cached per process (and on disk by inductor), one graph per
@@ -51,19 +52,29 @@ from .._runtime import (
     independent_sizes,
 )
 from .foreach import adam_statistics
-from .rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, NUM_STATS, STALENESS_SQ, UPDATE_SQ, reconstruction_tolerance
+from .rows import (
+    COUNT,
+    EPS_COUNT,
+    GRAD_COUNT,
+    JUMP_COUNT,
+    JUMP_SQ,
+    NUM_STATS,
+    STALENESS_SQ,
+    UPDATE_SQ,
+    reconstruction_tolerance,
+)
 
 __all__ = ["BLOCK", "EAGER_ENV", "MIN_COMPILED_NUMEL", "fast_adam_statistics", "compiled_available"]
 
 
 # Positions in the scalar vector handed to the compiled function (float64, shape (7,)).
 _INV_SQRT_C2, _EPS, _TWO_EPS, _STALE_FLOOR, _ONE_MINUS_BETA2, _TOL, _JUMP_FLOOR = range(7)
-# Columns of the five compiled sums, in the order of the statistics row.
-_SUMMED = (UPDATE_SQ, STALENESS_SQ, JUMP_SQ, JUMP_COUNT, EPS_COUNT)
+# Columns of the six compiled sums, in the order of the statistics row.
+_SUMMED = (UPDATE_SQ, STALENESS_SQ, JUMP_SQ, JUMP_COUNT, EPS_COUNT, GRAD_COUNT)
 
 
 def _block_sums(g: Tensor, m: Tensor, v: Tensor, v_den: Tensor | None, s: Tensor) -> Tensor:
-    """The five sums over the last dimension, in the compute dtype: shape ``(..., 5)``."""
+    """The six sums over the last dimension, in the compute dtype: shape ``(..., 6)``."""
     cdt = torch.float64 if g.dtype == torch.float64 else torch.float32
     g, m, v = g.to(cdt), m.to(cdt), v.to(cdt)
     v_den = v if v_den is None else v_den.to(cdt)
@@ -73,20 +84,22 @@ def _block_sums(g: Tensor, m: Tensor, v: Tensor, v_den: Tensor | None, s: Tensor
     w = v - s[_ONE_MINUS_BETA2] * g2
     # tol = inf at the first step makes this false everywhere (inf·0 is NaN, also false).
     valid = w > s[_TOL] * v
+    has_grad = g != 0
     return torch.stack(
         [
             (u * u).sum(-1),
             (g2 / v.clamp_min(s[_STALE_FLOOR])).sum(-1),
             torch.where(valid, g2 / w.clamp_min(s[_JUMP_FLOOR]), 0.0).sum(-1),
             valid.sum(-1, dtype=cdt),
-            (denom <= s[_TWO_EPS]).sum(-1, dtype=cdt),
+            ((denom <= s[_TWO_EPS]) & has_grad).sum(-1, dtype=cdt),
+            has_grad.sum(-1, dtype=cdt),
         ],
         -1,
     )
 
 
 def block_sums(g: Tensor, m: Tensor, v: Tensor, v_den: Tensor | None, s: Tensor) -> Tensor:
-    """The five raw sums of flat tensors whose length is a multiple of ``BLOCK``: float64 ``(5,)``.
+    """The six raw sums of flat tensors whose length is a multiple of ``BLOCK``: float64 ``(6,)``.
 
     Each block of ``BLOCK`` coordinates is summed in the compute dtype, the blocks in float64.
     """
@@ -100,7 +113,7 @@ def block_sums(g: Tensor, m: Tensor, v: Tensor, v_den: Tensor | None, s: Tensor)
 
 def block_sums_heads(*args: Tensor) -> Tensor:
     """:func:`block_sums` of ``HEADS_PER_CALL`` tensors in one call: ``args`` are each head's
-    ``(g, m, v)`` (``(g, m, v, v_den)`` under amsgrad), then the scalars; float64 ``(heads, 5)``."""
+    ``(g, m, v)`` (``(g, m, v, v_den)`` under amsgrad), then the scalars; float64 ``(heads, 6)``."""
     s, state = args[-1], args[:-1]
     per = len(state) // HEADS_PER_CALL
     heads = [state[i : i + per] for i in range(0, len(state), per)]
@@ -211,7 +224,7 @@ def fast_adam_statistics(
         return _eager_in_chunks(state, amsgrad, kw)
 
     c1, c2 = 1 - beta1**step, 1 - beta2**step
-    factors = host_values([1 / (c1 * c1), c2, beta2 * (1 - beta2 ** (step - 1)), 1.0, 1.0], torch.float64, device)
+    factors = host_values([1 / (c1 * c1), c2, beta2 * (1 - beta2 ** (step - 1)), 1.0, 1.0, 1.0], torch.float64, device)
     rows = torch.zeros(len(grads), NUM_STATS, dtype=torch.float64, device=device)
     index = host_values(large, torch.long, device)
     rows[index[:, None], host_values(_SUMMED, torch.long, device)] = sums * factors

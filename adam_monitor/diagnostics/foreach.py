@@ -11,7 +11,17 @@ import torch
 from torch import Tensor
 
 from .._runtime import FLAT_MAX_NUMEL, host_values
-from .rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, NUM_STATS, STALENESS_SQ, UPDATE_SQ, reconstruction_tolerance
+from .rows import (
+    COUNT,
+    EPS_COUNT,
+    GRAD_COUNT,
+    JUMP_COUNT,
+    JUMP_SQ,
+    NUM_STATS,
+    STALENESS_SQ,
+    UPDATE_SQ,
+    reconstruction_tolerance,
+)
 
 __all__ = ["adam_statistics"]
 
@@ -37,7 +47,7 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     c2 = 1 - beta2**step
     eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
     has_previous = step > 1 and beta2 > 0  # β2 = 0: v_t = g_t² keeps nothing of v_{t-1}
-    terms = np.empty((5 if has_previous else 3, g.shape[0]), dtype=g.dtype)
+    terms = np.empty((6 if has_previous else 4, g.shape[0]), dtype=g.dtype)
     with np.errstate(all="ignore"):
         denom = np.sqrt(v_den)
         np.divide(denom, dt(math.sqrt(c2)), out=denom)
@@ -47,6 +57,10 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
         np.subtract(denom, dt(2 * eps), out=denom)
         np.fmax(denom, dt(0.0), out=denom)  # NaN → 0, as torch's sign(clamp_min(NaN)) = sign(NaN) = 0
         np.sign(denom, out=terms[1])
+        has_grad = np.abs(g, out=terms[3])  # not g², which underflows to 0 for tiny gradients
+        np.fmax(has_grad, dt(0.0), out=has_grad)  # NaN → 0, as torch's sign(NaN) = 0
+        np.sign(has_grad, out=has_grad)
+        np.multiply(terms[1], has_grad, out=terms[1])
         g2 = g * g
         np.divide(g2, np.maximum(v, dt(c2 * eps_sq)), out=terms[2])
         if has_previous:
@@ -58,13 +72,13 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
             w_t = torch.add(tv, tg2, alpha=-(1 - beta2))
             w = w_t.numpy()
             tol = reconstruction_tolerance(compute_dtype)
-            torch.add(w_t, tv, alpha=-tol, out=torch.from_numpy(terms[3]))
-            residue = terms[3]
+            torch.add(w_t, tv, alpha=-tol, out=torch.from_numpy(terms[4]))
+            residue = terms[4]
             np.fmax(residue, dt(0.0), out=residue)
             np.sign(residue, out=residue)
             np.maximum(w, dt(scale * eps_sq), out=w)
             np.multiply(g2, residue, out=g2)
-            np.divide(g2, w, out=terms[4])
+            np.divide(g2, w, out=terms[5])
         if n == 1:
             sums = terms.sum(1, dtype=np.float64)[:, None]
         else:
@@ -74,11 +88,12 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
         counts = np.array(sizes, dtype=np.float64)
         rows = np.zeros((n, NUM_STATS), dtype=np.float64)
         rows[:, UPDATE_SQ] = sums[0] / (c1 * c1)
-        rows[:, EPS_COUNT] = counts - sums[1]
+        rows[:, EPS_COUNT] = sums[3] - sums[1]
+        rows[:, GRAD_COUNT] = sums[3]
         rows[:, STALENESS_SQ] = sums[2] * c2
         if has_previous:
-            rows[:, JUMP_COUNT] = sums[3]
-            rows[:, JUMP_SQ] = sums[4] * scale
+            rows[:, JUMP_COUNT] = sums[4]
+            rows[:, JUMP_SQ] = sums[5] * scale
         rows[:, COUNT] = counts
     return torch.from_numpy(rows)
 
@@ -101,6 +116,22 @@ def _sums_of_squares(terms: list[Tensor]) -> Tensor:
         torch._foreach_mul_(terms, terms)
         return _sums(terms)
     return torch.stack(torch._foreach_norm(terms, 2)).square_()
+
+
+def _eps_counts(denom: list[Tensor], g: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """``(#(√v̂ ≤ ε and g ≠ 0), #(g ≠ 0))`` per tensor from ``denom = √v̂ + ε``, which it overwrites.
+
+    √v̂ ≤ ε ⟺ denom ≤ 2ε. The gradient mask is |g| > 0, not g² > 0, which underflows for tiny
+    gradients, exactly the ones this statistic is about.
+    """
+    torch._foreach_sub_(denom, 2 * eps)
+    torch._foreach_clamp_min_(denom, 0.0)
+    torch._foreach_sign_(denom)  # 1 where ε does not dominate
+    has_grad = torch._foreach_abs(g)
+    torch._foreach_sign_(has_grad)  # 1 where g ≠ 0
+    torch._foreach_mul_(denom, has_grad)
+    grad_count = _sums(has_grad)
+    return grad_count - _sums(denom), grad_count
 
 
 def adam_statistics(
@@ -162,11 +193,7 @@ def adam_statistics(
     rows[:, UPDATE_SQ] = _sums_of_squares(u) / (c1 * c1)
     del u
 
-    # eps-dominance: sqrt(v_den)/sqrt(c2) <= eps  <=>  denom <= 2·eps (denom = √v̂ + ε).
-    torch._foreach_sub_(denom, 2 * eps)
-    torch._foreach_clamp_min_(denom, 0.0)
-    torch._foreach_sign_(denom)  # 1 where ε does not dominate
-    not_dominated = _sums(denom)
+    rows[:, EPS_COUNT], rows[:, GRAD_COUNT] = _eps_counts(denom, g, eps)
     del denom
 
     # staleness: g² / max(v/c2, ε²) = c2 · g² / max(v, c2·ε²)
@@ -196,7 +223,5 @@ def adam_statistics(
         rows[:, JUMP_COUNT] = 0.0
     del g2
 
-    counts = host_values([t.numel() for t in grads], compute_dtype, device)
-    rows[:, EPS_COUNT] = counts - not_dominated
-    rows[:, COUNT] = counts
+    rows[:, COUNT] = host_values([t.numel() for t in grads], compute_dtype, device)
     return rows.double()

@@ -10,7 +10,17 @@ import math
 import torch
 from torch import Tensor
 
-from .rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, NUM_STATS, STALENESS_SQ, UPDATE_SQ, reconstruction_tolerance
+from .rows import (
+    COUNT,
+    EPS_COUNT,
+    GRAD_COUNT,
+    JUMP_COUNT,
+    JUMP_SQ,
+    NUM_STATS,
+    STALENESS_SQ,
+    UPDATE_SQ,
+    reconstruction_tolerance,
+)
 
 __all__ = ["tensor_statistics", "adam_direction", "previous_second_moment"]
 
@@ -49,7 +59,10 @@ def tensor_statistics(
         row[JUMP_SQ] = (g2[valid] / v_hat_prev[valid].clamp_min(eps_sq)).sum()
         row[JUMP_COUNT] = valid.sum()
     denominator = v_hat if v_hat_denominator is None else v_hat_denominator.double()
-    row[EPS_COUNT] = (denominator.sqrt() <= eps).sum()
+    # A coordinate without a gradient this step tells nothing about ε: its v̂ only decays.
+    has_grad = grad != 0
+    row[EPS_COUNT] = ((denominator.sqrt() <= eps) & has_grad).sum()
+    row[GRAD_COUNT] = has_grad.sum()
     row[COUNT] = grad.numel()
     return row
 

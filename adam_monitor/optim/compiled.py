@@ -12,7 +12,7 @@ kernels on GPU, and is tested against it.
 * with clipping or statistics, pass 1 reads what the step needs of the state before writing it:
   the tensor-wide RMS of ``g²/max(v̂_t, ε²)`` that sets the clipping scale, the gradient jump
   against ``v̂_{t-1}``; pass 2 steps, and sums the statistics of the values it writes (u², the
-  staleness, ε-dominance) in the same loops.
+  staleness, ε-dominance and the count of coordinates with a gradient) in the same loops.
 
 The step's scalars travel in one tensor of coefficients (``_COEFFICIENTS``): one graph serves every
 step and tensor of a dtype. ``FusedLayout`` holds what outlives a step (the aliases of params and
@@ -38,7 +38,7 @@ from adam_monitor._runtime import (
     host_values,
     independent_sizes,
 )
-from adam_monitor.diagnostics.rows import COUNT, EPS_COUNT, JUMP_COUNT, JUMP_SQ, STALENESS_SQ, UPDATE_SQ
+from adam_monitor.diagnostics.rows import COUNT, EPS_COUNT, GRAD_COUNT, JUMP_COUNT, JUMP_SQ, STALENESS_SQ, UPDATE_SQ
 from adam_monitor.optim.reference import ATAN2_A, ATAN2_B, _direction
 
 __all__ = [
@@ -195,7 +195,7 @@ def _pre_sums(clip: bool, statistics: bool) -> list[int]:
 
 def _step_sums(clip: bool, statistics: bool) -> list[int]:
     """The sums pass 2 returns with ``statistics``, in order: those of the values it writes."""
-    return [UPDATE_SQ] + ([] if clip else [STALENESS_SQ]) + [EPS_COUNT] if statistics else []
+    return [UPDATE_SQ] + ([] if clip else [STALENESS_SQ]) + [EPS_COUNT, GRAD_COUNT] if statistics else []
 
 
 def _pre_kernel(grad: Tensor, exp_avg_sq: Tensor, c: Tensor, *, clip: bool, statistics: bool, rows: bool) -> Tensor:
@@ -255,7 +255,8 @@ def _step_kernel(
     terms = [update.square()]
     if scale is None:
         terms.append(g2 / (v * k["inv_c2"]).clamp_min(k["eps_sq"]))
-    terms.append((sqrt_v_hat <= k["eps"]).to(grad.dtype))
+    has_grad = grad != 0  # ε-dominance counts only the coordinates that got a gradient
+    terms += [((sqrt_v_hat <= k["eps"]) & has_grad).to(grad.dtype), has_grad.to(grad.dtype)]
     return _row_sums(terms, rows)
 
 

@@ -113,13 +113,15 @@ def adam_step_(
 
     if not statistics:
         return None
+    has_grad = grad != 0  # ε-dominance counts only the coordinates that got a gradient
     return torch.stack(
         [
             update.square().sum(dtype=f64),
             staleness_sq,
             jump_sq,
             jump_count,
-            (sqrt_v_hat <= eps).sum(dtype=f64),
+            ((sqrt_v_hat <= eps) & has_grad).sum(dtype=f64),
+            has_grad.sum(dtype=f64),
             torch.full((), grad.numel(), dtype=f64, device=grad.device),
         ]
     )

@@ -4,14 +4,18 @@ import math
 
 import pytest
 import torch
-from reference import specification, torch_adam_state
+from reference import embedding_gradient, specification, torch_adam_state
 from support import no_warnings
 
 import adam_monitor.diagnostics.compiled as kernels
 from adam_monitor.diagnostics import (
+    COUNT,
+    EPS_COUNT,
+    GRAD_COUNT,
     JUMP_SQ,
     NUM_STATS,
     adam_statistics,
+    diagnostics_from_statistics,
 )
 from adam_monitor.diagnostics.compiled import BLOCK, fast_adam_statistics
 
@@ -189,3 +193,35 @@ def test_every_beta_pair_torch_accepts_gets_finite_rows(uncompiled_kernel, betas
     assert_rows_close(fast, adam_statistics(*lists, **kw), 2e-5)
     if betas[1] == 0.0:
         assert fast[:, JUMP_SQ].eq(0).all()
+
+
+def embedding_state(dtype):
+    """torch Adam on embedding tables whose absent tokens get g = 0 (``embedding_gradient``), each
+    split into blocks and a tail: the first table's head holds rows without a gradient, its tail
+    only such rows; the second's tail holds rows with order-1, tiny and no gradients; the third is
+    below the compiled size."""
+    splits = {(200, 16): (40, 120, 20), (150, 14): (148, 1, 1), (5, 4): (1, 2, 1)}
+    gradients = {shape: embedding_gradient(*split) for shape, split in splits.items()}
+    lists, kw = torch_adam_state(list(splits), dtype, steps=3, gradient=lambda p, t: gradients[tuple(p.shape)](p, t))
+    return lists, kw
+
+
+def assert_embedding_rows(rows):
+    # (ε-dominated, with a gradient, all) coordinates: tiny rows over order-1 and tiny rows
+    assert rows[:, [EPS_COUNT, GRAD_COUNT, COUNT]].tolist() == [[1920, 2560, 3200], [14, 2086, 2100], [8, 12, 20]]
+    assert diagnostics_from_statistics(rows)[:, 3].tolist() == [1920 / 2560, 14 / 2086, 8 / 12]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_counts_eps_dominance_over_coordinates_with_a_gradient(uncompiled_kernel, dtype):
+    lists, kw = embedding_state(dtype)
+    fast = fast_adam_statistics(*lists, **kw)
+    assert_embedding_rows(fast)
+    assert_rows_close(fast, specification(lists, kw), 1e-12 if dtype == torch.float64 else 2e-6)
+
+
+def test_compiled_counts_eps_dominance_over_coordinates_with_a_gradient(small_compiled):
+    lists, kw = embedding_state(torch.float32)
+    fast = fast_adam_statistics(*lists, **kw, compiled=True)
+    assert_embedding_rows(fast)
+    assert_rows_close(fast, specification(lists, kw), 2e-6)

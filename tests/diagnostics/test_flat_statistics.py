@@ -12,13 +12,16 @@ from adam_monitor.alerts import AlertRules, Thresholds
 from adam_monitor.diagnostics import (
     COUNT,
     EPS_COUNT,
+    GRAD_COUNT,
     JUMP_COUNT,
     JUMP_SQ,
     NUM_STATS,
     STALENESS_SQ,
     UPDATE_SQ,
     adam_statistics,
+    diagnostics_from_statistics,
 )
+from adam_monitor.engine.metrics import log_point
 from adam_monitor.engine.reader import StepReader
 
 SHAPES = [(64, 32), (64,), (64, 64), (64,), (1, 64), (1,), (3, 5, 7)]
@@ -57,7 +60,7 @@ def test_flat_path_matches_foreach_and_specification(dtype, steps, amsgrad):
             torch.testing.assert_close(flat[:, jump], spec[:, jump], rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(flat[:, checked], spec[:, checked], rtol=rtol, atol=1e-12)
     # counts are exact
-    counts = [JUMP_COUNT, EPS_COUNT, COUNT]
+    counts = [JUMP_COUNT, EPS_COUNT, GRAD_COUNT, COUNT]
     assert torch.equal(flat[:, counts], foreach[:, counts])
 
 
@@ -88,7 +91,7 @@ def test_flat_path_eps_dominated_and_non_contiguous():
     flat = adam_statistics(*lists, **dict(kw, eps=1.0), flat=True)
     foreach = adam_statistics(*lists, **dict(kw, eps=1.0), flat=False)
     torch.testing.assert_close(flat, foreach, rtol=2e-5, atol=1e-12)
-    assert flat[:, 4].sum() > 0
+    assert flat[:, EPS_COUNT].sum() > 0
 
 
 def test_reader_rows_unchanged_by_the_fast_paths():
@@ -120,7 +123,7 @@ def _steady_rows(generator, count, *, update=0.23, staleness=1.0, eps_fraction=0
     """One tensor's statistics row of a steady run, within 5% noise of the given levels."""
     jitter = 1 + 0.05 * torch.rand(2, generator=generator, dtype=torch.float64)
     row = torch.zeros(NUM_STATS, dtype=torch.float64)
-    row[COUNT] = row[JUMP_COUNT] = count
+    row[COUNT] = row[JUMP_COUNT] = row[GRAD_COUNT] = count
     row[UPDATE_SQ] = count * (update * jitter[0]) ** 2
     row[STALENESS_SQ] = row[JUMP_SQ] = count * (staleness * jitter[1]) ** 2
     row[EPS_COUNT] = round(count * eps_fraction)
@@ -176,3 +179,54 @@ def test_host_rules_flag_eps_dominance_after_eps_steps():
 
     thresholds = Thresholds(eps_steps=5)
     assert _run_rules((0.9, 0.95), event, thresholds=thresholds) == [("eps_dominance", 104, "w")]
+
+
+def _rules_on_torch_adamw(weight, gradient, steps):
+    """Alerts of ``AlertRules`` on the rows ``StepReader`` reads from torch's default AdamW stepping
+    ``weight`` on ``gradient(t)``; also the last rows."""
+    opt = torch.optim.AdamW([weight])
+    reader = StepReader(opt)
+    rules = AlertRules(["embedding.weight"], optimizer="AdamW", betas=(0.9, 0.999))
+    alerts = []
+    for t in range(1, steps + 1):
+        weight.grad = gradient(t)
+        opt.step()
+        rows, step = reader.read()
+        alerts += rules.observe(step, rows)
+    return alerts, rows, opt.state[weight]
+
+
+def test_zipf_embedding_under_default_adamw_is_not_eps_dominated():
+    # Tokens drawn from a Zipf law: most rows of the table never appear, their g is exactly 0 and
+    # v stays 0 (√v̂ = 0 ≤ ε). They carry no signal and count nowhere; every row that got a
+    # gradient is far above ε.
+    generator = torch.Generator().manual_seed(0)
+    vocab, dim, batch = 5000, 16, 128
+    zipf = torch.arange(1, vocab + 1, dtype=torch.float64) ** -1.2
+    embedding = torch.nn.Embedding(vocab, dim)
+
+    def gradient(t):
+        tokens = torch.multinomial(zipf, batch, replacement=True, generator=generator)
+        embedding.weight.grad = None
+        (embedding(tokens) * torch.randn(batch, dim, generator=generator)).sum().backward()
+        return embedding.weight.grad
+
+    alerts, rows, state = _rules_on_torch_adamw(embedding.weight, gradient, 40)
+    assert [a.rule for a in alerts if a.rule == "eps_dominance"] == []
+    # Counted over all coordinates, more than half were ε-dominated at every step (the rows never
+    # seen only grow fewer): that count alerted at step eps_steps = 20.
+    v_hat = state["exp_avg_sq"] / (1 - 0.999**40)
+    assert (v_hat.sqrt() <= 1e-8).double().mean() > 0.5
+    assert rows[0, EPS_COUNT] == 0 and 0 < rows[0, GRAD_COUNT] < rows[0, COUNT]
+
+
+def test_steps_without_any_gradient_report_no_eps_dominance_and_no_alert():
+    # g = 0 everywhere for longer than eps_steps: v = 0, √v̂ = 0 ≤ ε on every coordinate, yet no
+    # coordinate got a gradient: the diagnostic is NaN (left out of the log point) and no rule fires.
+    weight = torch.nn.Parameter(torch.randn(64, 8))
+    alerts, rows, _ = _rules_on_torch_adamw(weight, lambda t: torch.zeros_like(weight), 30)
+    assert alerts == []
+    assert (rows[0, EPS_COUNT], rows[0, GRAD_COUNT], rows[0, COUNT]) == (0, 0, 512)
+    assert math.isnan(diagnostics_from_statistics(rows[0])[3])
+    metrics, _ = log_point("adam", rows, ["w"], skipped=0, alert_count=0, per_parameter=True)
+    assert "adam/eps_dominance" not in metrics and "adam/eps_dominance/w" not in metrics

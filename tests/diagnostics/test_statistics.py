@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from reference import reference_row
+from reference import embedding_gradient, reference_row, specification, torch_adam_state
 
 from adam_monitor.diagnostics import (
     COUNT,
     EPS_COUNT,
+    GRAD_COUNT,
     JUMP_COUNT,
     NUM_STATS,
     UPDATE_SQ,
@@ -114,8 +115,8 @@ def test_eps_dominance_counts_coordinates_below_eps():
     s = opt.state[p]
     row = adam_statistics([p.grad], [s["exp_avg"]], [s["exp_avg_sq"]], beta1=0.9, beta2=0.99, eps=1e-8, step=1)[0]
     assert torch.isfinite(row).all()
-    # √v̂ = |g|: 1e-12 ≤ 1e-8 twice, and the coordinate that never saw a gradient.
-    assert row[EPS_COUNT] == 3 and row[COUNT] == 4
+    # √v̂ = |g|: 1e-12 ≤ 1e-8 twice; the coordinate without a gradient (√v̂ = 0) counts nowhere.
+    assert row[EPS_COUNT] == 2 and row[GRAD_COUNT] == 3 and row[COUNT] == 4
 
 
 def test_zero_eps_is_finite_where_torch_is_and_nan_where_torch_is():
@@ -139,8 +140,8 @@ def test_zero_eps_is_finite_where_torch_is_and_nan_where_torch_is():
 
 
 def test_pooling_is_exact_not_a_mean_of_means():
-    a = torch.tensor([4.0, 0, 0, 1, 0, 1], dtype=torch.float64)  # update_sq 4 over 1 coordinate
-    b = torch.tensor([0.0, 0, 0, 1, 0, 3], dtype=torch.float64)  # 0 over 3 coordinates
+    a = torch.tensor([4.0, 0, 0, 1, 0, 1, 1], dtype=torch.float64)  # update_sq 4 over 1 coordinate
+    b = torch.tensor([0.0, 0, 0, 1, 0, 3, 3], dtype=torch.float64)  # 0 over 3 coordinates
     pooled = diagnostics_from_statistics(pool(torch.stack([a, b])))
     assert pooled[0].item() == pytest.approx(1.0)  # sqrt(4/4), not mean(2, 0) = 1 by luck: check rms
     assert pooled[3].item() == 0.0
@@ -187,3 +188,65 @@ def test_large_float32_tensors_on_the_foreach_path_sum_like_float64():
         fast = adam_statistics(*lists, **kw, flat=False)[0]
         exact = adam_statistics(*lists, **kw, flat=True)[0]
         torch.testing.assert_close(fast, exact, rtol=2e-6, atol=0)
+
+
+# Embedding tables (rows are tokens; ``embedding_gradient``): 2 rows of order-1 gradients, 1 of
+# tiny ones, 1 seen at the first step only, 4 never. After the first step 4 of the 12 coordinates
+# with a gradient are ε-dominated; counted over all 32 coordinates, the 16 that never saw a
+# gradient (√v̂ = 0) would make it 20/32.
+EMBEDDING, SPLIT = (8, 4), (2, 1, 1)
+
+
+def embedding_rows(steps, shapes=(EMBEDDING,), splits=(SPLIT,), dtype=torch.float64, flat=None):
+    """``(rows of the specification, rows of adam_statistics)`` of torch's default AdamW betas
+    and ε on embedding tables after ``steps`` steps."""
+    gradients = [embedding_gradient(*split) for split in splits]
+    index = {}
+
+    def gradient(p, t):
+        return gradients[index.setdefault(id(p), len(index))](p, t)
+
+    lists, kw = torch_adam_state(list(shapes), dtype, steps=steps, gradient=gradient)
+    return specification(lists, kw), adam_statistics(*lists, **kw, flat=flat), lists, kw
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_eps_dominance_is_a_fraction_of_the_coordinates_with_a_gradient(flat):
+    spec, fast, (grads, exp_avgs, exp_avg_sqs), kw = embedding_rows(3, flat=flat)
+    v = exp_avg_sqs[0]
+    loop = reference_row(
+        grads[0].flatten().tolist(),
+        exp_avgs[0].flatten().tolist(),
+        v.flatten().tolist(),
+        previous_second_moment(v, grads[0], kw["beta2"]).flatten().tolist(),
+        beta1=kw["beta1"],
+        beta2=kw["beta2"],
+        eps=kw["eps"],
+        t=3,
+    )
+    torch.testing.assert_close(spec[0], torch.tensor(loop, dtype=torch.float64), rtol=1e-12, atol=0)
+    for row in (spec[0], fast[0]):
+        assert (row[EPS_COUNT], row[GRAD_COUNT], row[COUNT]) == (4, 12, 32)
+        assert diagnostics_from_statistics(row)[3].item() == 1 / 3
+    # At the first step the row seen once has a gradient too: 4 of 16.
+    spec, fast, *_ = embedding_rows(1, flat=flat)
+    assert diagnostics_from_statistics(spec[0])[3].item() == diagnostics_from_statistics(fast[0])[3].item() == 0.25
+
+
+def test_pooled_eps_dominance_is_the_joint_fraction():
+    # 4 of 12 and 12 of 16 coordinates with a gradient: 16/28 pooled, not the mean 13/24 of 1/3 and 3/4.
+    spec, fast, *_ = embedding_rows(2, shapes=(EMBEDDING, (16, 4)), splits=(SPLIT, (1, 3, 0)))
+    for rows in (spec, fast):
+        per_tensor = diagnostics_from_statistics(rows)[:, 3].tolist()
+        assert per_tensor == [1 / 3, 3 / 4]
+        assert diagnostics_from_statistics(pool(rows))[3].item() == 16 / 28
+
+
+def test_eps_dominance_is_nan_without_any_gradient():
+    # A step that gives no coordinate a gradient (a table whose tokens are all absent) has no
+    # fraction to report: NaN, as the gradient jump of the first step, and not the 1 that √v̂ = 0 ≤ ε
+    # everywhere would give.
+    spec, fast, *_ = embedding_rows(2, splits=((0, 0, 0),))
+    for row in (spec[0], fast[0]):
+        assert (row[EPS_COUNT], row[GRAD_COUNT], row[COUNT]) == (0, 0, 32)
+        assert math.isnan(diagnostics_from_statistics(row)[3])

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from adam_monitor.diagnostics import NUM_STATS
+
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 40, 10
@@ -64,7 +66,7 @@ def test_two_processes_log_what_one_process_logs(kind, single, tmp_path):
     if kind == "fsdp2":
         # One packed all-reduce per optimizer step: [tensors × statistics] in one call.
         assert [len(r["collectives"]) for r in results] == [STEPS, STEPS]
-        assert set(results[0]["collectives"]) == {6 * 6}
+        assert set(results[0]["collectives"]) == {6 * NUM_STATS}  # the model's 6 tensors
     else:
         assert results[0]["collectives"] == []  # replicas hold identical state: nothing to reduce
 

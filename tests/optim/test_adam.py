@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from adam_monitor.diagnostics import COUNT, NUM_STATS, STALENESS_SQ, tensor_statistics
+from adam_monitor.diagnostics import COUNT, EPS_COUNT, GRAD_COUNT, NUM_STATS, STALENESS_SQ, tensor_statistics
 from adam_monitor.optim import Adam, AdamAtan2, AdamD, LaProp, StableAdamW, worst_case_bound
 
 F64 = torch.float64
@@ -486,6 +486,35 @@ def test_compiled_step_matches_spec():
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5, atol=1e-6)
     assert fast._compiled_steps.enabled is True
+
+
+def test_in_step_eps_dominance_counts_only_coordinates_with_a_gradient():
+    # Embedding tables whose absent tokens get g = 0 exactly. (8330, 8) is a compiled head of 65
+    # blocks and a tail of its last 10 rows; its rows, rolled by 24, put rows without a gradient in
+    # the head, and tiny (ε-dominated) and no gradients in the tail. (5, 4) is stepped in the batch.
+    # The compiled and the eager step count ε-dominated coordinates among those with a gradient.
+    from reference import embedding_gradient
+
+    splits = [(8000, 300, 20), (1, 2, 1)]
+    params = make_params(shapes=((8330, 8), (5, 4)), dtype=torch.float32)
+    twins = clone_params(params)
+    gradients = [embedding_gradient(*split) for split in splits]
+    rolls = [24, 0]
+    grads = [[g(p, t).roll(k, 0) for g, p, k in zip(gradients, params, rolls)] for t in (1, 2, 3)]
+
+    def make(ps, compiled):
+        return StableAdamW(ps, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, compiled=compiled)
+
+    fast, spec = make(params, True), make(twins, False)
+    fast.record_statistics = spec.record_statistics = True
+    for _ in run_twins(fast, spec, params, twins, grads):
+        pass
+    assert fast._compiled_steps.enabled is True
+    for p, q, (signal, tiny, _) in zip(params, twins, splits):
+        width = p.shape[1]
+        for row in (fast.last_statistics[p], spec.last_statistics[q]):
+            assert (row[EPS_COUNT], row[GRAD_COUNT], row[COUNT]) == (tiny * width, (signal + tiny) * width, p.numel())
+        torch.testing.assert_close(fast.last_statistics[p], spec.last_statistics[q], rtol=1e-5, atol=1e-6)
 
 
 def assert_twins_match(fast, spec, params, twins, record):
