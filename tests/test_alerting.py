@@ -40,13 +40,36 @@ def test_unstable_betas_in_raise_mode_fail_the_fit_and_the_alert_is_on_disk(tmp_
 
 def test_stop_mode_stops_gracefully_then_fails(tmp_path, capsys):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    t = trainer(tmp_path, [AdamMonitor(on_alert="stop", fail_on="warning"), ckpt], max_steps=50)
-    with pytest.raises(InstabilityError, match="beta_order"):
-        t.fit(BetasBoring((0.9, 0.85)))  # β1 ≥ β2 > β1²: a warning, acted on with fail_on="warning"
+    t = trainer(tmp_path, [AdamMonitor(on_alert="stop"), ckpt], max_steps=50)
+    with pytest.raises(InstabilityError, match="beta_coupling"):
+        t.fit(BetasBoring((0.99, 0.95)))
     assert t.global_step == 1  # the batch in flight finished, then the loop stopped
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())  # no post-alert state saved
-    assert [a.rule for a in read_alerts(alerts_path(t.logger.log_dir))] == ["beta_order"]
-    assert "beta_order" in capsys.readouterr().out  # the end-of-fit summary table
+    assert [a.rule for a in read_alerts(alerts_path(t.logger.log_dir))] == ["beta_coupling"]
+    assert "beta_coupling" in capsys.readouterr().out  # the end-of-fit summary table
+
+
+def test_info_alerts_are_recorded_and_never_acted_on(tmp_path, caplog):
+    # β1 ≥ β2 > β1²: bounded (B_inf finite), a choice to know about: info, even under fail_on="warning".
+    cb = AdamMonitor(on_alert="stop", fail_on="warning")
+    t = trainer(tmp_path, [cb], max_steps=8, enable_checkpointing=False)
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="adam_monitor"):
+        warnings.simplefilter("error", InstabilityWarning)
+        t.fit(BetasBoring((0.9, 0.85)))
+    assert t.global_step == 8
+    (alert,) = read_alerts(alerts_path(t.logger.log_dir))
+    assert (alert.rule, alert.severity) == ("beta_order", "info")
+    assert "beta_order" in caplog.text
+    assert cli(["check", t.logger.log_dir]) == 0
+    assert cli(["check", t.logger.log_dir, "--fail-on", "error"]) == 0
+
+
+def test_check_does_not_accept_info_as_a_gate(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli(["check", str(tmp_path), "--fail-on", "info"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fail_on"):
+        AdamMonitor(fail_on="info")
 
 
 def test_warn_mode_warns_once_and_the_run_goes_on(tmp_path):
@@ -114,7 +137,7 @@ def test_alerts_written_before_a_kill_stay_readable(tmp_path):
         import os, signal, torch
         from adam_monitor import Monitor
         p = torch.nn.Parameter(torch.zeros(8))
-        opt = torch.optim.Adam([p], betas=(0.9, 0.85))
+        opt = torch.optim.Adam([p], betas=(0.99, 0.95))
         monitor = Monitor(opt, log_dir={str(tmp_path)!r}, log_every_n_steps=None)
         p.grad = torch.ones(8)
         opt.step()
@@ -123,13 +146,13 @@ def test_alerts_written_before_a_kill_stay_readable(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
-    assert [a.rule for a in read_alerts(alerts_path(tmp_path))] == ["beta_order"]
+    assert [a.rule for a in read_alerts(alerts_path(tmp_path))] == ["beta_coupling"]
     assert cli(["check", str(tmp_path)]) == 1
 
 
 def test_a_resumed_monitor_does_not_repeat_configuration_alerts(tmp_path):
     p = torch.nn.Parameter(torch.zeros(8))
-    opt = torch.optim.Adam([p], betas=(0.9, 0.85))
+    opt = torch.optim.Adam([p], betas=(0.99, 0.95))
     with pytest.warns(InstabilityWarning):
         monitor = Monitor(opt, log_dir=str(tmp_path), log_every_n_steps=None)
         p.grad = torch.ones(8)
@@ -142,7 +165,7 @@ def test_a_resumed_monitor_does_not_repeat_configuration_alerts(tmp_path):
         warnings.simplefilter("error", InstabilityWarning)
         opt.step()
     resumed.close()
-    assert [a.rule for a in resumed.alerts] == ["beta_order"]
+    assert [a.rule for a in resumed.alerts] == ["beta_coupling"]
     assert len(read_alerts(alerts_path(tmp_path))) == 1
 
 
@@ -314,3 +337,41 @@ def test_repeated_warnings_of_a_rule_are_condensed_and_every_alert_is_kept(tmp_p
     ]
     assert monitor.alerts == sorted(raised, key=lambda a: a.step)
     assert read_alerts(where) == monitor.alerts
+
+
+@pytest.mark.parametrize("beta2,rules", [(0.7, ["beta_coupling"]), (0.999, [])])
+def test_a_beta_schedule_is_one_configuration_episode_and_keeps_the_rules(beta2, rules):
+    # OneCycleLR's default cycle_momentum moves beta1 between 0.85 and 0.95 every step.
+    model = torch.nn.Linear(32, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, beta2))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InstabilityWarning)
+        monitor = Monitor(opt, log_every_n_steps=None)
+        seen_betas, seen_rules = set(), set()
+        for _ in range(60):
+            model(torch.randn(8, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
+            monitor.check_alerts()
+            seen_betas.add(opt.param_groups[0]["betas"][0])
+            seen_rules.add(id(monitor._tracked[0].rules))
+        monitor.close()
+    assert len(seen_betas) > 50  # the schedule did move beta1 every step
+    assert len(seen_rules) == 1  # one AlertRules for the run: its state carried over
+    assert [a.rule for a in monitor.alerts] == rules
+
+
+def test_a_configuration_condition_that_clears_and_returns_is_a_new_episode():
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = torch.optim.Adam([p], betas=(0.99, 0.95))
+    monitor = Monitor(opt, log_every_n_steps=None)
+    with pytest.warns(InstabilityWarning):
+        for betas in [(0.99, 0.95), (0.98, 0.95), (0.9, 0.999), (0.99, 0.95)]:
+            opt.param_groups[0]["betas"] = betas
+            p.grad = torch.ones(8)
+            opt.step()
+            monitor.check_alerts()
+    monitor.close()
+    assert [(a.rule, a.step) for a in monitor.alerts] == [("beta_coupling", 1), ("beta_coupling", 4)]

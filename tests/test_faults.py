@@ -191,7 +191,7 @@ def test_an_exception_in_training_step_closes_the_monitor(tmp_path, capsys):
                 raise RuntimeError("user code failed")
             return super().training_step(batch, batch_idx)
 
-    model = Failing(betas=(0.9, 0.85))
+    model = Failing(betas=(0.99, 0.95))
     callback = AdamMonitor()
     trainer = quiet_trainer(tmp_path, callbacks=[callback], max_steps=20)
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="user code failed"):
@@ -200,23 +200,23 @@ def test_an_exception_in_training_step_closes_the_monitor(tmp_path, capsys):
     assert not optimizer._optimizer_step_post_hooks  # the hook is off the optimizer
     status = read_run(alerts_path(trainer.log_dir).parent).status
     assert status["closed"] and status["monitored"][0]["steps"] == 4
-    assert [a.rule for a in callback.alerts] == ["beta_order"]
-    assert "beta_order" in capsys.readouterr().out  # the summary
+    assert [a.rule for a in callback.alerts] == ["beta_coupling"]
+    assert "beta_coupling" in capsys.readouterr().out  # the summary
 
 
 def test_a_checkpoint_saved_after_fit_holds_the_monitor_state(tmp_path):
     callback = AdamMonitor()
     trainer = quiet_trainer(tmp_path, callbacks=[callback], max_steps=6)
-    with pytest.warns(UserWarning, match="beta_order"):
-        trainer.fit(AdamBoring(betas=(0.9, 0.85)))
+    with pytest.warns(UserWarning, match="beta_coupling"):
+        trainer.fit(AdamBoring(betas=(0.99, 0.95)))
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     state = torch.load(tmp_path / "after.ckpt", weights_only=False)["callbacks"]["AdamMonitor"]
-    assert state["optimizers"][0]["step"] == 6 and [a["rule"] for a in state["alerts"]] == ["beta_order"]
+    assert state["optimizers"][0]["step"] == 6 and [a["rule"] for a in state["alerts"]] == ["beta_coupling"]
     resumed = AdamMonitor()
     again = quiet_trainer(tmp_path, callbacks=[resumed], max_steps=8, name="resumed")
     with warnings.catch_warnings():
         warnings.simplefilter("error", InstabilityWarning)  # no configuration alert repeated at "step 1"
-        again.fit(AdamBoring(betas=(0.9, 0.85)), ckpt_path=tmp_path / "after.ckpt")
+        again.fit(AdamBoring(betas=(0.99, 0.95)), ckpt_path=tmp_path / "after.ckpt")
     assert [a.step for a in resumed.alerts] == [1]  # the one alert, from the first run
 
 

@@ -99,10 +99,19 @@ def growth_message(finding: GrowthFinding, names: Sequence[str], subject_betas: 
 
 
 def eps_message(finding: EpsFinding, names: Sequence[str], th: Thresholds) -> str:
-    return (
-        f"{names[finding.tensor]}: eps sets the step of {finding.fraction:.0%} of its coordinates (sqrt(v_hat) "
-        f"<= eps) for {th.eps_steps} steps in a row, so Adam acts as SGD with lr/eps there. Fine if intended "
-        "(a large eps is what keeps a converged full-batch run from Adam's adaptive edge of "
-        "stability); if not, the gradients fell below eps: lower eps, scale the loss up, use "
-        "Adam-atan2 (no eps), or check for gradient underflow (fp16/bf16)." + _others(finding.count)
+    head = (
+        f"{names[finding.tensor]}: eps sets the step of {finding.fraction:.0%} of its coordinates that got a "
+        f"gradient (sqrt(v_hat) <= eps) for {th.eps_steps} steps in a row, so Adam acts as SGD with lr/eps there. "
     )
+    if finding.from_start:  # the gradients never rose above eps: their scale, not convergence
+        regime = (
+            "Its gradients have been below eps from the first step: harmless for a bias followed by a "
+            "normalization layer (its gradient is ~0 by construction); otherwise lower eps, scale the loss "
+            "up, use Adam-atan2 (no eps), or check for gradient underflow (fp16/bf16)."
+        )
+    else:  # they fell below eps as the run went on
+        regime = (
+            "Its gradients fell below eps as the run converged: this is what keeps a converged run from "
+            "Adam's adaptive edge of stability; lower eps only if this tensor must keep learning fast."
+        )
+    return head + regime + _others(finding.count)

@@ -8,9 +8,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 
-__all__ = ["Alert", "SEVERITY_ORDER", "Thresholds", "InstabilityError", "InstabilityWarning"]
+__all__ = ["Alert", "SEVERITY_ORDER", "GATING_SEVERITIES", "Thresholds", "InstabilityError", "InstabilityWarning"]
 
-SEVERITY_ORDER = {"warning": 0, "error": 1}
+#: ``error``: the run is broken or must be (NaN/Inf, β1² ≥ β2). ``warning``: a precursor, a loss
+#: spike predicted within the next steps. ``info``: a regime worth knowing that is not a danger (ε
+#: sets the step of a tensor; β1 ≥ β2 chosen on purpose). Recorded alike; only warning and error
+#: can fail a run or a CI gate.
+SEVERITY_ORDER = {"info": 0, "warning": 1, "error": 2}
+#: The severities ``fail_on`` and ``adam-monitor check --fail-on`` accept.
+GATING_SEVERITIES = ("warning", "error")
 
 
 def _json_float(x: float) -> float | str:

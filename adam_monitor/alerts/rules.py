@@ -11,7 +11,8 @@ in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``,
 
 * ``beta_coupling`` (error): β1² ≥ β2. With γ = β1²/β2 ≥ 1 the worst-case update bound
   B_t = (1-β1)/√(1-β2) · √(1-β2^t)/(1-β1^t) · √(Σ_{k<t} γ^k) grows without limit.
-* ``beta_order`` (warning): β1 ≥ β2 > β1²: momentum outlives the second moment.
+* ``beta_order`` (info): β1 ≥ β2 > β1²: momentum outlives the second moment; bounded (B_∞ is
+  finite, 1 at β1 = β2), so a choice to know about, not a danger.
 * ``nonfinite`` (error): a NaN/Inf in any statistic (it propagates from gradient, state or update).
 * ``stale_second_moment`` (warning): the gradient outran the second moment by a factor a, and the
   jump formula predicts the update will overshoot to ``peak`` × its steady size while v̂ catches up.
@@ -23,7 +24,7 @@ in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``,
   least ``growth_floor`` of √v̂; or by a large factor on two steps in a row (an oscillation that
   would spike before the slower test sees it). Within a window after a spike precursor, shorter
   bursts count: such a run keeps spiking.
-* ``eps_dominance`` (warning): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
+* ``eps_dominance`` (info): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
   regime, not a spike precursor: Adam has become SGD with lr η/ε there (fine when meant: ε that
   large is what keeps a converged full-batch run stable; harmful under gradient underflow).
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..diagnostics.rows import COUNT, EPS_COUNT, NUM_STATS, STALENESS_SQ, UPDATE_SQ
+from ..diagnostics.rows import COUNT, EPS_COUNT, GRAD_COUNT, NUM_STATS, STALENESS_SQ, UPDATE_SQ
 from ..theory import worst_case_bound
 from . import messages
 from .records import Alert, Thresholds
@@ -61,6 +62,7 @@ __all__ = [
     "jump_model",
     "predicted_peak",
     "subject_bounds",
+    "bound_margin",
     "nonfinite",
     "stale_second_moment",
     "update_rms_spike",
@@ -117,7 +119,8 @@ def subjects(rows: np.ndarray, pool_of: np.ndarray, num_pools: int, min_numel: i
         judged=judged,
         update_rms=np.sqrt(subj[:, UPDATE_SQ] / safe),
         stale_sq=subj[:, STALENESS_SQ] / safe,
-        eps_frac=subj[:, EPS_COUNT] / safe,
+        # over the coordinates that got a gradient; 0 where none did (eps_count ≤ grad_count)
+        eps_frac=subj[:, EPS_COUNT] / np.maximum(subj[:, GRAD_COUNT], 1.0),
         small=small,
         pool_of=pool_of,
     )
@@ -191,6 +194,14 @@ def _rule_bound(beta1: float, beta2: float, step: int) -> float:
     return worst_case_bound(beta1, beta2, step)
 
 
+def bound_margin(state_dtype: torch.dtype) -> float:
+    """The relative margin of the B_t test for moments stored in ``state_dtype``: float32 sums of
+    squares may round an update at the bound (step 1: |u| = 1) just above it (1e-4); m and v
+    stored in a 16-bit float round each write by up to half an ulp, and m̂/√v̂ carries a few of
+    those (4 ulp: 3% in bfloat16, 0.4% in float16)."""
+    return max(1e-4, 4 * torch.finfo(state_dtype).eps) if state_dtype.is_floating_point else 1e-4
+
+
 def subject_bounds(step: int, pairs: Sequence[tuple[float, float]], pair_of: np.ndarray) -> np.ndarray:
     """B_t per subject: once per distinct (β1, β2) ``pairs``, spread by each subject's ``pair_of``."""
     return np.array([_rule_bound(b1, b2, step) for b1, b2 in pairs], dtype=np.float64)[pair_of]
@@ -235,8 +246,9 @@ class GrowthFinding(NamedTuple):
 
 class EpsFinding(NamedTuple):
     tensor: int
-    fraction: float  # of coordinates with √v̂ ≤ ε
+    fraction: float  # of the coordinates with a gradient, those with √v̂ ≤ ε
     count: int
+    from_start: bool  # ε-dominated on every step so far: the gradients never rose above ε
 
 
 def nonfinite(rows: np.ndarray, state: State) -> NonfiniteFinding | None:
@@ -273,16 +285,18 @@ def stale_second_moment(step: int, q: Subjects, model: JumpModel, state: State, 
     )
 
 
-def update_rms_spike(q: Subjects, bound_t: np.ndarray, state: State, th: Thresholds) -> SpikeFinding | None:
+def update_rms_spike(
+    q: Subjects, bound_t: np.ndarray, state: State, th: Thresholds, margin: np.ndarray | float = 1e-4
+) -> SpikeFinding | None:
     """Update RMS above ``spike_ratio`` x its running mean (and ``spike_floor``), once that mean has
-    seen 1/(1-spike_decay) steps, or above ``bound_factor`` x B_t (``bound_t``, per subject)."""
+    seen 1/(1-spike_decay) steps, or above ``bound_factor`` x B_t (``bound_t``, per subject) by more
+    than the rounding ``margin`` (per subject, :func:`bound_margin`)."""
     d = th.spike_decay
     ema, seen, active = state["spike_ema"], state["spike_seen"], state["spike_active"]
     baseline = ema / (1 - d ** np.maximum(seen, 1))
     relative = np.maximum(th.spike_ratio * baseline, th.spike_floor)
     relative = np.where(seen >= 1 / (1 - d), relative, math.inf)
-    # 1e-4: float32 sums of squares may round an update at the bound (step 1: |u| = 1) just above it.
-    bound = th.bound_factor * (1 + 1e-4) * bound_t
+    bound = th.bound_factor * (1 + margin) * bound_t
     level = np.minimum(relative, bound)
     cond = q.judged & (q.update_rms > level)
     new = cond & ~active
@@ -349,9 +363,10 @@ def gradient_growth(q: Subjects, in_window: bool, state: State, th: Thresholds) 
     return finding, full
 
 
-def eps_dominance(q: Subjects, state: State, th: Thresholds) -> EpsFinding | None:
-    """Per tensor (never pooled): more than ``eps_fraction`` of the coordinates under ε for
-    ``eps_steps`` steps in a row; the episode lasts while the fraction stays above ``eps_clear``."""
+def eps_dominance(step: int, q: Subjects, state: State, th: Thresholds) -> EpsFinding | None:
+    """Per tensor (never pooled): more than ``eps_fraction`` of the coordinates that got a gradient
+    under ε for ``eps_steps`` steps in a row; the episode lasts while the fraction stays above
+    ``eps_clear``."""
     n = len(q.small)
     frac, stepped = q.eps_frac[:n], q.stepped[:n]
     run = state["eps_run"]
@@ -363,7 +378,7 @@ def eps_dominance(q: Subjects, state: State, th: Thresholds) -> EpsFinding | Non
     if not new.any():
         return None
     t = _first_worst(new, frac)
-    return EpsFinding(tensor=t, fraction=float(frac[t]), count=int(new.sum()))
+    return EpsFinding(tensor=t, fraction=float(frac[t]), count=int(new.sum()), from_start=bool(run[t] >= step))
 
 
 # ---------------------------------------------------------------------------------- the rules of one optimizer
@@ -420,10 +435,25 @@ class AlertRules:
         optimizer: str,
         betas: Sequence[tuple[float, float]] | tuple[float, float],
         thresholds: Thresholds | None = None,
+        state_dtypes: Sequence[torch.dtype] | None = None,
     ):
         self.names = list(names)
         self.optimizer = optimizer
         self.thresholds = thresholds if thresholds is not None else Thresholds()
+        if state_dtypes is not None and len(state_dtypes) != len(self.names):
+            raise ValueError(
+                f"AlertRules: got {len(state_dtypes)} state dtypes for {len(self.names)} tensor names; pass "
+                "one per tensor (the dtype of its exp_avg) or None"
+            )
+        self._tensor_margins = np.array(
+            [bound_margin(d) for d in state_dtypes] if state_dtypes is not None else [1e-4] * len(self.names)
+        )
+        pairs = self._pairs(betas)
+        self._set_layout(pairs)
+        self._state = _initial_state(len(pairs), len(self._subject_betas))
+        self.last_step = 0
+
+    def _pairs(self, betas) -> list[tuple[float, float]]:
         n = len(self.names)
         if _is_pair(betas):
             pairs = [(float(betas[0]), float(betas[1]))] * n
@@ -437,14 +467,47 @@ class AlertRules:
         for name, (b1, b2) in zip(self.names, pairs):
             if not (0 <= b1 < 1 and 0 <= b2 < 1):
                 raise ValueError(f"AlertRules: betas of {name!r} must lie in [0, 1), got ({b1}, {b2})")
+        return pairs
+
+    def _set_layout(self, pairs: list[tuple[float, float]]) -> None:
         distinct = sorted(set(pairs))
         self._pool_betas = distinct  # pool j holds the small tensors of distinct[j]
         self._subject_betas = pairs + distinct
         self._pool_of = np.array([distinct.index(p) for p in pairs], dtype=np.int64)
         self._pair_of = np.concatenate([self._pool_of, np.arange(len(distinct), dtype=np.int64)])  # per subject
         self._jump = jump_model(self._subject_betas)
-        self._state = _initial_state(n, n + len(distinct))
-        self.last_step = 0
+        pools = np.full(len(distinct), 1e-4)
+        np.maximum.at(pools, self._pool_of, self._tensor_margins)  # a pool's margin: its widest member's
+        self._margins = np.concatenate([self._tensor_margins, pools])
+
+    def set_betas(self, betas: Sequence[tuple[float, float]] | tuple[float, float]) -> None:
+        """New betas for the next steps (a β schedule: OneCycleLR's ``cycle_momentum``, a β2
+        schedule), keeping every rule's state: the running baselines, the growth runs and the open
+        episodes are the tensors', not the betas'. A pool of small tensors keeps its state while
+        its members still share their betas; a pool whose members part or join another starts afresh.
+        """
+        pairs = self._pairs(betas)
+        if pairs == self._subject_betas[: len(pairs)]:
+            return
+        n, old_pool_of, old_pools = len(pairs), self._pool_of, len(self._pool_betas)
+        self._set_layout(pairs)
+        # The old pool that each new pool continues: the one all its members were in, if no other
+        # tensor was (the same partition of the tensors, whatever the betas' values).
+        source = np.full(len(self._pool_betas), -1, dtype=np.int64)
+        for j in range(len(self._pool_betas)):
+            members = self._pool_of == j
+            before = np.unique(old_pool_of[members])
+            if len(before) == 1 and np.array_equal(old_pool_of == before[0], members):
+                source[j] = before[0]
+        fresh = _initial_state(n, n + len(self._pool_betas))
+        for rule, state in self._state.items():
+            for key, value in state.items():
+                if value.ndim == 1 and len(value) == n + old_pools:  # per subject: tensors, then pools
+                    new = fresh[rule][key]
+                    new[:n] = value[:n]
+                    kept = source >= 0
+                    new[n:][kept] = value[n + source[kept]]
+                    state[key] = new
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -497,9 +560,10 @@ class AlertRules:
             window = st["window"]
             bad = nonfinite(host, st["nonfinite"])
             stale = stale_second_moment(step, q, self._jump, st["stale"], th)
-            spike = update_rms_spike(q, subject_bounds(step, self._pool_betas, self._pair_of), st["spike"], th)
+            bound_t = subject_bounds(step, self._pool_betas, self._pair_of)
+            spike = update_rms_spike(q, bound_t, st["spike"], th, self._margins)
             growth, full_growth = gradient_growth(q, step <= window["alerted_until"], st["growth"], th)
-            eps = eps_dominance(q, st["eps"], th)
+            eps = eps_dominance(step, q, st["eps"], th)
         # The window opens (or is extended) by a new stale or spike alert, or by a step on which the
         # growth met the full growth_steps; not by the alerts of short bursts inside it: were they to
         # extend it, the noise bursts of a healthy minibatch run would keep it open for good once
@@ -539,5 +603,5 @@ class AlertRules:
             add("gradient_growth", "warning", growth.subject, growth.member, text, growth.ratio, growth.threshold)
         if eps is not None:
             text = messages.eps_message(eps, names, th)
-            add("eps_dominance", "warning", eps.tensor, eps.tensor, text, eps.fraction, th.eps_fraction)
+            add("eps_dominance", "info", eps.tensor, eps.tensor, text, eps.fraction, th.eps_fraction)
         return out

@@ -1,7 +1,8 @@
 """``adam-monitor check LOGDIR``: the CI gate on a run's alerts. It fails closed: anything it
 cannot read or validate is exit 2, never a pass.
 
-Exit 0: monitored and clean; 1: alerts at or above ``--fail-on``; 2: no monitor data, nothing
+Exit 0: monitored and clean; 1: alerts at or above ``--fail-on`` (warning or error; ``info``
+alerts are listed and never fail); 2: no monitor data, nothing
 monitored, a run that stopped before its first step, or data it could not read (this wins over 1).
 """
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..alerts.log import ALERTS_FILE, RUN_FILE, RunData, printable, read_run, summary_table
-from ..alerts.records import SEVERITY_ORDER
+from ..alerts.records import GATING_SEVERITIES, SEVERITY_ORDER
 
 __all__ = ["EXIT_ALERTS", "EXIT_CLEAN", "EXIT_NO_DATA", "add_parser", "run"]
 
@@ -26,6 +27,9 @@ exit status:
   1  some run raised an alert at or above --fail-on
   2  no monitor data; a run that monitored nothing (no Adam optimizer) or stopped before its
      first optimizer step; or a record, file or folder that could not be read (2 wins over 1)
+Severities: error (the run is broken or must be: NaN/Inf, beta1^2 >= beta2), warning (a
+precursor: a loss spike predicted within the next steps), info (a regime worth knowing, not a
+danger: eps sets a tensor's step, beta1 >= beta2 chosen on purpose). info is listed, never fails.
 A last line cut short (a run killed mid-write, or still writing) is reported and counted as an
 alert with the severity still readable in it, 'error' where the cut took it.
 """
@@ -42,9 +46,9 @@ def add_parser(commands) -> None:
     check.add_argument("logdir", help="a run's log folder, or a folder holding several (searched recursively)")
     check.add_argument(
         "--fail-on",
-        choices=sorted(SEVERITY_ORDER, key=SEVERITY_ORDER.get),
+        choices=GATING_SEVERITIES,
         default="warning",
-        help="lowest severity that fails the check (default: warning, i.e. any alert)",
+        help="lowest severity that fails the check (default: warning: warnings and errors; info alerts never fail it)",
     )
     check.add_argument("--json", action="store_true", help="print the verdict, problems and alerts as JSON")
     check.set_defaults(run=run)

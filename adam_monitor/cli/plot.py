@@ -24,8 +24,9 @@ PANELS = (
     ("adam/gradient_jump", "gradient jump  sqrt(mean g²/v̂_prev)", "log"),
     ("adam/eps_dominance", "ε-dominance (fraction)", "linear"),
 )
-LINESTYLE = {"error": "-", "warning": "--"}
-#: Alerts that describe a regime rather than forecast a spike: marked, but no zoom on them.
+LINESTYLE = {"error": "-", "warning": "--", "info": ":"}
+#: Alerts that describe a regime rather than forecast a spike: marked, but no zoom on them (severity
+#: info; runs recorded before that severity existed have them as warnings).
 REGIME_RULES = ("eps_dominance", "beta_order")
 ZOOM_BEFORE, ZOOM_AFTER = 30, 70
 
@@ -68,7 +69,9 @@ def write_report(logdir: str | Path, output: str | Path, *, title: str | None = 
         records = read_alert_records(alerts_file) if alerts_file.exists() else []
         label = str(run.relative_to(logdir)) if run != logdir else run.name
         loaded.append((label, colours[i % len(colours)], scalars, records))
-    precursors = [x for *_, records in loaded for a, x in records if a.rule not in REGIME_RULES]
+    precursors = [
+        x for *_, records in loaded for a, x in records if a.rule not in REGIME_RULES and a.severity != "info"
+    ]
     columns = 2 if precursors else 1
     fig, axes = plt.subplots(
         len(PANELS),

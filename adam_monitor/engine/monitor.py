@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +23,11 @@ import torch
 from torch import Tensor
 
 from .._runtime import HostCopy, is_rank_zero
-from ..alerts.configuration import configuration_alerts
+from ..alerts.configuration import configuration_alerts_by_group
 from ..alerts.log import AlertLog, summary_table
 from ..alerts.records import Alert, InstabilityError, Thresholds
 from ..alerts.rules import AlertRules
-from ..diagnostics.rows import NUM_STATS
+from ..diagnostics.rows import NUM_STATS, rows_with_grad_count
 from .metrics import log_point
 from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_parameters, unwrap_optimizer
 from .options import MonitorOptions
@@ -48,7 +49,9 @@ def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> A
     per_tensor = [tuple(float(b) for b in g["betas"]) for g in groups for _ in g["params"]]
     if not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
-    return AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds)
+    state = tracked.optimizer.state
+    dtypes = [state.get(p, {}).get("exp_avg", p).dtype for g in groups for p in g["params"]]
+    return AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds, state_dtypes=dtypes)
 
 
 def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
@@ -131,15 +134,24 @@ def _saved_rules(tracked: _Tracked, entry: dict, named: dict[int, str], options:
     return rules
 
 
-def _unseen(alerts: list[Alert], seen: set[str]) -> list[Alert]:
-    """The configuration alerts not said yet (a resumed run does not repeat them); adds them to ``seen``."""
-    fresh = []
-    for alert in alerts:
-        key = f"{alert.optimizer}|{alert.rule}|{alert.message}"
-        if key not in seen:
-            seen.add(key)
-            fresh.append(alert)
-    return fresh
+def _configuration_episodes(
+    label: str, found: list[tuple[int, Alert]], holding: set[str]
+) -> tuple[list[Alert], set[str]]:
+    """The configuration alerts of optimizer ``label`` that start an episode, and the new set of
+    conditions that hold. ``holding`` has one key per (optimizer, rule, param group) whose condition
+    held at the last check: a β schedule that keeps the betas offending (OneCycleLR's
+    ``cycle_momentum`` moves β1 every step) is one episode, and a resumed run does not repeat it;
+    a condition that clears and comes back is a new episode."""
+    now = {f"{label}|{alert.rule}|group {gi}": alert for gi, alert in found}
+    fresh = [alert for key, alert in now.items() if key not in holding]
+    return fresh, {k for k in holding if not k.startswith(label + "|")} | now.keys()
+
+
+def _episode_key(key: str) -> str:
+    """A ``configuration_seen`` key of a state saved before episodes (``optimizer|rule|message``,
+    the message starting "param group N:") as an episode key."""
+    found = re.fullmatch(r"(.*)\|(\w+)\|param group (\d+):.*", key, flags=re.DOTALL)
+    return f"{found[1]}|{found[2]}|group {found[3]}" if found else key
 
 
 def _run_status(tracked_all: list[_Tracked], unmonitored: list[dict], *, closed: bool) -> dict:
@@ -240,6 +252,8 @@ class _Tracked:
         sums = entry["sums"]
         if sums is not None:
             rows = len(self.reader.params)
+            if isinstance(sums, Tensor) and sums.numel() == rows * (NUM_STATS - 1):
+                sums = rows_with_grad_count(sums.reshape(rows, NUM_STATS - 1))  # saved before grad_count existed
             if not isinstance(sums, Tensor) or sums.numel() != rows * NUM_STATS:
                 got = tuple(sums.shape) if isinstance(sums, Tensor) else type(sums).__name__
                 raise ValueError(
@@ -406,11 +420,13 @@ class Monitor:
         if betas == tracked.betas:
             return []
         if tracked.betas is not None:
-            self._drain(tracked, wait=True)
-            tracked.rules = None  # betas changed mid-run: the rules' constants depend on them
+            self._drain(tracked, wait=True)  # the steps taken so far are judged with their own betas
+            if tracked.rules is not None:
+                tracked.rules.set_betas([b for b, g in zip(betas, groups) for _ in g["params"]])
         tracked.betas = betas
         checked = [b if _bounded_by_adam(g) else None for b, g in zip(betas, groups)]
-        fresh = _unseen(configuration_alerts(checked, optimizer=tracked.label, step=step), self._config_seen)
+        found = configuration_alerts_by_group(checked, optimizer=tracked.label, step=step)
+        fresh, self._config_seen = _configuration_episodes(tracked.label, found, self._config_seen)
         self._policy.handle(fresh, self._axis(step))
         return fresh
 
@@ -542,7 +558,7 @@ class Monitor:
         try:
             saved = {entry["prefix"]: entry for entry in state.get("optimizers", [])}
             alerts = [Alert.from_dict(d) for d in state.get("alerts", [])]
-            seen = set(state.get("configuration_seen", []))
+            seen = {_episode_key(k) for k in state.get("configuration_seen", [])}
             rules = {
                 t.prefix: _saved_rules(t, saved[t.prefix], self._named, self.options)
                 for t in self._tracked

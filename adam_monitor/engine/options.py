@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
 
-from ..alerts.records import SEVERITY_ORDER, Thresholds
+from ..alerts.records import GATING_SEVERITIES, Thresholds
 
 __all__ = ["MonitorOptions", "OnAlert", "FailOn"]
 
@@ -36,7 +36,8 @@ class MonitorOptions:
             full, its repeats in one line at most every ``REPEAT_WARNING_STEPS`` steps), ``"raise"``
             (``InstabilityError`` at the alert's step, after it is written) or ``"stop"`` (the run is
             asked to stop; ``close`` then raises).
-        fail_on: the lowest severity ``"raise"``/``"stop"`` act on: ``"error"`` or ``"warning"``.
+        fail_on: the lowest severity ``"raise"``/``"stop"`` act on: ``"error"`` or ``"warning"``
+            (``info`` alerts state a regime, never a danger: they are recorded, never acted on).
         blocking_alerts: whether the rules see each step's statistics before ``optimizer.step``
             returns. On a CUDA device that is one host sync per step, which stops the host from
             queueing the next step while the GPU works. ``False``: the statistics are copied to the
@@ -62,8 +63,8 @@ class MonitorOptions:
             raise _InvalidOption("log_every_n_steps", "a positive int or None", every)
         if self.on_alert not in get_args(OnAlert):
             raise _InvalidOption("on_alert", _choices(get_args(OnAlert)), self.on_alert)
-        if self.fail_on not in SEVERITY_ORDER:
-            raise _InvalidOption("fail_on", _choices(SEVERITY_ORDER), self.fail_on)
+        if self.fail_on not in GATING_SEVERITIES:
+            raise _InvalidOption("fail_on", _choices(GATING_SEVERITIES), self.fail_on)
         if self.blocking_alerts is not None and not isinstance(self.blocking_alerts, bool):
             raise _InvalidOption("blocking_alerts", "True, False or None", self.blocking_alerts)
         for name in ("per_parameter", "histograms"):

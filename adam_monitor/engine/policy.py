@@ -3,6 +3,7 @@ repeats condensed, then acted on by ``on_alert``: nothing more, raise, or ask th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ __all__ = ["AlertPolicy", "REPEAT_WARNING_STEPS", "warn"]
 #: full text each time buries the console. Every alert is still recorded (``Monitor.alerts``,
 #: alerts.jsonl, TensorBoard) and acted on.
 REPEAT_WARNING_STEPS = 100
+
+#: ``info`` alerts (a regime, not a danger) go to this logger, not to ``warnings``: a run whose ε
+#: sets the step of one tensor is not unstable, and a test suite run with ``-W error`` must not fail.
+LOGGER = logging.getLogger("adam_monitor")
 
 
 @dataclass
@@ -59,7 +64,9 @@ class AlertPolicy:
         self.log.record(alerts, x)  # on disk before anything acts on it
         acting = [a for a in alerts if SEVERITY_ORDER[a.severity] >= SEVERITY_ORDER[self.fail_on]]
         for a in alerts:
-            if self.on_alert == "warn" or a not in acting:
+            if a.severity == "info":
+                LOGGER.info("adam-monitor [info] %s at step %d: %s", a.rule, a.step, a.message)
+            elif self.on_alert == "warn" or a not in acting:
                 self._warn(a)
         if not acting or self.on_alert == "warn":
             return

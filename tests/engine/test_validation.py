@@ -116,3 +116,27 @@ def test_a_state_that_does_not_fit_raises_and_changes_nothing():
     assert monitor.compute()["adam/update_rms"] > 0
     monitor.close()
     other.close()
+
+
+def test_sums_saved_before_grad_count_resume_with_the_diagnostics_they_gave():
+    from adam_monitor.diagnostics import COUNT, GRAD_COUNT, diagnostics_from_statistics
+
+    params, opt = adam()
+    monitor = Monitor(opt, log_every_n_steps=None)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(300)
+        opt.step()
+    state = monitor.state_dict()
+    sums = state["optimizers"][0]["sums"]
+    # the layout of a checkpoint written before the grad_count column: every coordinate counted
+    legacy = torch.cat([sums[:, :GRAD_COUNT], sums[:, COUNT:]], dim=1)
+    state["optimizers"][0]["sums"] = legacy
+    resumed = Monitor(adam()[1], log_every_n_steps=None)
+    resumed.load_state_dict(state)
+    widened = resumed.state_dict()["optimizers"][0]["sums"]
+    assert widened.shape == sums.shape
+    torch.testing.assert_close(widened[:, GRAD_COUNT], widened[:, COUNT])
+    torch.testing.assert_close(diagnostics_from_statistics(widened), diagnostics_from_statistics(sums))
+    monitor.close()
+    resumed.close()
