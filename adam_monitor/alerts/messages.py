@@ -22,6 +22,8 @@ __all__ = [
     "spike_message",
     "growth_message",
     "eps_message",
+    "EPISODE_FIXES",
+    "evidence_message",
 ]
 
 Betas = Sequence[tuple[float, float]]
@@ -115,3 +117,27 @@ def eps_message(finding: EpsFinding, names: Sequence[str], th: Thresholds) -> st
             "Adam's adaptive edge of stability; lower eps only if this tensor must keep learning fast."
         )
     return head + regime + _others(finding.count)
+
+
+#: The one fix of an episode, by the rule that started it (its primary cause).
+EPISODE_FIXES = {
+    "stale_second_moment": "lower beta2 (e.g. 0.95), clip the update (StableAdamW / update_clip) or lower the learning rate",
+    "update_rms_spike": "lower the learning rate or clip the update (update_clip / StableAdamW)",
+    "gradient_growth": "raise eps (it caps the effective step lr/(sqrt(v_hat)+eps)), lower the learning rate, or clip the update",
+}
+_EVIDENCE = {
+    "stale_second_moment": "the gradient outran Adam's second moment",
+    "update_rms_spike": "the update RMS jumped",
+    "gradient_growth": "its gradient is growing geometrically against sqrt(v_hat)",
+}
+
+
+def evidence_message(
+    rule: str, parameter: str, value: float, threshold: float, cause: str, where: str, since: int
+) -> str:
+    """The text of a precursor alert that joins an episode another rule started: what it saw, and the
+    episode's cause and fix (not its own rule's: one event, one diagnosis)."""
+    return (
+        f"{parameter}: {_EVIDENCE[rule]} ({value:.3g} against {threshold:.3g}): evidence of the episode "
+        f"that started at step {since} with {cause} on {where}. The fix is that episode's: {EPISODE_FIXES[cause]}."
+    )

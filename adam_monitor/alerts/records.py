@@ -96,7 +96,9 @@ class Thresholds:
             of stability the loss spikes every 3–50 steps). The alerts of these short bursts do not
             extend the window: otherwise one noise burst of a healthy minibatch run reaching
             ``growth_steps`` would keep it open for good.
-        after_alert_window: see ``growth_steps_after_alert``.
+        after_alert_window: see ``growth_steps_after_alert``; also the steps after its last precursor
+            alert for which an episode lasts: a precursor alert of another rule within them is
+            evidence of that episode and gives its fix.
         growth_floor: ``gradient_growth`` fires only once the staleness has reached this level (the
             gradient at least this fraction of √v̂): below it the growing gradient does not yet move
             the update, which the momentum and v̂ of earlier steps set.

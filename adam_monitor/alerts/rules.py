@@ -35,6 +35,7 @@ tensors within a step or two). Thresholds and how they were measured: tests/benc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from numbers import Real
@@ -404,7 +405,44 @@ def _initial_state(n: int, s: int) -> dict[str, State]:
         "eps": {"eps_run": np.zeros(n, dtype=np.float64), "eps_active": np.zeros(n, dtype=bool)},
         # the last step of the window after a precursor alert
         "window": {"alerted_until": np.zeros((), dtype=np.float64)},
+        # the episode the precursor alerts of one event share: its cause (an EPISODE_RULES index, -1:
+        # none yet), the tensor it started on, its first step, and the step after which it has ended
+        "episode": {
+            "episode_cause": np.array(-1.0),
+            "episode_tensor": np.zeros(()),
+            "episode_step": np.zeros(()),
+            "episode_until": np.zeros(()),
+        },
     }
+
+
+#: The precursor rules whose alerts one event raises together, as one episode.
+EPISODE_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth")
+
+
+def join_episode(step: int, alerts: list[Alert], names: Sequence[str], state: State, window: int) -> list[Alert]:
+    """One event, one diagnosis: the precursor alerts within ``window`` steps of one another form an
+    episode; the first (in the order stale, spike, growth within a step: a scale jump meeting a
+    long-memory v̂ explains the growth it sets off, not the reverse) is its cause and keeps its
+    message; the alerts of the other rules that follow are evidence and give the cause's fix."""
+    precursors = [i for i, a in enumerate(alerts) if a.rule in EPISODE_RULES]
+    if not precursors:
+        return alerts
+    if step > state["episode_until"] or state["episode_cause"] < 0:
+        first = alerts[precursors.pop(0)]
+        state["episode_cause"] = np.array(float(EPISODE_RULES.index(first.rule)))
+        state["episode_tensor"] = np.array(float(names.index(first.parameter)))
+        state["episode_step"] = np.array(float(step))
+    state["episode_until"] = np.array(float(step + window))
+    cause = EPISODE_RULES[int(state["episode_cause"])]
+    where, since = names[int(state["episode_tensor"])], int(state["episode_step"])
+    out = list(alerts)
+    for i in precursors:
+        a = alerts[i]
+        if a.rule != cause:
+            text = messages.evidence_message(a.rule, a.parameter, a.value, a.threshold, cause, where, since)
+            out[i] = dataclasses.replace(a, message=text)
+    return out
 
 
 class AlertRules:
@@ -604,4 +642,4 @@ class AlertRules:
         if eps is not None:
             text = messages.eps_message(eps, names, th)
             add("eps_dominance", "info", eps.tensor, eps.tensor, text, eps.fraction, th.eps_fraction)
-        return out
+        return join_episode(step, out, names, self._state["episode"], th.after_alert_window)

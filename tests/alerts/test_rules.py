@@ -584,3 +584,31 @@ def test_bf16_rounding_of_the_moments_is_no_bound_violation():
     assert over > 0  # the case arises: float32's margin alone would have alerted
     assert bound_margin(torch.bfloat16) == pytest.approx(0.03125)
     assert bound_margin(torch.float32) == bound_margin(torch.float64) == 1e-4
+
+
+def test_one_event_is_one_episode_with_one_diagnosis():
+    # A x30 jump of the gradient at beta2 = 0.999: the stale second moment is the cause; the update
+    # RMS jump it drives at the same step is evidence and gives the same fix, not its own.
+    alerts, _ = drive((0.9, 0.999), 260, scale=lambda t: 1.0 if t < 200 else 30.0)
+    cause, evidence = alerts
+    assert (cause.rule, evidence.rule, cause.step, evidence.step) == (
+        "stale_second_moment",
+        "update_rms_spike",
+        200,
+        200,
+    )
+    assert "lower beta2" in cause.message
+    assert "evidence of the episode that started at step 200 with stale_second_moment on w" in evidence.message
+    assert messages.EPISODE_FIXES["stale_second_moment"] in evidence.message
+    assert "lower the learning rate or clip the update (update_clip" not in evidence.message.split("The fix")[0]
+
+
+def test_an_alert_after_the_episode_window_starts_a_new_episode():
+    th = Thresholds()
+    # a second x30 jump long after the first episode ended: its alerts diagnose themselves again
+    second = 200 + th.after_alert_window + 400
+    alerts, rules = drive((0.9, 0.99), second + 20, scale=lambda t: 1.0 if t < 200 else 30.0 if t < 600 else 900.0)
+    starts = [a for a in alerts if "evidence of the episode" not in a.message]
+    assert {a.step for a in starts} >= {200, 600}, [(a.rule, a.step) for a in alerts]
+    state = rules.state_dict()
+    assert int(state["episode_step"]) == 600 and int(state["episode_cause"]) == 0
