@@ -1,59 +1,100 @@
-"""Calibration of the alert rules on small real training runs with and without loss spikes.
+"""The forecast benchmark: do the alert rules warn before loss spikes, on families of runs they were
+not tuned on?
 
-Run ``python tests/benchmarks/spike_scenarios.py [--quick] [--jobs N]``. Four scenario families,
-each a spike run and its matched stable control over several seeds (plain torch loops on data
-generated in-process: a small MLP on a synthetic teacher regression; for ``high_lr`` a tiny
-transformer on a sequence task, ``TASKS``):
+Run ``python tests/benchmarks/spike_scenarios.py [--quick] [--jobs N] [--seeds ...] [--family NAME ...]
+[--no-lofo] [--cache DIR | --no-cache]``. The runs are the families of ``families.py``: a *spike
+family* builds a run whose loss spikes by one named mechanism (variant ``"spike"``) and its matched
+stable control (``"control"``, one setting changed); a *healthy family* builds a run as users train
+(``"healthy"``), which must raise no alert. Default seeds 0, 1, 2; ``--quick``: seed 0.
 
-a. ``stale_v``: the loss weight declines geometrically to 1e-4 over steps 200–400, stays there
-   until step 800 and jumps back to 1 (β2 = 0.995: v̂ lags the decline and the gradient then
-   outruns it); control: the same run with the weight held at 1.
-b. ``high_lr``: a 2-layer causal transformer without normalization layers (d = 32, 2 heads) on
-   sequence reversal with 5% label noise (loss floor ~0.4 nats), β = (0.9, 0.999), a 100-step
-   linear warmup to lr 3e-2, gradient norm clipped at 20 (a loose safety clip: the control's norm is
-   ~0.5); the model learns the task (loss 0.7–0.9 by step 100), then single-step gradient bursts of the
-   first-layer and embedding tensors set in and the loss spikes (steps 182–216) and recovers;
-   control: lr 1e-2, otherwise the same. Warmup does not prevent these spikes (without it the run is
-   chaotic from the start and spikes in fewer seeds): the peak lr does (CALIBRATION.md).
-c. ``beta_coupling``: β = (0.95, 0.8), β1² > β2; the loss weight drops to 1e-3 at step 200, so
-   m decays like β1^k and √v like β2^{k/2}: the update grows by β1/√β2 = 1.06 per step;
-   control: β = (0.9, 0.95), same drop.
-d. ``tiny_eps``: full batch, ε = 1e-12: once converged √v̂ decays, the preconditioned sharpness
-   η·λ/(√v̂+ε) grows by β2^{-1/2} per step and its crossing of (2+2β1)/(1-β1) = 38 starts a spike
-   (around step 260), after which the run stays in a chaotic spiking regime; control: ε = 1e-3
-   caps it (ε then sets the step: ``eps_dominance`` fires there, truly — see REGIME_RULES).
+**Recording.** Each (family, variant, seed) is trained once, as ``Setup`` says (``loss(t)``;
+``(loss · weight(t)).backward()``; clip; ``optimizer.step()``; ``after_step(t)``; ``zero_grad()``),
+and recorded per step: the loss, the gradient norm before clipping, the update norm
+‖θ_t − θ_{t−1}‖, the statistics rows ``StepReader`` reads after the step, and the (β1, β2) of each
+param group (schedules such as OneCycleLR's ``cycle_momentum`` change them per step). Records are
+cached on disk (``--cache``, default ``$TMPDIR/adam-monitor-scenarios``), keyed by family, variant,
+seed and a hash of families.py, of the recording code here, of the package's statistics code
+(``adam_monitor/diagnostics``, ``engine/reader.py``, ``optim``) and of the torch version: a new
+threshold only replays, a change of what the rows mean retrains.
 
-A spike is a loss above ``SPIKE_FACTOR`` x its rolling median over the previous ``WINDOW`` steps
-for more than one step in a row. An alert of a precursor rule predicts it when it is raised 1–20
-steps before the spike's first step (``beta_coupling`` from configuration_alerts: at step 1). The
-baseline is what a user already has: a z-score of the loss or of the gradient norm over a rolling
-window (OLMo, Lightning's SpikeDetection), alerting once per excursion. An *episode* is a spike with
-no other spike starting in the ``WINDOW`` steps before it (the onset of a spiking regime); its recall
-is reported beside the per-spike recall. ``eps_dominance`` states a regime (Adam acting as SGD with
-lr η/ε), not a coming spike: its alerts are counted apart, not as predictions or false alerts.
+**Replay.** The rules do not act on training, so replaying the recorded rows through them gives
+exactly the alerts a live run would (checked by ``replay_matches_live``): ``configuration_alerts``
+at step 1 and whenever the betas change (each text once, as ``Monitor`` says them), then
+``AlertRules.observe`` on every step's rows. When the betas change mid-run the rules keep their
+state through ``AlertRules.set_betas`` where it exists, and are rebuilt otherwise (as ``Monitor``
+does).
+
+**Labels and leads.** A spike is a loss above ``SPIKE_FACTOR`` x its rolling median over the
+previous ``WINDOW`` steps for more than one step in a row (``label_spikes``); an *episode* is a spike
+with no other spike starting in the ``WINDOW`` steps before it (the onset of a spiking regime). An
+alert of a precursor rule (``PRECURSOR_RULES``) predicts a spike when it is raised ``LEAD_MIN`` to
+``LEAD_MAX`` steps before the spike's first step; ``beta_coupling`` raised at step 1 predicts every
+spike of its run (the betas alone say the update can grow without limit). ``eps_dominance`` and
+every alert of severity ``"info"`` state a regime (Adam acting as SGD with lr η/ε), not a coming
+spike: they are counted apart, neither predictions nor false alerts. Any other alert on a control or
+healthy run is a false alert. Per family: runs, spikes, recall, median lead, false alerts per 1,000
+steps of its control runs (spike families) or of its runs (healthy families), and whether every
+healthy run passes the CLI gate (``adam-monitor check``: no alert of severity warning or above).
+
+**Baselines**, scored the same way: a z-score above ``Z_THRESHOLD`` over the previous ``Z_WINDOW``
+steps, alerting once per excursion, of the loss (OLMo-core's and Lightning's ``SpikeDetection``), of
+the gradient norm (OLMo-core's gradient-norm spike detection) and of the update norm (Levanter's
+``clip_update_norm``, a rolling window of update norms). Each is reported, and per family the best
+one (highest recall).
+
+**Leave-one-family-out.** The thresholds in ``LOFO_GRID`` (names ``Thresholds`` lacks are
+skipped) are chosen, for each spike family F, on all the other families: the grid point that
+catches the most spikes of the other spike families (recall pooled over their spikes) with at most
+``MAX_CONTROL_FALSE`` false alerts per 1,000 steps of their controls and ``MAX_HEALTHY_FALSE`` per
+1,000 steps of the healthy runs; ties go to the point closest to the defaults (sum of |log ratio|);
+if no point meets both limits, the one with the fewest false alerts. F is then scored with that
+choice. A healthy family H is scored with the point chosen on all spike families (the healthy limit
+taken on the healthy families other than H). The goal line reads the held-out figures: every spike
+family's recall ≥ ``GOAL_RECALL`` and ≥ its best baseline's, pooled median lead ≥ ``GOAL_LEAD``, false
+alerts within both limits and below every baseline's (or none), no healthy run failing the gate.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
 import math
 import multiprocessing
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+for _path in (ROOT, HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from adam_monitor.alerts import Alert, AlertRules, Thresholds, configuration_alerts  # noqa: E402
+import families  # noqa: E402
+import families_healthy  # noqa: E402
+import families_spike  # noqa: E402
+from families import CONTROL, HEALTHY, SPIKE, Family  # noqa: E402
+
+#: Every family of the benchmark, by name.
+FAMILIES: dict[str, Family] = {**families.FAMILIES, **families_spike.FAMILIES, **families_healthy.FAMILIES}
+FAMILY_SOURCES = ("families.py", "families_spike.py", "families_healthy.py")
+
+from adam_monitor.alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts  # noqa: E402
 from adam_monitor.engine.reader import StepReader  # noqa: E402
 
 PRECURSOR_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "nonfinite", "beta_coupling")
@@ -64,228 +105,302 @@ MIN_HISTORY = 10
 LEAD_MIN, LEAD_MAX = 1, 20
 Z_WINDOW, Z_THRESHOLD = 50, 6.0
 
+MONITOR = "monitor"
+BASELINES = {"loss z": "losses", "grad-norm z": "grad_norms", "update-norm z": "update_norms"}  # name: Record field
+WHO = (MONITOR, *BASELINES)
+
+#: The tunable thresholds and the values the leave-one-family-out selection tries.
+LOFO_GRID: dict[str, tuple[float, ...]] = {
+    "growth_ratio": (1.1, 1.15, 1.2, 1.3),
+    "growth_steps": (3, 4, 6),
+    "stale_peak": (1.5, 2.0, 3.0),
+    "spike_ratio": (2.0, 3.0, 5.0),
+}
+MAX_CONTROL_FALSE, MAX_HEALTHY_FALSE = 0.5, 0.1  # false alerts per 1,000 steps
+GOAL_RECALL, GOAL_LEAD = 0.9, 3.0
+
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "adam-monitor-scenarios"
+STATISTICS_SOURCES = ("adam_monitor/diagnostics/*.py", "adam_monitor/engine/reader.py", "adam_monitor/optim/*.py")
+
 
 # ------------------------------------------------------------------------------------------------
-# training runs
+# recording
 
 
 @dataclass
-class RunConfig:
-    steps: int
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr: float = 1e-2
-    eps: float = 1e-8
-    warmup: int = 0
-    full_batch: bool = False
-    weight: Callable[[int], float] | None = None  # loss weight at step t (the reported loss is unweighted)
-    model: str = "teacher_mlp"  # a key of TASKS: the model and the data it trains on
-    clip: float = 0.0  # clip the gradient norm to this before the step (0: no clipping)
+class Record:
+    """One trained run: what the harness saw per step (``T`` steps, ``K`` statistics reads)."""
 
-
-@dataclass
-class Run:
-    scenario: str
-    kind: str  # "spike" or "control"
+    family: str
+    variant: str
     seed: int
-    losses: list[float]
-    grad_norms: list[float]
-    alerts: list[Alert]
+    names: list[str]  # one per tensor, in the reader's order (all params of all groups)
+    optimizer: str  # the label Monitor gives it: the class name
+    adam_groups: list[bool]  # per group: the direction is Adam's m̂/(√v̂+ε), which the beta rules bound
+    group_of: np.ndarray  # [n] param group of each tensor
+    losses: np.ndarray  # [T] unweighted loss
+    grad_norms: np.ndarray  # [T] of the backpropagated (weighted) loss, before clipping
+    update_norms: np.ndarray  # [T] ‖θ_t − θ_{t−1}‖
+    betas: np.ndarray  # [T, G, 2] each group's betas at the step
+    read_steps: np.ndarray  # [K] the optimizer step count of each read
+    read_at: np.ndarray  # [K] the harness step t (1-based) of each read
+    rows: np.ndarray  # [K, n, NUM_STATS] float64
+    seconds: float = 0.0  # training time
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.family, self.variant, self.seed
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @cached_property
+    def spikes(self) -> list[int]:
+        return label_spikes(self.losses.tolist())
+
+    @cached_property
+    def baseline_steps(self) -> dict[str, list[int]]:
+        return {name: zscore_alerts(getattr(self, attr).tolist()) for name, attr in BASELINES.items()}
+
+    def tensor_betas(self, t: int) -> list[tuple[float, float]]:
+        """Per tensor the betas of its group at harness step ``t``."""
+        return [(float(b1), float(b2)) for b1, b2 in self.betas[t - 1][self.group_of]]
 
 
-def _mlp(d: int, h: int) -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, h), torch.nn.Tanh(), torch.nn.Linear(h, 1)
-    )
+def _as_float(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-@dataclass
-class Task:
-    model: torch.nn.Module
-    loss: Callable[[int], torch.Tensor]  # the (unweighted) training loss of step t, graph attached
+def _group_betas(opt: torch.optim.Optimizer) -> list[tuple[float, float]]:
+    return [(_as_float(g["betas"][0]), _as_float(g["betas"][1])) for g in opt.param_groups]
 
 
-def _teacher_task(cfg: RunConfig, seed: int, d: int = 16, h: int = 64) -> Task:
-    """The student MLP on a teacher MLP's outputs (noise 0.1; ``full_batch``: 256 fixed points, no noise)."""
-    torch.manual_seed(seed)
-    teacher, model = _mlp(d, h), _mlp(d, h)
-    teacher.requires_grad_(False)
-    fixed_x = torch.randn(256, d)
-    fixed_y = teacher(fixed_x)
-
-    def loss(t: int) -> torch.Tensor:
-        if cfg.full_batch:
-            x, y = fixed_x, fixed_y
-        else:
-            x = torch.randn(256, d)
-            y = teacher(x) + 0.1 * torch.randn(256, 1)
-        return torch.nn.functional.mse_loss(model(x), y)
-
-    return Task(model, loss)
+def _norm(tensors: Iterable[torch.Tensor]) -> float:
+    norms = [torch.linalg.vector_norm(t.detach().double()) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
-class _Block(torch.nn.Module):
-    """A transformer block without normalization layers: x + attn(x), then x + mlp(x)."""
-
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = torch.nn.Linear(d, 3 * d)
-        self.proj = torch.nn.Linear(d, d)
-        self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
-
-class _TinyGPT(torch.nn.Module):
-    def __init__(self, vocab: int, ctx: int, d: int, heads: int, layers: int):
-        super().__init__()
-        self.tok = torch.nn.Embedding(vocab, d)
-        self.pos = torch.nn.Embedding(ctx, d)
-        self.blocks = torch.nn.Sequential(*[_Block(d, heads) for _ in range(layers)])
-        self.head = torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.tok(idx) + self.pos(torch.arange(idx.shape[1]))))
-
-
-def _reverse_task(
-    cfg: RunConfig,
-    seed: int,
-    vocab: int = 32,
-    n: int = 15,
-    d: int = 32,
-    heads: int = 2,
-    layers: int = 2,
-    batch: int = 16,
-    noise: float = 0.05,
-) -> Task:
-    """A 2-layer, 2-head, d = 32 causal transformer without normalization layers, next-token
-    cross-entropy on ``a_1 … a_n SEP a_n … a_1`` (n = 15 random tokens of 31, then their reverse;
-    only the reversed half is scored), each target replaced by a random token with probability
-    ``noise``: the loss floor is ~0.36 nats (0.4–0.45 reached), so the gradient never vanishes
-    (without the noise the loss falls to ~1e-3 and then spikes even at lr 3e-3: the vanishing-gradient
-    mechanism of ``tiny_eps``, not a too-high lr) and a 3x spike means the learned attention pattern
-    broke. Fresh sequences each step, drawn in advance."""
-    torch.manual_seed(seed)
-    model = _TinyGPT(vocab, 2 * n + 1, d, heads, layers)
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randint(vocab - 1, (cfg.steps * batch, n), generator=gen)
-    seq = torch.cat([a, torch.full((cfg.steps * batch, 1), vocab - 1), a.flip(1)], 1)
-    x, y = seq[:, :-1], seq[:, 1:].clone()
-    flip = torch.rand(y.shape, generator=gen) < noise
-    y = torch.where(flip, torch.randint(vocab - 1, y.shape, generator=gen), y)
-    y[:, :n] = -100  # the random half is not predictable
-
-    def loss(t: int) -> torch.Tensor:
-        rows = slice((t - 1) * batch, t * batch)
-        logits = model(x[rows]).reshape(-1, vocab)
-        return torch.nn.functional.cross_entropy(logits, y[rows].reshape(-1), ignore_index=-100)
-
-    return Task(model, loss)
-
-
-TASKS: dict[str, Callable[[RunConfig, int], Task]] = {
-    "teacher_mlp": _teacher_task,
-    "reverse_gpt": _reverse_task,
-}
-
-
-def train(cfg: RunConfig, seed: int, thresholds: Thresholds | None = None) -> tuple:
-    """Train ``TASKS[cfg.model]`` with Adam, the monitor's rules reading each step; returns
-    (losses, grad_norms, alerts). ``grad_norms`` are before clipping; the rules see the gradient the
-    step used."""
-    task = TASKS[cfg.model](cfg, seed)
-    model = task.model
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    names = [n for n, _ in model.named_parameters()]
+def train(family: Family, variant: str, seed: int, live: Thresholds | None = None) -> tuple[Record, list[Alert]]:
+    """Train one run of ``family`` and record it. With ``live``, a plain ``AlertRules`` built from the
+    starting betas reads every step's rows as they come (the check of the replay: valid for runs
+    whose betas do not change); the alerts it raised are returned beside the record."""
+    torch.set_num_threads(1)  # tiny tensors: a thread pool only adds spin-waits
+    start = time.perf_counter()
+    setup = family.build(seed, variant)
+    opt = setup.optimizer
     reader = StepReader(opt)
-    rules = AlertRules(names, optimizer="Adam", betas=cfg.betas, thresholds=thresholds)
-    alerts = configuration_alerts([g["betas"] for g in opt.param_groups], optimizer="Adam", step=1)
-    params = list(model.parameters())
-    losses, grad_norms = [], []
-    for t in range(1, cfg.steps + 1):
-        if cfg.warmup:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, t / cfg.warmup)
-        loss = task.loss(t)
-        opt.zero_grad(set_to_none=False)
-        (loss * (cfg.weight(t) if cfg.weight else 1.0)).backward()
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)  # the monitor sees the clipped gradient
+    params = reader.params
+    named = {id(p): n for n, p in setup.model.named_parameters()}
+    names = [named.get(id(p), f"param{i}") for i, p in enumerate(params)]
+    group_of = [gi for gi, g in enumerate(opt.param_groups) for _ in g["params"]]
+    adam_groups = [g.get("normalize", "adam") == "adam" for g in opt.param_groups]
+    label = type(opt).__name__
+    rules, live_alerts = None, []
+    if live is not None:
+        pairs = [_group_betas(opt)[gi] for gi in group_of]
+        rules = AlertRules(names, optimizer=label, betas=pairs, thresholds=live)
+        live_alerts = configuration_alerts(_group_betas(opt), optimizer=label, step=1)
+    losses, grad_norms, update_norms, betas = [], [], [], []
+    read_steps, read_at, rows = [], [], []
+    for t in range(1, setup.steps + 1):
+        loss = setup.loss(t)
+        (loss * (setup.weight(t) if setup.weight else 1.0)).backward()
+        grad_norms.append(_norm(p.grad for p in params if p.grad is not None))
+        if setup.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, setup.clip)  # the statistics see the clipped gradient
+        before = [p.detach().clone() for p in params]
+        betas.append(_group_betas(opt))  # the betas this step uses (after_step may change them)
         opt.step()
+        update_norms.append(_norm(p.detach() - b for p, b in zip(params, before)))
         result = reader.read()
         if result is not None:
-            alerts += rules.observe(result[1], result[0])
+            rows.append(result[0].cpu().numpy())
+            read_steps.append(result[1])
+            read_at.append(t)
+            if rules is not None:
+                live_alerts += rules.observe(result[1], result[0])
+        if setup.after_step is not None:
+            setup.after_step(t)
+        opt.zero_grad()
         losses.append(loss.item())
-        grad_norms.append(grad_norm.item())
-    return losses, grad_norms, alerts
-
-
-def _decline(t: int, floor: float) -> float:
-    """1 up to step 200, then a geometric decline to ``floor`` over 200 steps."""
-    return floor ** min(1.0, max(0.0, (t - 200) / 200))
-
-
-def _stale_weight(t: int) -> float:
-    return _decline(t, 1e-4) if t <= 800 else 1.0
-
-
-def _vanishing_weight(t: int) -> float:
-    return 1.0 if t <= 200 else 1e-3
-
-
-SCENARIOS: dict[str, tuple[RunConfig, RunConfig]] = {
-    "stale_v": (
-        RunConfig(steps=900, betas=(0.9, 0.995), lr=3e-2, weight=_stale_weight),
-        RunConfig(steps=900, betas=(0.9, 0.995), lr=3e-2),
-    ),
-    "high_lr": (
-        RunConfig(steps=500, betas=(0.9, 0.999), lr=3e-2, warmup=100, clip=20.0, model="reverse_gpt"),
-        RunConfig(steps=500, betas=(0.9, 0.999), lr=1e-2, warmup=100, clip=20.0, model="reverse_gpt"),
-    ),
-    "beta_coupling": (
-        RunConfig(steps=400, betas=(0.95, 0.8), lr=1e-2, weight=_vanishing_weight),
-        RunConfig(steps=400, betas=(0.9, 0.95), lr=1e-2, weight=_vanishing_weight),
-    ),
-    "tiny_eps": (
-        RunConfig(steps=700, betas=(0.9, 0.99), lr=1e-2, eps=1e-12, full_batch=True),
-        RunConfig(steps=700, betas=(0.9, 0.99), lr=1e-2, eps=1e-3, full_batch=True),
-    ),
-}
-
-
-def _run_one(task: tuple) -> Run:
-    name, kind, seed, thresholds = task
-    torch.set_num_threads(1)  # tiny tensors: a thread pool only adds spin-waits
-    cfg = SCENARIOS[name][0 if kind == "spike" else 1]
-    losses, grad_norms, alerts = train(cfg, seed, thresholds)
-    return Run(name, kind, seed, losses, grad_norms, alerts)
-
-
-def run_scenarios(
-    seeds: Sequence[int],
-    names: Sequence[str] | None = None,
-    thresholds: Thresholds | None = None,
-    jobs: int = 1,
-) -> list[Run]:
-    """All (scenario, seed, spike/control) runs; ``jobs`` > 1 trains them in that many processes."""
-    tasks = [
-        (name, kind, seed, thresholds) for name in names or SCENARIOS for seed in seeds for kind in ("spike", "control")
-    ]
-    if jobs <= 1:
-        return [_run_one(t) for t in tasks]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_run_one, tasks))
+    n = len(params)
+    record = Record(
+        family=family.name,
+        variant=variant,
+        seed=seed,
+        names=names,
+        optimizer=label,
+        adam_groups=adam_groups,
+        group_of=np.array(group_of, dtype=np.int64),
+        losses=np.array(losses, dtype=np.float64),
+        grad_norms=np.array(grad_norms, dtype=np.float64),
+        update_norms=np.array(update_norms, dtype=np.float64),
+        betas=np.array(betas, dtype=np.float64).reshape(len(betas), len(opt.param_groups), 2),
+        read_steps=np.array(read_steps, dtype=np.int64),
+        read_at=np.array(read_at, dtype=np.int64),
+        rows=np.array(rows, dtype=np.float64).reshape(len(rows), n, -1),
+        seconds=time.perf_counter() - start,
+    )
+    return record, live_alerts
 
 
 # ------------------------------------------------------------------------------------------------
-# labelling and scoring
+# the cache of records
+
+_ARRAYS = ("group_of", "losses", "grad_norms", "update_norms", "betas", "read_steps", "read_at", "rows")
+_META = ("family", "variant", "seed", "names", "optimizer", "adam_groups", "seconds")
+
+
+def cache_key() -> str:
+    """A hash of everything a record depends on besides (family, variant, seed): the families'
+    source, the recording code, the package's statistics code and the torch version."""
+    h = hashlib.sha256()
+    for source in FAMILY_SOURCES:
+        h.update((HERE / source).read_bytes())
+    h.update(inspect.getsource(train).encode())
+    for pattern in STATISTICS_SOURCES:
+        for path in sorted(ROOT.glob(pattern)):
+            h.update(path.relative_to(ROOT).as_posix().encode())
+            h.update(path.read_bytes())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_path(cache: Path, key: str, family: str, variant: str, seed: int) -> Path:
+    return cache / f"{family}-{variant}-{seed}-{key}.npz"
+
+
+def save_record(record: Record, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({k: getattr(record, k) for k in _META})
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.array(meta), **{k: getattr(record, k) for k in _ARRAYS})
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def load_record(path: Path) -> Record | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return Record(**meta, **{k: z[k] for k in _ARRAYS})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or unreadable: train it again
+
+
+def _train_task(task: tuple[str, str, int, Path | None, str]) -> Record:
+    name, variant, seed, cache, key = task
+    record, _ = train(FAMILIES[name], variant, seed)
+    if cache is not None:
+        save_record(record, cache_path(cache, key, name, variant, seed))  # kept even if a later run fails
+    return record
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    # torch.optim imports torch._dynamo on first use (seconds where no bytecode is cached): once
+    # here, and the forked workers inherit it.
+    import torch._dynamo  # noqa: F401
+
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+
+
+def record_runs(
+    names: Sequence[str], seeds: Sequence[int], jobs: int = 1, cache: Path | None = DEFAULT_CACHE
+) -> tuple[list[Record], set[tuple[str, str, int]]]:
+    """Every (family, variant, seed) record, from the cache where it holds one; returns the records
+    and the keys of those trained now. ``cache=None`` trains all and stores nothing."""
+    key = cache_key()
+    tasks = [(n, v, s) for n in names for s in seeds for v in FAMILIES[n].variants]
+    found: dict[tuple, Record] = {}
+    if cache is not None:
+        for task in tasks:
+            record = load_record(cache_path(cache, key, *task))
+            if record is not None:
+                found[task] = record
+    todo = [(*task, cache, key) for task in tasks if task not in found]
+    if jobs <= 1 or len(todo) <= 1:
+        for task in todo:
+            found[task[:3]] = _train_task(task)
+    else:
+        with _pool(jobs) as pool:
+            futures = {pool.submit(_train_task, task): task[:3] for task in todo}
+            for future in as_completed(futures):
+                found[futures[future]] = future.result()
+    return [found[t] for t in tasks], {task[:3] for task in todo}
+
+
+# ------------------------------------------------------------------------------------------------
+# replay
+
+
+class _Replayer:
+    """Feeds one run's steps to the rules as ``Monitor`` would."""
+
+    def __init__(self, record: Record, thresholds: Thresholds | None):
+        th = thresholds if thresholds is not None else Thresholds()
+        if not all(record.adam_groups):
+            th = dataclasses.replace(th, bound_factor=math.inf)  # B_t bounds Adam's direction only
+        self.record, self.thresholds = record, th
+        self.rules: AlertRules | None = None
+        self.betas: list[tuple[float, float]] | None = None
+        self.seen: set[str] = set()
+
+    def configure(self, step: int, t: int) -> list[Alert]:
+        """Configuration alerts not said before, and rules for the betas of harness step ``t``."""
+        record = self.record
+        betas = [(float(b1), float(b2)) for b1, b2 in record.betas[t - 1]]
+        checked = [b if adam else None for b, adam in zip(betas, record.adam_groups)]
+        alerts = configuration_alerts(checked, optimizer=record.optimizer, step=1 if self.betas is None else step)
+        fresh = [a for a in alerts if f"{a.rule}|{a.message}" not in self.seen]
+        self.seen.update(f"{a.rule}|{a.message}" for a in fresh)
+        pairs = record.tensor_betas(t)
+        if self.rules is not None and hasattr(self.rules, "set_betas"):
+            self.rules.set_betas(pairs)  # keeps the rules' state across the change
+        else:
+            self.rules = AlertRules(record.names, optimizer=record.optimizer, betas=pairs, thresholds=self.thresholds)
+        self.betas = betas
+        return fresh
+
+    def step(self, k: int) -> list[Alert]:
+        record = self.record
+        step, t = int(record.read_steps[k]), int(record.read_at[k])
+        alerts = []
+        if self.betas is None or not np.array_equal(record.betas[t - 1], self.betas):
+            alerts += self.configure(step, t)
+        return alerts + self.rules.observe(step, torch.from_numpy(record.rows[k]))
+
+
+def replay(record: Record, thresholds: Thresholds | None = None) -> list[Alert]:
+    """The alerts the rules raise on this record with these thresholds."""
+    replayer = _Replayer(record, thresholds)
+    alerts = []
+    for k in range(len(record.read_steps)):
+        alerts += replayer.step(k)
+    return alerts
+
+
+def _alert_dicts(alerts: Sequence[Alert]) -> list[dict]:
+    return [a.to_dict() for a in alerts]  # NaN-safe comparison
+
+
+def replay_matches_live(name: str, variant: str, seed: int, cache: Path | None = None) -> bool:
+    """A run trained with live rules raises exactly what its replay raises, twice over (the replay is
+    deterministic), also from the record as the cache returns it."""
+    record, live = train(FAMILIES[name], variant, seed, live=Thresholds())
+    if len(np.unique(record.betas, axis=0)) > 1:
+        raise ValueError(f"{name}/{variant}: its betas change, which the plain live rules do not follow")
+    copies = [record]
+    if cache is not None:
+        path = cache / f"check-{name}-{variant}-{seed}.npz"
+        save_record(record, path)
+        copies.append(load_record(path))
+    expected = _alert_dicts(live)
+    return all(_alert_dicts(replay(r)) == expected for r in copies for _ in range(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# labelling
 
 
 def label_spikes(losses: Sequence[float], factor: float = SPIKE_FACTOR, window: int = WINDOW) -> list[int]:
@@ -330,21 +445,18 @@ def zscore_alerts(values: Sequence[float], window: int = Z_WINDOW, threshold: fl
     return steps
 
 
-def monitor_alert_steps(run: Run) -> list[int]:
-    return sorted(a.step for a in run.alerts if a.rule in PRECURSOR_RULES)
-
-
-def regime_alert_steps(run: Run) -> list[int]:
-    return sorted(a.step for a in run.alerts if a.rule in REGIME_RULES)
-
-
 def episode_starts(spikes: Sequence[int], window: int = WINDOW) -> list[int]:
     """Spikes with no other spike starting in the ``window`` steps before them."""
     return [s for i, s in enumerate(spikes) if i == 0 or s - spikes[i - 1] > window]
 
 
-def baseline_alert_steps(run: Run) -> list[int]:
-    return sorted(set(zscore_alerts(run.losses)) | set(zscore_alerts(run.grad_norms)))
+def is_regime(alert: Alert) -> bool:
+    return alert.rule in REGIME_RULES or alert.severity == "info"
+
+
+def fails_gate(alert: Alert) -> bool:
+    """Whether ``adam-monitor check`` (default level: warning) fails on this alert."""
+    return SEVERITY_ORDER.get(alert.severity, -1) >= SEVERITY_ORDER["warning"]
 
 
 def _leads(spikes: Sequence[int], alert_steps: Sequence[int], config_flag: bool) -> list[int | None]:
@@ -358,150 +470,491 @@ def _leads(spikes: Sequence[int], alert_steps: Sequence[int], config_flag: bool)
     return leads
 
 
+# ------------------------------------------------------------------------------------------------
+# scoring
+
+
 @dataclass
 class Score:
-    runs: int = 0
+    """One alarm's figures on one family (or several, added with ``+``)."""
+
+    runs: int = 0  # spike runs
     spikes: int = 0
     caught: int = 0
     leads: list[int] = field(default_factory=list)
-    control_steps: int = 0
-    control_alerts: int = 0
     episodes: int = 0
     episodes_caught: int = 0
-    regime_alerts: int = 0  # eps_dominance on control runs (not counted as false alerts)
+    control_runs: int = 0
+    control_steps: int = 0
+    control_alerts: int = 0
+    control_spikes: int = 0  # labelled on control runs (a control should have none)
+    healthy_runs: int = 0
+    healthy_steps: int = 0
+    healthy_alerts: int = 0
+    healthy_spikes: int = 0
+    gate_failures: int = 0  # healthy runs with an alert of severity warning or above
+    regime_alerts: int = 0  # on control and healthy runs, not counted as false alerts
 
-    @property
-    def episode_recall(self) -> float:
-        return self.episodes_caught / self.episodes if self.episodes else math.nan
+    def __add__(self, other: Score) -> Score:
+        return Score(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(Score)})
 
     @property
     def recall(self) -> float:
         return self.caught / self.spikes if self.spikes else math.nan
 
     @property
+    def episode_recall(self) -> float:
+        return self.episodes_caught / self.episodes if self.episodes else math.nan
+
+    @property
     def median_lead(self) -> float:
         return statistics.median(self.leads) if self.leads else math.nan
 
     @property
-    def false_per_1000(self) -> float:
+    def control_false(self) -> float:
+        """False alerts per 1,000 control steps."""
         return 1000 * self.control_alerts / self.control_steps if self.control_steps else math.nan
 
+    @property
+    def healthy_false(self) -> float:
+        """False alerts per 1,000 healthy steps."""
+        return 1000 * self.healthy_alerts / self.healthy_steps if self.healthy_steps else math.nan
 
-def score(runs: Sequence[Run]) -> dict[str, dict[str, Score]]:
-    """``{scenario: {"monitor": Score, "baseline": Score}}`` (spikes of control runs are not scored)."""
-    table: dict[str, dict[str, Score]] = {}
-    for run in runs:
-        row = table.setdefault(run.scenario, {"monitor": Score(), "baseline": Score()})
-        flagged = any(a.rule == "beta_coupling" and a.step == 1 for a in run.alerts)
-        for who, steps, config in (
-            ("monitor", monitor_alert_steps(run), flagged),
-            ("baseline", baseline_alert_steps(run), False),
-        ):
-            s = row[who]
-            if run.kind == "spike":
-                s.runs += 1
-                spikes = label_spikes(run.losses)
-                leads = _leads(spikes, steps, config)
-                s.spikes += len(spikes)
-                s.caught += sum(lead is not None for lead in leads)
-                s.leads += [lead for lead in leads if lead is not None]
-                onsets = set(episode_starts(spikes))
-                s.episodes += len(onsets)
-                s.episodes_caught += sum(lead is not None for sp, lead in zip(spikes, leads) if sp in onsets)
-            else:
-                s.control_steps += len(run.losses)
-                s.control_alerts += len(steps)
-                if who == "monitor":
-                    s.regime_alerts += len(regime_alert_steps(run))
+    @property
+    def is_healthy(self) -> bool:
+        return self.healthy_runs > 0 and not self.runs and not self.control_runs
+
+
+def _score_run(s: Score, record: Record, steps: Sequence[int], flagged: bool) -> None:
+    """Add one run's alarm steps (harness steps) to ``s``; ``flagged``: beta_coupling at step 1."""
+    if record.variant == SPIKE:
+        s.runs += 1
+        leads = _leads(record.spikes, steps, flagged)
+        s.spikes += len(record.spikes)
+        s.caught += sum(lead is not None for lead in leads)
+        s.leads += [lead for lead in leads if lead is not None]
+        onsets = set(episode_starts(record.spikes))
+        s.episodes += len(onsets)
+        s.episodes_caught += sum(lead is not None for sp, lead in zip(record.spikes, leads) if sp in onsets)
+    elif record.variant == CONTROL:
+        s.control_runs += 1
+        s.control_steps += record.steps
+        s.control_alerts += len(steps)
+        s.control_spikes += len(record.spikes)
+    else:
+        s.healthy_runs += 1
+        s.healthy_steps += record.steps
+        s.healthy_alerts += len(steps)
+        s.healthy_spikes += len(record.spikes)
+
+
+def score_monitor(record: Record, alerts: Sequence[Alert], s: Score) -> None:
+    """Add the monitor's alerts on one run to ``s``: on spike runs its precursor alerts predict, on
+    control and healthy runs every alert that is not a regime alert is false."""
+    harness_step = dict(zip(record.read_steps.tolist(), record.read_at.tolist()))
+    when = [harness_step.get(a.step, a.step) for a in alerts]
+    if record.variant == SPIKE:
+        steps = sorted(t for a, t in zip(alerts, when) if a.rule in PRECURSOR_RULES and not is_regime(a))
+    else:
+        steps = sorted(t for a, t in zip(alerts, when) if not is_regime(a))
+        s.regime_alerts += sum(map(is_regime, alerts))
+    flagged = any(a.rule == "beta_coupling" and a.step == 1 for a in alerts)
+    _score_run(s, record, steps, flagged)
+    if record.variant == HEALTHY:
+        s.gate_failures += any(map(fails_gate, alerts))
+
+
+Table = dict[str, dict[str, Score]]  # family -> {MONITOR or a baseline: Score}
+
+
+def score(records: Sequence[Record], alerts: Sequence[Sequence[Alert]]) -> Table:
+    """Per family the monitor's score (from ``alerts``, one list per record) and each baseline's."""
+    table: Table = {}
+    for record, found in zip(records, alerts):
+        row = table.setdefault(record.family, {who: Score() for who in WHO})
+        score_monitor(record, found, row[MONITOR])
+        for name, steps in record.baseline_steps.items():
+            _score_run(row[name], record, steps, False)
     return table
 
 
-def control_spikes(runs: Sequence[Run]) -> int:
-    return sum(len(label_spikes(r.losses)) for r in runs if r.kind == "control")
+def monitor_scores(records: Sequence[Record], thresholds: Thresholds | None) -> dict[str, Score]:
+    """Per family the monitor's score with these thresholds (replayed)."""
+    out: dict[str, Score] = {}
+    for record in records:
+        score_monitor(record, replay(record, thresholds), out.setdefault(record.family, Score()))
+    return out
 
 
-def combined(table: dict[str, dict[str, Score]]) -> dict[str, Score]:
-    """The scores of all scenarios together (leads pooled, not a mean of medians)."""
-    total = {"monitor": Score(), "baseline": Score()}
-    for row in table.values():
-        for who, t in total.items():
-            for f in fields(Score):  # counts add up, lists of leads concatenate
-                setattr(t, f.name, getattr(t, f.name) + getattr(row[who], f.name))
-    return total
+def total(scores: Iterable[Score]) -> Score:
+    return sum(scores, Score())
 
 
-def format_table(table: dict[str, dict[str, Score]]) -> str:
-    head = (
-        "| scenario | runs | spikes | monitor recall | monitor median lead | monitor false/1000 | "
-        "baseline recall | baseline median lead | baseline false/1000 | episodes | monitor / baseline "
-        "episode recall |"
-    )
-    lines = [head, "|" + "---|" * 11]
-    for name, row in list(table.items()) + [("all", combined(table))]:
-        m, b = row["monitor"], row["baseline"]
-        lines.append(
-            f"| {name} | {m.runs} | {m.spikes} | {m.recall:.2f} | {m.median_lead:g} | {m.false_per_1000:.2f} | "
-            f"{b.recall:.2f} | {b.median_lead:g} | {b.false_per_1000:.2f} | {m.episodes} | "
-            f"{m.episode_recall:.2f} / {b.episode_recall:.2f} |"
+def best_baseline(row: dict[str, Score]) -> str:
+    """The baseline of highest recall (ties: fewer false alerts); for healthy families, fewest false alerts."""
+
+    def merit(name: str) -> tuple:
+        s = row[name]
+        false = s.healthy_false if s.is_healthy else s.control_false
+        recall = s.recall if not math.isnan(s.recall) else 0.0
+        return (-recall, false if not math.isnan(false) else 0.0)
+
+    return min(BASELINES, key=merit)
+
+
+# ------------------------------------------------------------------------------------------------
+# leave-one-family-out
+
+
+def grid_points(grid: dict[str, Sequence[float]] = LOFO_GRID) -> list[dict[str, float]]:
+    """Every combination of the grid's values for the names ``Thresholds`` has, valid ones only."""
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    names = [n for n in grid if n in known]
+    points = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        point = dict(zip(names, values))
+        try:
+            Thresholds(**point)
+        except ValueError:
+            continue  # a combination the thresholds' own checks reject
+        points.append(point)
+    return points
+
+
+def distance_from_defaults(point: dict[str, float]) -> float:
+    defaults = Thresholds()
+    return sum(abs(math.log(v / getattr(defaults, n))) for n, v in point.items())
+
+
+def _rate(alerts: int, steps: int) -> float:
+    return 1000 * alerts / steps if steps else 0.0
+
+
+def choose(scores: Sequence[dict[str, Score]], points: Sequence[dict], families: Sequence[str]) -> int:
+    """Index of the grid point chosen on ``families`` (their scores at each point, ``scores[i]``)."""
+
+    def merit(i: int) -> tuple:
+        s = total(scores[i][f] for f in families)
+        control, healthy = _rate(s.control_alerts, s.control_steps), _rate(s.healthy_alerts, s.healthy_steps)
+        feasible = control <= MAX_CONTROL_FALSE and healthy <= MAX_HEALTHY_FALSE
+        false = s.control_alerts + s.healthy_alerts
+        return (not feasible, 0 if feasible else false, -s.caught, distance_from_defaults(points[i]), i)
+
+    return min(range(len(points)), key=merit)
+
+
+@dataclass
+class Lofo:
+    points: list[dict[str, float]]
+    chosen: dict[str, int]  # held-out family -> index of its chosen point
+    held_out: dict[str, Score]  # held-out family -> its monitor score at that point
+    feasible: dict[str, bool]  # whether the chosen point met both false-alert limits on the others
+
+
+_REPLAY_RECORDS: list[Record] = []  # set before forking the replay workers, which inherit it
+
+
+def _forked_map(fn: Callable, items: Sequence, records: Sequence[Record], jobs: int) -> list:
+    """``fn`` over ``items`` in ``jobs`` processes that see ``records`` as ``_REPLAY_RECORDS``
+    (inherited by the fork, not sent to each task)."""
+    global _REPLAY_RECORDS
+    _REPLAY_RECORDS = list(records)
+    try:
+        if jobs <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with _pool(jobs) as pool:
+            return list(pool.map(fn, items, chunksize=max(1, len(items) // (4 * jobs))))
+    finally:
+        _REPLAY_RECORDS = []
+
+
+def _replay_index(task: tuple[int, Thresholds | None]) -> list[Alert]:
+    torch.set_num_threads(1)
+    return replay(_REPLAY_RECORDS[task[0]], task[1])
+
+
+def replay_all(records: Sequence[Record], thresholds: Thresholds | None = None, jobs: int = 1) -> list[list[Alert]]:
+    return _forked_map(_replay_index, [(i, thresholds) for i in range(len(records))], records, jobs)
+
+
+def _replay_point(point: dict[str, float]) -> dict[str, Score]:
+    torch.set_num_threads(1)
+    return monitor_scores(_REPLAY_RECORDS, Thresholds(**point))
+
+
+def grid_scores(records: Sequence[Record], points: Sequence[dict], jobs: int = 1) -> list[dict[str, Score]]:
+    """Per grid point, per family, the monitor's score (records replayed, never retrained)."""
+    return _forked_map(_replay_point, points, records, jobs)
+
+
+def leave_one_family_out(records: Sequence[Record], jobs: int = 1) -> Lofo:
+    points = grid_points()
+    scores = grid_scores(records, points, jobs)
+    names = list(dict.fromkeys(r.family for r in records))
+    healthy = [n for n in names if FAMILIES[n].healthy]
+    spiky = [n for n in names if n not in healthy]
+    chosen, feasible = {}, {}
+    for name in names:
+        others = spiky + [h for h in healthy if h != name] if name in healthy else [n for n in names if n != name]
+        i = choose(scores, points, others)
+        s = total(scores[i][f] for f in others)
+        chosen[name] = i
+        feasible[name] = (
+            _rate(s.control_alerts, s.control_steps) <= MAX_CONTROL_FALSE
+            and _rate(s.healthy_alerts, s.healthy_steps) <= MAX_HEALTHY_FALSE
         )
-    regime = {name: row["monitor"].regime_alerts for name, row in table.items() if row["monitor"].regime_alerts}
-    lines.append(f"\nregime alerts (eps_dominance) on control runs, not counted above: {regime or 'none'}")
+    return Lofo(points, chosen, {n: scores[chosen[n]][n] for n in names}, feasible)
+
+
+def lofo_table(table: Table, lofo: Lofo) -> Table:
+    """``table`` with each family's monitor score replaced by its held-out one."""
+    return {name: {**row, MONITOR: lofo.held_out[name]} for name, row in table.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the goal
+
+
+def _below(monitor: float, baselines: Iterable[float]) -> bool:
+    """No higher than any baseline and strictly below it unless the monitor raised none."""
+    return all(monitor == 0 or monitor < b for b in baselines)
+
+
+def goal_met(table: Table) -> dict[str, bool]:
+    """Each clause of the goal on ``table`` (the held-out table of ``lofo_table``, or the
+    default-threshold one): per spike family recall, then pooled lead, false alerts and the gate."""
+    spiky = {n: row for n, row in table.items() if not row[MONITOR].is_healthy}
+    everything = {who: total(row[who] for row in table.values()) for who in WHO}
+    m = everything[MONITOR]
+    met = {
+        f"{n} recall": row[MONITOR].recall >= GOAL_RECALL and row[MONITOR].recall >= row[best_baseline(row)].recall
+        for n, row in spiky.items()
+    }
+    met["median lead"] = total(row[MONITOR] for row in spiky.values()).median_lead >= GOAL_LEAD
+    control, healthy = _rate(m.control_alerts, m.control_steps), _rate(m.healthy_alerts, m.healthy_steps)
+    met["control false"] = control <= MAX_CONTROL_FALSE and _below(
+        control, (_rate(everything[b].control_alerts, everything[b].control_steps) for b in BASELINES)
+    )
+    met["healthy false"] = healthy <= MAX_HEALTHY_FALSE and _below(
+        healthy, (_rate(everything[b].healthy_alerts, everything[b].healthy_steps) for b in BASELINES)
+    )
+    met["gate"] = m.gate_failures == 0
+    return met
+
+
+def goal_line(table: Table, label: str) -> str:
+    met = goal_met(table)
+    everything = {who: total(row[who] for row in table.values()) for who in WHO}
+    m = everything[MONITOR]
+    spiky = total(row[MONITOR] for row in table.values() if not row[MONITOR].is_healthy)
+    failed = [k for k, ok in met.items() if not ok]
+    base = ", ".join(
+        f"{b} {_rate(everything[b].control_alerts, everything[b].control_steps):.2f} / "
+        f"{_rate(everything[b].healthy_alerts, everything[b].healthy_steps):.2f}"
+        for b in BASELINES
+    )
+    return (
+        f"goal ({label}: every spike family's recall >= {GOAL_RECALL:g} and >= its best baseline's, pooled "
+        f"median lead >= {GOAL_LEAD:g}, <= {MAX_CONTROL_FALSE:g} false/1000 on controls and <= "
+        f"{MAX_HEALTHY_FALSE:g} on healthy runs and below every baseline's, no healthy run failing the gate): "
+        f"{'MET' if not failed else 'NOT met (' + '; '.join(failed) + ')'}. Pooled: recall {spiky.recall:.2f}, "
+        f"median lead {spiky.median_lead:g}, false/1000 controls {_rate(m.control_alerts, m.control_steps):.2f}, "
+        f"healthy {_rate(m.healthy_alerts, m.healthy_steps):.2f} (baselines, controls / healthy: {base}); "
+        f"healthy runs failing the gate: {m.gate_failures} of {m.healthy_runs}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(x: float, spec: str = ".2f") -> str:
+    return "–" if isinstance(x, float) and math.isnan(x) else format(x, spec)
+
+
+def _cell(s: Score) -> str:
+    """recall / median lead / false per 1000 (of control steps, or of healthy steps)."""
+    if s.is_healthy:
+        return f"– / – / {_fmt(s.healthy_false)}"
+    return f"{_fmt(s.recall)} / {_fmt(s.median_lead, 'g')} / {_fmt(s.control_false)}"
+
+
+def _kind(s: Score) -> str:
+    return "healthy" if s.is_healthy else "spike"
+
+
+def _gate(s: Score) -> str:
+    return f"{s.healthy_runs - s.gate_failures}/{s.healthy_runs} pass" if s.healthy_runs else "–"
+
+
+def _pooled_rows(table: Table) -> list[tuple[str, dict[str, Score]]]:
+    groups = {
+        "all spike families": [row for row in table.values() if not row[MONITOR].is_healthy],
+        "all healthy families": [row for row in table.values() if row[MONITOR].is_healthy],
+    }
+    return [(label, {who: total(r[who] for r in rows) for who in WHO}) for label, rows in groups.items() if rows]
+
+
+def format_table(table: Table) -> str:
+    """The monitor beside each baseline, per family and pooled. Cells: recall / median lead / false
+    alerts per 1,000 steps of the controls (spike families) or of the runs (healthy families)."""
+    head = (
+        "| family | kind | runs | spikes (control/healthy) | monitor | episodes (monitor / best baseline) | "
+        + " | ".join(BASELINES)
+        + " | best baseline | regime alerts | gate |"
+    )
+    lines = [head, "|" + "---|" * (9 + len(BASELINES))]
+    for name, row in list(table.items()) + _pooled_rows(table):
+        m = row[MONITOR]
+        best = best_baseline(row)
+        runs = m.healthy_runs if m.is_healthy else m.runs
+        spikes = f"{m.spikes} ({m.control_spikes + m.healthy_spikes})"
+        episodes = "–" if m.is_healthy else f"{m.episodes}: {_fmt(m.episode_recall)} / {_fmt(row[best].episode_recall)}"
+        lines.append(
+            f"| {name} | {_kind(m)} | {runs} | {spikes} | {_cell(m)} | {episodes} | "
+            + " | ".join(_cell(row[b]) for b in BASELINES)
+            + f" | {best}: {_cell(row[best])} | {m.regime_alerts} | {_gate(m)} |"
+        )
     return "\n".join(lines)
 
 
-def goal_met(table: dict[str, dict[str, Score]], min_recall=0.9, min_lead=3.0, max_false=0.5) -> dict[str, bool]:
-    """Whether recall, median lead and false-alert rate of the monitor meet the goal: for all
-    scenarios together (``"all"``, the goal as stated) and for each scenario."""
-    rows = {"all": combined(table), **table}
+def _point_text(point: dict[str, float]) -> str:
+    defaults = Thresholds()
+    changed = [f"{n}={v:g}" for n, v in point.items() if v != getattr(defaults, n)]
+    return ", ".join(changed) or "defaults"
+
+
+def format_lofo(table: Table, lofo: Lofo) -> str:
+    """Per family the point chosen on the others and its held-out figures, beside the defaults'."""
+    held = lofo_table(table, lofo)
+    lines = [
+        "| held-out family | kind | chosen on the others | held out: recall / lead / false per 1000 | "
+        "defaults | best baseline | gate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        h = held[name][MONITOR]
+        best = best_baseline(row)
+        note = "" if lofo.feasible[name] else " (no point met the limits)"
+        lines.append(
+            f"| {name} | {_kind(h)} | {_point_text(lofo.points[lofo.chosen[name]])}{note} | {_cell(h)} | "
+            f"{_cell(row[MONITOR])} | {best}: {_cell(row[best])} | {_gate(h)} |"
+        )
+    for label, row in _pooled_rows(held):
+        lines.append(f"| {label} | | | {_cell(row[MONITOR])} | | | {_gate(row[MONITOR])} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks of the mechanism
+
+
+def mechanism_check(records: Sequence[Record]) -> dict[str, str]:
+    """Per family, on the loss alone: spike runs that spiked, controls and healthy runs that did not."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        c = out.setdefault(r.family, [0, 0, 0, 0])  # spiked spike runs, spike runs, quiet others, others
+        if r.variant == SPIKE:
+            c[0] += bool(r.spikes)
+            c[1] += 1
+        else:
+            c[2] += not r.spikes
+            c[3] += 1
     return {
-        name: row["monitor"].recall >= min_recall
-        and row["monitor"].median_lead >= min_lead
-        and row["monitor"].false_per_1000 <= max_false
-        for name, row in rows.items()
+        n: (f"{c[2]}/{c[3]} healthy runs quiet" if FAMILIES[n].healthy else f"{c[0]}/{c[1]} spike runs spiked, ")
+        + ("" if FAMILIES[n].healthy else f"{c[2]}/{c[3]} controls quiet")
+        for n, c in out.items()
     }
 
 
-def coupling_flagged_at_step_1(runs: Sequence[Run]) -> bool | None:
-    """Every run whose betas have β1² ≥ β2 raised ``beta_coupling`` at step 1 (None: no such run)."""
-    coupled = [r for r in runs if r.scenario == "beta_coupling" and r.kind == "spike"]
+def mechanism_holds(records: Sequence[Record]) -> bool:
+    return all((bool(r.spikes) if r.variant == SPIKE else not r.spikes) for r in records)
+
+
+def coupling_flagged_at_step_1(records: Sequence[Record], alerts: Sequence[Sequence[Alert]]) -> bool | None:
+    """Every run starting with β1² ≥ β2 in some group (β1 > 0) raised ``beta_coupling`` at step 1
+    (None: no such run)."""
+    coupled = [
+        found
+        for record, found in zip(records, alerts)
+        if any(b1 > 0 and b1 * b1 >= b2 for b1, b2 in record.betas[0].tolist())
+    ]
     if not coupled:
         return None
-    return all(any(a.rule == "beta_coupling" and a.step == 1 for a in r.alerts) for r in coupled)
+    return all(any(a.rule == "beta_coupling" and a.step == 1 for a in found) for found in coupled)
 
 
-def quick(thresholds: Thresholds | None = None, jobs: int = 2) -> dict[str, dict[str, Score]]:
-    """The reduced calibration (one seed) a slow test runs."""
-    return score(run_scenarios(seeds=(0,), thresholds=thresholds, jobs=jobs))
+# ------------------------------------------------------------------------------------------------
+# entry points
+
+
+def evaluate(
+    seeds: Sequence[int],
+    names: Sequence[str] | None = None,
+    jobs: int = 1,
+    cache: Path | None = DEFAULT_CACHE,
+    thresholds: Thresholds | None = None,
+) -> tuple[list[Record], list[list[Alert]], Table, set[tuple[str, str, int]]]:
+    """Records (trained or cached), their replayed alerts, the score table, and the keys trained now."""
+    records, trained = record_runs(list(names or FAMILIES), seeds, jobs, cache)
+    alerts = replay_all(records, thresholds, jobs)
+    return records, alerts, score(records, alerts), trained
+
+
+def quick(
+    thresholds: Thresholds | None = None, jobs: int = 2, cache: Path | None = DEFAULT_CACHE
+) -> dict[str, dict[str, Score]]:
+    """The default-threshold score table of seed 0 of every family (what the slow test runs)."""
+    return evaluate((0,), jobs=jobs, cache=cache, thresholds=thresholds)[2]
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seed 0 of every family")
+    parser.add_argument("--jobs", type=int, default=2, help="processes for training and replays (default 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="these seeds (default 0 1 2)")
+    parser.add_argument(
+        "--family", action="extend", nargs="+", choices=sorted(FAMILIES), metavar="NAME", help="only these families"
+    )
+    parser.add_argument("--no-lofo", action="store_true", help="default thresholds only, no leave-one-family-out")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"records cache (default {DEFAULT_CACHE})")
+    where.add_argument("--no-cache", action="store_true", help="train every run, read and write no cache")
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed instead of three (about 20-40 s)")
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="only these scenarios")
-    parser.add_argument("--jobs", type=int, default=2, help="training processes (default 2)")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        metavar="SEED",
-        help="these seeds instead (the thresholds were chosen on seeds 0-26: 27 and up are held out)",
-    )
-    args = parser.parse_args(argv)
+    args = _parse(argv)
     torch.set_num_threads(1)  # tiny tensors: a thread pool only adds spin-waits
     seeds = tuple(args.seeds) if args.seeds else (0,) if args.quick else (0, 1, 2)
+    cache = None if args.no_cache else args.cache
     start = time.perf_counter()
-    runs = run_scenarios(seeds, args.scenario, jobs=args.jobs)
-    table = score(runs)
+    records, alerts, table, trained = evaluate(seeds, args.family, args.jobs, cache)
+    recorded = time.perf_counter() - start
+    print(f"seeds {', '.join(map(str, seeds))}; default thresholds ({Thresholds()}):\n")
     print(format_table(table))
-    print(f"\nspikes labelled in control runs: {control_spikes(runs)}")
-    met = goal_met(table)
+    print(f"\non the loss alone: {mechanism_check(records)}")
     print(
-        "goal (recall >= 0.9, median lead >= 3 steps, <= 0.5 false alerts per 1000 control steps): "
-        f"all scenarios together {'met' if met.pop('all') else 'NOT met'}; per scenario {met}"
+        f"beta_coupling raised at step 1 in every run with beta1^2 >= beta2: {coupling_flagged_at_step_1(records, alerts)}"
     )
-    print(f"beta_coupling raised at step 1 in every β1² > β2 run: {coupling_flagged_at_step_1(runs)}")
-    print(f"Thresholds: {Thresholds()}")
-    print(f"{len(runs)} runs, {sum(len(r.losses) for r in runs)} steps in {time.perf_counter() - start:.0f} s")
+    print(goal_line(table, "default thresholds, in-sample"))
+    lofo_seconds = 0.0
+    if not args.no_lofo:
+        lofo_start = time.perf_counter()
+        lofo = leave_one_family_out(records, args.jobs)
+        lofo_seconds = time.perf_counter() - lofo_start
+        names = ", ".join(f"{n} {LOFO_GRID[n]}" for n in lofo.points[0]) if lofo.points else "none"
+        print(f"\nleave-one-family-out over {len(lofo.points)} grid points ({names}):\n")
+        print(format_lofo(table, lofo))
+        print(goal_line(lofo_table(table, lofo), "leave-one-family-out"))
+    steps = sum(r.steps for r in records)
+    trained_seconds = sum(r.seconds for r in records if r.key in trained)
+    print(
+        f"\n{len(records)} runs, {steps} steps ({len(trained)} trained, {len(records) - len(trained)} from "
+        f"{cache if cache is not None else 'no cache'}): records and default replay {recorded:.0f} s, "
+        f"leave-one-family-out {lofo_seconds:.0f} s, total {time.perf_counter() - start:.0f} s "
+        f"(jobs {args.jobs}{f', training {trained_seconds:.0f} s of process time' if trained else ''})"
+    )
     return 0
 
 
