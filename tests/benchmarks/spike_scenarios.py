@@ -5,7 +5,8 @@ Run ``python tests/benchmarks/spike_scenarios.py [--quick] [--jobs N] [--seeds .
 [--no-lofo] [--cache DIR | --no-cache]``. The runs are the families of ``families.py``: a *spike
 family* builds a run whose loss spikes by one named mechanism (variant ``"spike"``) and its matched
 stable control (``"control"``, one setting changed); a *healthy family* builds a run as users train
-(``"healthy"``), which must raise no alert. Default seeds 0, 1, 2; ``--quick``: seed 0.
+(``"healthy"``), which must raise no alert. Default seeds 0, 1, 2; ``--quick``: seed 0 at the
+default thresholds, without the leave-one-family-out selection (the check CI runs).
 
 **Recording.** Each (family, variant, seed) is trained once, as ``Setup`` says (``loss(t)``;
 ``(loss · weight(t)).backward()``; clip; ``optimizer.step()``; ``after_step(t)``; ``zero_grad()``),
@@ -95,6 +96,7 @@ FAMILIES: dict[str, Family] = {**families.FAMILIES, **families_spike.FAMILIES, *
 FAMILY_SOURCES = ("families.py", "families_spike.py", "families_healthy.py")
 
 from adam_monitor.alerts import SEVERITY_ORDER, Alert, AlertRules, Thresholds, configuration_alerts  # noqa: E402
+from adam_monitor.diagnostics.sharpness import curvature_sums, edge_of_stability, preconditioned_sharpness  # noqa: E402
 from adam_monitor.engine.reader import StepReader  # noqa: E402
 
 PRECURSOR_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "nonfinite", "beta_coupling")
@@ -107,7 +109,12 @@ Z_WINDOW, Z_THRESHOLD = 50, 6.0
 
 MONITOR = "monitor"
 BASELINES = {"loss z": "losses", "grad-norm z": "grad_norms", "update-norm z": "update_norms"}  # name: Record field
-WHO = (MONITOR, *BASELINES)
+#: Precursors measured beside the monitor that it does not raise yet (not baselines: nothing a user
+#: has today). ``sharpness >= edge``: the preconditioned sharpness along the update
+#: (``adam_monitor.diagnostics.sharpness``) reaching (2+2β1)/(1-β1), once per excursion, re-armed
+#: below half the edge: the theory's threshold, nothing chosen on these runs.
+CANDIDATES = ("sharpness >= edge",)
+WHO = (MONITOR, *BASELINES, *CANDIDATES)
 
 #: The tunable thresholds and the values the leave-one-family-out selection tries.
 LOFO_GRID: dict[str, tuple[float, ...]] = {
@@ -145,6 +152,7 @@ class Record:
     read_steps: np.ndarray  # [K] the optimizer step count of each read
     read_at: np.ndarray  # [K] the harness step t (1-based) of each read
     rows: np.ndarray  # [K, n, NUM_STATS] float64
+    sharpness: np.ndarray  # [T] η·u·Hu/u·Pu along the previous update over the edge (NaN: no estimate)
     seconds: float = 0.0  # training time
 
     @property
@@ -161,7 +169,9 @@ class Record:
 
     @cached_property
     def baseline_steps(self) -> dict[str, list[int]]:
-        return {name: zscore_alerts(getattr(self, attr).tolist()) for name, attr in BASELINES.items()}
+        found = {name: zscore_alerts(getattr(self, attr).tolist()) for name, attr in BASELINES.items()}
+        found["sharpness >= edge"] = crossings(self.sharpness.tolist(), 1.0, 0.5)
+        return found
 
     def tensor_betas(self, t: int) -> list[tuple[float, float]]:
         """Per tensor the betas of its group at harness step ``t``."""
@@ -179,6 +189,36 @@ def _group_betas(opt: torch.optim.Optimizer) -> list[tuple[float, float]]:
 def _norm(tensors: Iterable[torch.Tensor]) -> float:
     norms = [torch.linalg.vector_norm(t.detach().double()) for t in tensors]
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+class _Curvature:
+    """The preconditioned sharpness of a torch Adam/AdamW run (amsgrad off), over the edge of group 0's
+    β1, pooled over every parameter: one value per step, NaN where there is no estimate."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt, self.previous, self.lr = opt, None, None
+        self.usable = isinstance(opt, torch.optim.Adam) and not any(g.get("amsgrad") for g in opt.param_groups)
+
+    def after_step(self) -> float:
+        if not self.usable:
+            return math.nan
+        sums = torch.zeros(3, dtype=torch.float64)
+        for g in self.opt.param_groups:
+            b1, b2 = (_as_float(b) for b in g["betas"])
+            live = [p for p in g["params"] if p.grad is not None and p in self.opt.state]
+            for p in live:
+                st = self.opt.state[p]
+                step = int(_as_float(st["step"]))
+                sums += curvature_sums(
+                    [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], beta1=b1, beta2=b2, eps=g["eps"], step=step
+                )[0]
+        lr, b1 = _as_float(self.opt.param_groups[0]["lr"]), _as_float(self.opt.param_groups[0]["betas"][0])
+        value = math.nan
+        if self.previous is not None and b1 > 0:
+            ratio = lr / self.lr if self.lr else 1.0
+            value = float(preconditioned_sharpness(self.previous, sums, ratio)) / edge_of_stability(b1)
+        self.previous, self.lr = sums, lr
+        return value
 
 
 def train(family: Family, variant: str, seed: int, live: Thresholds | None = None) -> tuple[Record, list[Alert]]:
@@ -201,7 +241,8 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
         pairs = [_group_betas(opt)[gi] for gi in group_of]
         rules = AlertRules(names, optimizer=label, betas=pairs, thresholds=live)
         live_alerts = configuration_alerts(_group_betas(opt), optimizer=label, step=1)
-    losses, grad_norms, update_norms, betas = [], [], [], []
+    losses, grad_norms, update_norms, betas, sharpness = [], [], [], [], []
+    curvature = _Curvature(opt)
     read_steps, read_at, rows = [], [], []
     for t in range(1, setup.steps + 1):
         loss = setup.loss(t)
@@ -213,6 +254,7 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
         betas.append(_group_betas(opt))  # the betas this step uses (after_step may change them)
         opt.step()
         update_norms.append(_norm(p.detach() - b for p, b in zip(params, before)))
+        sharpness.append(curvature.after_step())
         result = reader.read()
         if result is not None:
             rows.append(result[0].cpu().numpy())
@@ -240,6 +282,7 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
         read_steps=np.array(read_steps, dtype=np.int64),
         read_at=np.array(read_at, dtype=np.int64),
         rows=np.array(rows, dtype=np.float64).reshape(len(rows), n, -1),
+        sharpness=np.array(sharpness, dtype=np.float64),
         seconds=time.perf_counter() - start,
     )
     return record, live_alerts
@@ -248,7 +291,7 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
 # ------------------------------------------------------------------------------------------------
 # the cache of records
 
-_ARRAYS = ("group_of", "losses", "grad_norms", "update_norms", "betas", "read_steps", "read_at", "rows")
+_ARRAYS = ("group_of", "losses", "grad_norms", "update_norms", "betas", "read_steps", "read_at", "rows", "sharpness")
 _META = ("family", "variant", "seed", "names", "optimizer", "adam_groups", "seconds")
 
 
@@ -259,6 +302,7 @@ def cache_key() -> str:
     for source in FAMILY_SOURCES:
         h.update((HERE / source).read_bytes())
     h.update(inspect.getsource(train).encode())
+    h.update(inspect.getsource(_Curvature).encode())
     for pattern in STATISTICS_SOURCES:
         for path in sorted(ROOT.glob(pattern)):
             h.update(path.relative_to(ROOT).as_posix().encode())
@@ -423,6 +467,20 @@ def label_spikes(losses: Sequence[float], factor: float = SPIKE_FACTOR, window: 
         if math.isfinite(loss):
             history.append(loss)  # a plateau raises its own bar: only a jump counts
     return spikes
+
+
+def crossings(values: Sequence[float], level: float, rearm: float) -> list[int]:
+    """Steps (1-based) where ``values`` reach ``level`` after having been below ``rearm`` (or never above)."""
+    steps, armed = [], True
+    for i, x in enumerate(values):
+        if not math.isfinite(x):
+            continue
+        if armed and x >= level:
+            steps.append(i + 1)
+            armed = False
+        elif x < rearm:
+            armed = True
+    return steps
 
 
 def zscore_alerts(values: Sequence[float], window: int = Z_WINDOW, threshold: float = Z_THRESHOLD) -> list[int]:
@@ -803,7 +861,8 @@ def format_table(table: Table) -> str:
         + " | ".join(BASELINES)
         + " | best baseline | regime alerts | gate |"
     )
-    lines = [head, "|" + "---|" * (9 + len(BASELINES))]
+    head = head.replace(" | best baseline", " | " + " | ".join(CANDIDATES) + " | best baseline")
+    lines = [head, "|" + "---|" * (9 + len(BASELINES) + len(CANDIDATES))]
     for name, row in list(table.items()) + _pooled_rows(table):
         m = row[MONITOR]
         best = best_baseline(row)
@@ -812,7 +871,7 @@ def format_table(table: Table) -> str:
         episodes = "–" if m.is_healthy else f"{m.episodes}: {_fmt(m.episode_recall)} / {_fmt(row[best].episode_recall)}"
         lines.append(
             f"| {name} | {_kind(m)} | {runs} | {spikes} | {_cell(m)} | {episodes} | "
-            + " | ".join(_cell(row[b]) for b in BASELINES)
+            + " | ".join(_cell(row[b]) for b in (*BASELINES, *CANDIDATES))
             + f" | {best}: {_cell(row[best])} | {m.regime_alerts} | {_gate(m)} |"
         )
     return "\n".join(lines)
@@ -910,7 +969,9 @@ def quick(
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="seed 0 of every family")
+    parser.add_argument(
+        "--quick", action="store_true", help="seed 0 of every family, default thresholds only (no leave-one-family-out)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="processes for training and replays (default 2)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="these seeds (default 0 1 2)")
     parser.add_argument(
@@ -939,7 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(goal_line(table, "default thresholds, in-sample"))
     lofo_seconds = 0.0
-    if not args.no_lofo:
+    if not (args.no_lofo or args.quick):
         lofo_start = time.perf_counter()
         lofo = leave_one_family_out(records, args.jobs)
         lofo_seconds = time.perf_counter() - lofo_start
