@@ -63,7 +63,8 @@ def test_the_spike_demo_forecasts_the_spike_and_the_fix_prevents_it(tmp_path, mo
     assert max(losses[spike_demo.RETURN :]) > 5 * losses[spike_demo.RETURN - 2]
     fixed_losses, fixed_alerts, _ = runs["fixed_betas_0.9_0.95"]
     assert spike_demo.loss_spikes(fixed_losses) == []
-    assert all(a.rule in spike_demo.REGIME_RULES for a in fixed_alerts)
+    assert all(a.rule in spike_demo.REGIME_RULES and a.severity == "info" for a in fixed_alerts)
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert "stale_second_moment" in capsys.readouterr().out
     assert cli(["check", str(tmp_path)]) == 1
+    assert cli(["check", str(tmp_path / "fixed_betas_0.9_0.95")]) == 0  # the fix passes the gate
