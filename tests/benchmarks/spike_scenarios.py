@@ -118,10 +118,11 @@ WHO = (MONITOR, *BASELINES, *CANDIDATES)
 
 #: The tunable thresholds and the values the leave-one-family-out selection tries.
 LOFO_GRID: dict[str, tuple[float, ...]] = {
-    "growth_ratio": (1.1, 1.15, 1.2, 1.3),
+    "growth_ratio": (1.15, 1.2, 1.3),
     "growth_steps": (3, 4, 6),
     "stale_peak": (1.5, 2.0, 3.0),
-    "spike_ratio": (2.0, 3.0, 5.0),
+    "spike_ratio": (3.0, 5.0),
+    "after_alert_window": (0, 50),  # 0: no shortened growth test after a precursor alert
 }
 MAX_CONTROL_FALSE, MAX_HEALTHY_FALSE = 0.5, 0.1  # false alerts per 1,000 steps
 GOAL_RECALL, GOAL_LEAD = 0.9, 3.0
@@ -680,8 +681,18 @@ def grid_points(grid: dict[str, Sequence[float]] = LOFO_GRID) -> list[dict[str, 
 
 
 def distance_from_defaults(point: dict[str, float]) -> float:
+    """Sum of |log ratio| to the defaults; a value of 0 (a mechanism switched off) counts as one log
+    unit per decade of the default it replaces, plus one."""
     defaults = Thresholds()
-    return sum(abs(math.log(v / getattr(defaults, n))) for n, v in point.items())
+
+    def far(v: float, d: float) -> float:
+        if v == d:
+            return 0.0
+        if v <= 0 or d <= 0:
+            return 1.0 + math.log10(max(abs(v), abs(d), 1.0))
+        return abs(math.log(v / d))
+
+    return sum(far(v, getattr(defaults, n)) for n, v in point.items())
 
 
 def _rate(alerts: int, steps: int) -> float:
