@@ -20,7 +20,9 @@ def quadratic_run(betas, lr, steps, eps=1e-8, n=64, seed=0):
         theta.grad = (hessian @ theta.detach().double()).float()
         opt.step()
         st = opt.state[theta]
-        sums.append(curvature_sums([theta.grad], [st["exp_avg"]], [st["exp_avg_sq"]], beta1=b1, beta2=b2, eps=eps, step=t))
+        sums.append(
+            curvature_sums([theta.grad], [st["exp_avg"]], [st["exp_avg_sq"]], beta1=b1, beta2=b2, eps=eps, step=t)
+        )
         m_hat = st["exp_avg"].double() / (1 - b1**t)
         p = (st["exp_avg_sq"].double() / (1 - b2**t)).sqrt() + eps
         u = m_hat / p
