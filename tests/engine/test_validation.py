@@ -15,6 +15,17 @@ def adam(n=2):
     return params, torch.optim.AdamW(params)
 
 
+def monitored_steps(steps=3):
+    """(params, optimizer, Monitor) after ``steps`` AdamW steps on random gradients."""
+    params, opt = adam()
+    monitor = Monitor(opt, log_every_n_steps=None)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(300)
+        opt.step()
+    return params, opt, monitor
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -91,12 +102,7 @@ def test_names_of_another_model_are_warned_naming_the_parameter():
 
 
 def test_a_state_that_does_not_fit_raises_and_changes_nothing():
-    params, opt = adam()
-    monitor = Monitor(opt, log_every_n_steps=None)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.randn(300)
-        opt.step()
+    params, opt, monitor = monitored_steps()
     before = monitor.state_dict()
     three, opt3 = adam(3)
     other = Monitor(opt3, log_every_n_steps=None)
@@ -121,12 +127,7 @@ def test_a_state_that_does_not_fit_raises_and_changes_nothing():
 def test_sums_saved_before_grad_count_resume_with_the_diagnostics_they_gave():
     from adam_monitor.diagnostics import COUNT, GRAD_COUNT, diagnostics_from_statistics
 
-    params, opt = adam()
-    monitor = Monitor(opt, log_every_n_steps=None)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.randn(300)
-        opt.step()
+    params, opt, monitor = monitored_steps()
     state = monitor.state_dict()
     sums = state["optimizers"][0]["sums"]
     # the layout of a checkpoint written before the grad_count column: every coordinate counted
