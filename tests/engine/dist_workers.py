@@ -1,6 +1,8 @@
 """Worker functions for the multi-process tests (importable by spawned processes)."""
 
 import datetime
+import faulthandler
+import gc
 import os
 
 import torch
@@ -37,7 +39,20 @@ def train(model, steps, *, log_every, betas=(0.9, 0.95)):
     return logged
 
 
+def with_stack_dump(rank, fn, dump_after, stacks_dir, *args):
+    """Run ``fn(rank, *args)``; a rank still alive after ``dump_after`` seconds writes every thread's
+    Python stack to ``stacks_dir/rank<r>.txt``, so a test that times out says where it hung. The
+    timer stays armed after ``fn`` returns: a hang in the interpreter's exit is reported too."""
+    stacks = open(os.path.join(stacks_dir, f"rank{rank}.txt"), "w", buffering=1)  # open until exit
+    faulthandler.dump_traceback_later(dump_after, file=stacks)
+    fn(rank, *args)
+    stacks.write(f"rank {rank} returned from {fn.__name__}; still alive after it\n")
+
+
 def _init(rank, world, port):
+    # Loopback for gloo's pairs too: on a host whose name resolves to an external interface,
+    # gloo would otherwise connect the ranks through it.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A rank that never joins fails the others' first collective in 2 minutes, not torch's 30.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -68,6 +83,11 @@ def distributed_worker(rank, world, port, kind, steps, log_every, out_dir):
         fully_shard(model)
     logged = train(model, steps, log_every=log_every)
     torch.save({"logged": logged, "collectives": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
+    # The DDP wrapper goes first, while the process group is still registered: its Reducer would
+    # otherwise drop the group's last reference holding the GIL, and the group's destructor waits
+    # for a gloo thread that needs the GIL to free its last work (a deadlock in torch's teardown).
+    del model
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -94,3 +114,10 @@ class NanModel(L.LightningModule):
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(batches(30), batch_size=None)
+
+
+def hang_on_rank(rank, hung_rank):
+    import time
+
+    while rank == hung_rank:
+        time.sleep(0.1)

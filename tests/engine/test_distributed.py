@@ -27,10 +27,14 @@ def single():
     return dist_workers.train(dist_workers.make_model(), STEPS, log_every=EVERY)
 
 
-def run_ranks(fn, args, nprocs, timeout):
+def run_ranks(fn, args, nprocs, timeout, stacks_dir):
     """``mp.spawn`` with a deadline: daemonic ranks, killed when the deadline passes, so a rank that
-    hangs (in a collective, or in torch's exit) fails this test instead of the whole session."""
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, daemon=True, start_method="spawn")
+    hangs (in a collective, or in torch's exit) fails this test instead of the whole session, with
+    the stacks each rank was in shortly before."""
+    wrapped = (fn, max(timeout - 15, 1), str(stacks_dir), *args)
+    ctx = mp.start_processes(
+        dist_workers.with_stack_dump, args=wrapped, nprocs=nprocs, join=False, daemon=True, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     try:
         # join() is True once every rank has exited, False while one still runs, and raises for a
@@ -38,7 +42,8 @@ def run_ranks(fn, args, nprocs, timeout):
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
             if time.monotonic() >= deadline:
                 alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-                pytest.fail(f"ranks {alive} still running after {timeout} s")
+                stacks = "\n".join(f"rank {r}:\n{(stacks_dir / f'rank{r}.txt').read_text()}" for r in alive)
+                pytest.fail(f"ranks {alive} still running after {timeout} s\n{stacks}")
     finally:
         for process in ctx.processes:
             if process.is_alive():
@@ -54,7 +59,7 @@ def strip_ddp_prefix(metrics):
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_two_processes_log_what_one_process_logs(kind, single, tmp_path):
     args = (2, free_port(), kind, STEPS, EVERY, str(tmp_path))
-    run_ranks(dist_workers.distributed_worker, args, nprocs=2, timeout=180)
+    run_ranks(dist_workers.distributed_worker, args, nprocs=2, timeout=180, stacks_dir=tmp_path)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in results:
         logged = {t: strip_ddp_prefix(m) for t, m in res["logged"].items()}
@@ -122,3 +127,9 @@ def test_lightning_model_parallel_strategy_logs_what_one_process_logs(tmp_path):
         assert [s for s, _ in sharded[tag]] == [s for s, _ in single[tag]] == [4, 9, 14, 19]
         for (_, got), (_, want) in zip(sharded[tag], single[tag]):
             assert got == pytest.approx(want, rel=1e-4, abs=1e-12), tag
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_hangs_fails_the_test_with_its_stack(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)ranks \[1\] still running.*hang_on_rank"):
+        run_ranks(dist_workers.hang_on_rank, (1,), nprocs=2, timeout=40, stacks_dir=tmp_path)
