@@ -19,6 +19,7 @@ decides whether the worst-case update stays bounded (γ < 1) or grows without li
 from __future__ import annotations
 
 import math
+import textwrap
 from fractions import Fraction
 from numbers import Integral, Real
 
@@ -295,15 +296,31 @@ def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.4g}"
 
 
-def bound_table(beta1: float, beta2: float, steps=(10, 100, 1000, 10000)) -> str:
+def _fmt_steps(x: float) -> str:
+    """A timescale in steps: whole steps from 100 on (10000, not 1e+04)."""
+    return f"{x:.0f}" if 100 <= x < 1e15 else _fmt(x)
+
+
+def _paragraph(text: str) -> str:
+    """One verdict sentence group, wrapped for a terminal (continuation lines indented)."""
+    return textwrap.fill(text, width=100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+
+
+def bound_table(beta1: float, beta2: float, steps=(10, 100, 1000, 10000), *, stale_peak: float = 2.0) -> str:
     """Readable summary of the update bound and timescales of (β1, β2), for ``adam-monitor bound``.
 
-    Lists B_t at ``steps``, B_∞, the noise level at β1, the timescales 1/(1-β) and a verdict:
-    β1² ≥ β2 is unbounded, β1 ≥ β2 (with β1² < β2) keeps stale momentum, anything else is fine.
+    Lists B_t at ``steps``, B_∞, the noise level at β1, the timescales 1/(1-β) and a verdict that
+    follows the alert rules' severities: β1² ≥ β2 is UNBOUNDED (``beta_coupling``, an error);
+    β1 ≥ β2 > β1² is bounded, noted as info (``beta_order``; β1 = β2 gives B_∞ = 1, the smallest
+    bound); β1 < β2 is bounded, and where a ×10 gradient jump after a quiet stretch would make the
+    update overshoot above ``stale_peak`` × its steady size (``jump_peak``; the threshold of
+    ``stale_second_moment``, ``Thresholds.stale_peak``) the verdict says that v̂'s long memory is
+    the risk, and which β2 avoids it.
     """
     beta1 = _beta(beta1, "beta1")
     beta2 = _beta(beta2, "beta2")
     steps = [_count(s, "steps", 1) for s in steps]
+    stale_peak = _finite(stale_peak, "stale_peak")
     gamma = _gamma(beta1, beta2)
     b_inf = asymptotic_bound(beta1, beta2)
     width = max([len("step")] + [len(str(s)) for s in steps] + [len("limit")])
@@ -320,23 +337,60 @@ def bound_table(beta1: float, beta2: float, steps=(10, 100, 1000, 10000)) -> str
         f"beta1 = {beta1:g} (1 for a steady signal)."
     )
     lines.append(
-        f"Timescales: beta1 = {beta1:g} remembers {_fmt(timescale(beta1))} steps, "
-        f"beta2 = {beta2:g} remembers {_fmt(timescale(beta2))} steps."
+        f"Timescales: beta1 = {beta1:g} remembers {_fmt_steps(timescale(beta1))} steps, "
+        f"beta2 = {beta2:g} remembers {_fmt_steps(timescale(beta2))} steps."
     )
-    if gamma >= 1.0:
+    paragraphs = []
+    note = True  # the closing note on beta1 = beta2, unless the verdict already says it
+    if math.isinf(b_inf):
         growth = "like sqrt(t)" if beta1 * beta1 == beta2 else "exponentially"
-        lines.append(
-            f"Verdict: UNBOUNDED. beta1^2 >= beta2, so the worst-case update grows {growth} "
-            "without limit; raise beta2 above beta1^2 or lower beta1."
+        paragraphs.append(
+            f"Verdict: UNBOUNDED. beta1^2 >= beta2, so the worst-case update grows {growth} without limit "
+            "(the monitor raises beta_coupling, an error); raise beta2 above beta1^2 or lower beta1."
         )
-    elif beta1 >= beta2 and beta1 > 0:
-        lines.append(
-            f"Verdict: WARNING. beta1 >= beta2: momentum outlives the second moment (stale "
-            f"momentum), so a shrinking gradient can inflate updates up to {_fmt(b_inf)}."
+    elif beta1 == beta2 and beta1 > 0:
+        note = False
+        paragraphs.append(
+            f"Verdict: bounded. Every update stays below B_inf = {_fmt(b_inf)} x lr: beta1 = beta2 gives "
+            "B_inf = 1, the smallest bound for a fixed beta2. The monitor notes beta1 >= beta2 as info "
+            "(beta_order), which never fails a run."
+        )
+    elif beta1 > beta2:
+        paragraphs.append(
+            f"Verdict: bounded (info): momentum outlives the second moment (beta1 > beta2), yet every update "
+            f"stays below B_inf = {_fmt(b_inf)} x lr. The monitor notes this as info (beta_order), which never "
+            "fails a run: safe when chosen on purpose; otherwise take beta2 > beta1, so that a shrinking "
+            "gradient shrinks the step sooner."
         )
     else:
-        lines.append(f"Verdict: fine. Every update stays below {_fmt(b_inf)} x lr.")
-    lines.append(
-        f"Note: beta1 = beta2 gives B_inf = 1, the smallest bound for a fixed beta2 (here: beta1 = {beta2:g})."
-    )
+        k, peak = jump_peak(beta1, beta2, 10.0)
+        if peak <= stale_peak:
+            paragraphs.append(f"Verdict: fine. Every update stays below B_inf = {_fmt(b_inf)} x lr.")
+        else:
+            default = " (PyTorch's default)" if (beta1, beta2) == (0.9, 0.999) else ""
+            paragraphs.append(
+                f"Verdict: bounded, but the second moment can go stale. Every update stays below "
+                f"B_inf = {_fmt(b_inf)} x lr, yet beta2 = {beta2:g}{default} remembers "
+                f"~{_fmt_steps(timescale(beta2))} steps while beta1 = {beta1:g} remembers "
+                f"~{_fmt_steps(timescale(beta1))}: a gradient that grows after a quiet stretch is divided by a "
+                f"stale v_hat, and a x10 jump overshoots to {peak:.3g}x the steady update "
+                f"{k} step{'s' if k > 1 else ''} later. The monitor's stale_second_moment rule watches this "
+                f"(it warns when a jump predicts an overshoot above {stale_peak:g}x)."
+            )
+            better = max(0.95, beta1)  # bounded (beta1 <= better), and at beta1 = 0.9 the rules' fix
+            if better < beta2:
+                after = jump_peak(beta1, better, 10.0)[1]
+                jump = f"overshoots to only {after:.3g}x" if after > 1.0 + 1e-9 else "does not overshoot"
+                paragraphs.append(
+                    f"For runs that spike, try beta2 around {better:g} (v_hat follows in "
+                    f"~{_fmt_steps(timescale(better))} steps, B_inf = {_fmt(asymptotic_bound(beta1, better))}, "
+                    f"a x10 jump {jump})."
+                )
+            else:
+                paragraphs.append("For runs that spike, clip the update (StableAdamW / update_clip).")
+    if note:
+        paragraphs.append(
+            f"Note: beta1 = beta2 gives B_inf = 1, the smallest bound for a fixed beta2 (here: beta1 = {beta2:g})."
+        )
+    lines += [_paragraph(text) for text in paragraphs]
     return "\n".join(lines)

@@ -351,26 +351,35 @@ def test_timescale():
 # CLI table
 
 
-def test_bound_table_fine():
+def test_bound_table_default_betas():
     text = bound_table(0.9, 0.999)
     assert "7.27" in text and "0.2294" in text
     assert "10 steps" in text and "1000 steps" in text
-    rows = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("  ")}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in text.splitlines()
+        if line.startswith("  ") and len(line.split()) == 2
+    }
     for step in (10, 100, 1000, 10000):
         assert float(rows[str(step)]) == pytest.approx(reference_bound(0.9, 0.999, step), rel=1e-3)
-    assert "fine" in text.lower() and "UNBOUNDED" not in text and "WARNING" not in text
+    flat = " ".join(text.split())  # the verdict is wrapped for a terminal
+    assert "UNBOUNDED" not in text and "WARNING" not in text and "fine" not in flat
+    assert "Verdict: bounded, but the second moment can go stale" in flat and "stale_second_moment" in flat
     assert "B_inf = 1" in text
+    assert "Verdict: fine." in bound_table(0.9, 0.95)
 
 
 def test_bound_table_verdicts():
-    unbounded = bound_table(0.9, 0.7, steps=(5, 50))
+    unbounded = " ".join(bound_table(0.9, 0.7, steps=(5, 50)).split())
     assert "UNBOUNDED" in unbounded
     assert "raise beta2 above beta1^2 or lower beta1" in unbounded
     assert "inf" in bound_table(0.9, 0.7)  # B_10000 past the float range
     assert "UNBOUNDED" in bound_table(0.9, 0.81)  # γ = 1 exactly
-    stale = bound_table(0.9, 0.85)  # β1 ≥ β2 but β1² < β2
-    assert "WARNING" in stale and "stale momentum" in stale
-    assert "fine" not in stale.lower().split("verdict")[1].split("\n")[0]
+    info = " ".join(bound_table(0.9, 0.85).split())  # β1 ≥ β2 but β1² < β2: bounded, the rules say info
+    assert "Verdict: bounded (info): momentum outlives the second moment" in info and "beta_order" in info
+    assert "WARNING" not in info and "fine" not in info
+    equal = " ".join(bound_table(0.95, 0.95).split())
+    assert "Verdict: bounded." in equal and "B_inf = 1, the smallest bound" in equal and "WARNING" not in equal
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _group_alert(gi: int, beta1: float, beta2: float, optimizer: str, step: int)
                 f"remembers gradients at least as long as the second moment that scales them. The "
                 f"update stays bounded (at most B_inf = {asymptotic_bound(beta1, beta2):.3g} x lr; "
                 f"1 at beta1 = beta2), so this is safe when chosen on purpose; with beta2 > beta1 "
-                f"(e.g. 0.95 or 0.999 with beta1 = 0.9) a shrinking gradient shrinks the step sooner."
+                f"(e.g. 0.95 with beta1 = 0.9) a shrinking gradient shrinks the step sooner."
             ),
             optimizer=optimizer,
             parameter=None,

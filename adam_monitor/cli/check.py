@@ -24,9 +24,11 @@ EXIT_CLEAN, EXIT_ALERTS, EXIT_NO_DATA = 0, 1, 2
 EPILOG = """\
 exit status:
   0  every run found was monitored, stepped, and raised no alert at or above --fail-on
-  1  some run raised an alert at or above --fail-on
-  2  no monitor data; a run that monitored nothing (no Adam optimizer) or stopped before its
-     first optimizer step; or a record, file or folder that could not be read (2 wins over 1)
+  1  some run raised an alert at or above --fail-on (with the default 'warning': a warning or
+     an error; with 'error': an error)
+  2  LOGDIR missing or holding no monitor data; a run that monitored nothing (no Adam
+     optimizer) or stopped before its first optimizer step; or a record, file or folder that
+     could not be read (2 wins over 1; a bad command line is 2 as well)
 Severities: error (the run is broken or must be: NaN/Inf, beta1^2 >= beta2), warning (a
 precursor: a loss spike predicted within the next steps), info (a regime worth knowing, not a
 danger: eps sets a tensor's step, beta1 >= beta2 chosen on purpose). info is listed, never fails.
