@@ -118,6 +118,11 @@ class AdamMonitor(Callback):
         """Every alert raised so far in this fit (kept after it ends)."""
         return self.monitor.alerts if self.monitor is not None else self._alerts
 
+    def check_alerts(self) -> list[Alert]:
+        """Run the rules on the steps still on their way to the host (see ``Monitor.check_alerts``);
+        returns the alerts this found. After ``fit`` every step has been checked: nothing is left."""
+        return self.monitor.check_alerts() if self.monitor is not None else []
+
     def _log_scalars(self, metrics: dict[str, float], step: int) -> None:
         # One batch to the loggers: a `pl_module.log` call per scalar adds up over hundreds of tensors.
         for logger in self._trainer.loggers:

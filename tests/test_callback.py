@@ -169,3 +169,19 @@ def test_the_callback_state_round_trips(tmp_path):
     assert torch.equal(loaded["sums"], entry["sums"])
     assert all(torch.equal(loaded["rules"][k], v) for k, v in entry["rules"].items() if isinstance(v, torch.Tensor))
     assert seen["alerts"] == saved["alerts"]
+
+
+def test_check_alerts_and_the_summary_name_the_run(tmp_path, capsys):
+    class Checking(L.Callback):
+        found = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                Checking.found = monitor.check_alerts()
+
+    monitor = AdamMonitor()
+    trainer, _ = fit(tmp_path, AdamBoring(), callbacks=[monitor, Checking()])
+    assert Checking.found == []  # a healthy run: every step checked, nothing found
+    assert monitor.check_alerts() == []  # after fit: nothing left in flight
+    alerts_file = f"{trainer.log_dir}/adam_monitor/alerts.jsonl"
+    assert f"adam-monitor: no alert(s) in {alerts_file}." in capsys.readouterr().out

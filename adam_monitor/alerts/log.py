@@ -29,6 +29,9 @@ __all__ = [
     "AlertLog",
     "RunData",
     "alerts_path",
+    "alerts_text",
+    "markdown_code",
+    "markdown_escaped",
     "read_alert_records",
     "read_alerts",
     "read_run",
@@ -101,6 +104,8 @@ class AlertLog:
         self.soft = SoftWrites()
         self._unwritten: list[str] = []  # records not on disk yet, in order
         self._status: str | None = None  # the run record not on disk yet
+        self._text_step: int | None = None  # the x_step of the last alert text written...
+        self._text_alerts: list[Alert] = []  # ...and every alert of that step
         if self.path is not None:
             self.soft.attempt(str(self.path), self._create, kept="alerts stay in memory (Monitor.alerts)")
 
@@ -125,14 +130,14 @@ class AlertLog:
             )
 
     def _write_text(self, alerts: list[Alert], x_step: int) -> None:
-        for a in alerts:
-            where = f" / `{a.parameter}`" if a.parameter else ""
-            self.writer.add_text(
-                "adam/alert",
-                f"**{a.severity}** `{a.rule}` at optimizer step {a.step} ({a.optimizer}{where}): "
-                f"value {a.value:.4g}, threshold {a.threshold:.4g}. {a.message}",
-                x_step,
-            )
+        # TensorBoard shows every text written at a step as its own entry (newest first), and at
+        # most 100 texts per tag (10 with --load_fast=false): one text per step, holding all its
+        # alerts. Alerts recorded later at the same step (another optimizer, the configuration
+        # check) rewrite it in full, so the newest entry at a step is complete.
+        if x_step != self._text_step:
+            self._text_step, self._text_alerts = x_step, []
+        self._text_alerts += alerts
+        self.writer.add_text("adam/alert", alerts_text(self._text_alerts, x_step), x_step)
         self.writer.add_scalar("adam/alerts", self.count, x_step)
         self.writer.flush()
 
@@ -181,6 +186,36 @@ class AlertLog:
 
 def torn_record_line(fragment: str) -> str:
     return json.dumps(torn_record(fragment))
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
+
+
+def markdown_escaped(text: str) -> str:
+    """``text`` shown as written by TensorBoard's Markdown (Python-Markdown with tables, then a
+    sanitizer): special characters backslash-escaped, ``& < >`` as entities (``\\<`` is no escape
+    there: it would show the backslash), newlines as ``<br>``."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def markdown_code(text: str) -> str:
+    """``text`` as inline code where a code span can hold it (no backtick, pipe or line break), else escaped."""
+    return f"`{text}`" if text and not any(c in text for c in "`|\r\n") else markdown_escaped(text)
+
+
+def alerts_text(alerts: Sequence[Alert], x_step: int) -> str:
+    """Markdown for TensorBoard's Text tab: a heading line, then one item per alert; every message
+    escaped, so ``2*beta1*lr`` reads as written."""
+    lines = [f"**{len(alerts)} alert{'s' if len(alerts) != 1 else ''} at step {x_step}**", ""]
+    for a in alerts:
+        where = f" / {markdown_code(a.parameter)}" if a.parameter else ""
+        lines.append(
+            f"- **{markdown_escaped(a.severity)}** {markdown_code(a.rule)} at optimizer step {a.step} "
+            f"({markdown_escaped(a.optimizer)}{where}): value {a.value:.4g}, threshold {a.threshold:.4g}. "
+            f"{markdown_escaped(a.message)}"
+        )
+    return "\n".join(lines)
 
 
 def _folder(writer) -> str:
@@ -354,10 +389,12 @@ def read_alert_records(path: str | os.PathLike) -> list[tuple[Alert, int]]:
     return data.records[:-1] if data.torn is not None else data.records
 
 
-def summary_table(alerts: Sequence[Alert]) -> str:
-    """One line per (rule, optimizer, parameter): count, first step, worst value."""
+def summary_table(alerts: Sequence[Alert], where: str | None = None) -> str:
+    """One line per (rule, optimizer, parameter): count, first step, worst value; titled with
+    ``where`` (the run's alerts file) when given, so that the tables of several runs are told apart."""
+    title = f"adam-monitor: {len(alerts) or 'no'} alert(s)" + (f" in {where}" if where else "")
     if not alerts:
-        return "adam-monitor: no alerts."
+        return title + "."
     groups: dict[tuple, list[Alert]] = {}
     for a in alerts:
         groups.setdefault((a.severity, a.rule, a.optimizer, a.parameter or "-"), []).append(a)
@@ -373,4 +410,4 @@ def summary_table(alerts: Sequence[Alert]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return f"adam-monitor: {len(alerts)} alert(s)\n" + "\n".join(lines)
+    return title + "\n" + "\n".join(lines)

@@ -457,7 +457,7 @@ class Monitor:
     def summary(self) -> str:
         """A table of every alert so far."""
         self.check_alerts()
-        return summary_table(self.alerts)
+        return summary_table(self.alerts, where=self.alerts_file)
 
     # ------------------------------------------------------------------ log points
     def compute(self) -> dict[str, float]:

@@ -1,22 +1,55 @@
-"""The TensorBoard sink, and its custom-scalars layout: pooled charts first, then one category per module.
+"""The TensorBoard sink, and its custom-scalars layout: the loss beside the pooled charts first, then
+one category per module.
 
 One multiline chart over hundreds of tensors is unreadable, so per-parameter charts are split by
-the module that owns the tensors (the name's leading components) and each chart holds at most
-``max_lines`` tensors.
+the module that owns the tensors (the name's leading components), and each chart holds at most
+``LINES_PER_CHART`` tensors. TensorBoard colours a custom-scalars line by its *run* only (the run's
+colour, whatever the layout says), so the lines of one run in one chart share a colour; it tells
+them apart by a marker symbol per line (■ ◆ ▲ ★ ✚, also shown in the chart's "Matches" list),
+cycling through five. Five lines a chart at most gives each tensor its own marker.
+
+The worst-tensor text (``adam/worst_tensors``) is written at the first log point, at the first
+log point at or after an alert, and when a diagnostic's worst tensor has changed for good (see
+``_TableSchedule``), not at every log point: TensorBoard shows at most 100 texts per tag (10 with
+``--load_fast=false``), picked at random but for the last, so tables at every log point would
+bury the ones that matter. ``tensorboard --samples_per_plugin=text=100000`` shows them all (not
+``text=0``: in TensorBoard 2.21 that shows none; ``text=all`` is refused).
 """
 
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
 from .._faults import SoftWrites
+from ..alerts.log import markdown_code, markdown_escaped
 from ..diagnostics.rows import DIAGNOSTICS
 
-__all__ = ["TensorBoardSink", "custom_scalars_layout", "module_of", "worst_table"]
+__all__ = [
+    "LINES_PER_CHART",
+    "LOSS_TAGS",
+    "WORST_SETTLED",
+    "TensorBoardSink",
+    "custom_scalars_layout",
+    "module_of",
+    "worst_table",
+]
+
+#: The marker symbols TensorBoard's custom-scalars chart cycles through for the lines of one run.
+LINES_PER_CHART = 5
+
+#: Log points in a row a diagnostic's worst tensor must be another one before the table is rewritten.
+WORST_SETTLED = 3
+
+#: The trainer's loss tags, whatever they are called (``loss``, ``train_loss``, ``train/loss_step``,
+#: ``val_loss``, ``eval/Loss``...): a tag whose last component contains "loss" in any case, outside
+#: ``adam/``. The layout is written before the trainer logs anything, hence a pattern. The
+#: custom-scalars plugin matches it with Python's ``re.match``; it is also valid JavaScript (no
+#: inline flags, hence the character classes).
+LOSS_TAGS = r"^(?!adam/)(?:.*/)?[^/]*[Ll][Oo][Ss][Ss][^/]*$"
 
 
 def module_of(name: str, depth: int) -> str:
@@ -26,7 +59,7 @@ def module_of(name: str, depth: int) -> str:
 
 
 def _module_groups(names: list[str], max_lines: int) -> OrderedDict[str, list[str]]:
-    # Go one level deeper while a module holds more tensors than a chart shows well, and while
+    # Go one level deeper while a module holds more tensors than a category shows well, and while
     # everything sits under one root (e.g. "model."), which would make a single useless group.
     depth = 1
     while True:
@@ -40,20 +73,37 @@ def _module_groups(names: list[str], max_lines: int) -> OrderedDict[str, list[st
         depth += 1
 
 
+def _chunks(members: list[str], size: int) -> list[list[str]]:
+    """``members`` in consecutive charts of at most ``size``, as even as possible (12 → 4, 4, 4)."""
+    count = -(-len(members) // size)
+    even = -(-len(members) // count)
+    return [members[i : i + even] for i in range(0, len(members), even)]
+
+
+def _pooled(prefixes: list[str]) -> dict:
+    def chart(diag: str) -> list:
+        return ["Multiline", [f"^{re.escape(prefix)}/{diag}$" for prefix in prefixes]]
+
+    # The loss first, beside what foretells it: an alert shows up before the loss moves.
+    first = {"loss": ["Multiline", [LOSS_TAGS]], "update_rms": chart("update_rms"), "staleness": chart("staleness")}
+    first["alerts (count)"] = ["Multiline", ["^adam/alerts$"]]
+    return {**first, **{diag: chart(diag) for diag in DIAGNOSTICS if diag not in first}}
+
+
 def custom_scalars_layout(
-    names_by_prefix: dict[str, list[str]], *, per_parameter: bool = True, max_lines: int = 12
+    names_by_prefix: dict[str, list[str]],
+    *,
+    per_parameter: bool = True,
+    max_lines: int = 12,
+    lines_per_chart: int = LINES_PER_CHART,
 ) -> dict:
     """Layout for ``SummaryWriter.add_custom_scalars``.
 
     ``names_by_prefix`` maps each optimizer's tag prefix (``adam`` or ``adam/<Class>[-i]``) to the
-    names of its parameters.
+    names of its parameters. A module category holds about ``max_lines`` tensors, a chart at most
+    ``lines_per_chart``.
     """
-    layout: dict = {}
-    pooled = {}
-    for diag in DIAGNOSTICS:
-        pooled[diag] = ["Multiline", [f"^{re.escape(prefix)}/{diag}$" for prefix in names_by_prefix]]
-    pooled["alerts (count)"] = ["Multiline", ["^adam/alerts$"]]
-    layout["adam: pooled over all tensors"] = pooled
+    layout: dict = {"adam: pooled over all tensors": _pooled(list(names_by_prefix))}
     if not per_parameter:
         return layout
     layout["adam: worst tensor (named in the Text tab, adam/worst_tensors)"] = {
@@ -63,7 +113,7 @@ def custom_scalars_layout(
     for prefix, names in names_by_prefix.items():
         for module, members in _module_groups(list(dict.fromkeys(names)), max_lines).items():
             charts = {}
-            chunks = [members[i : i + max_lines] for i in range(0, len(members), max_lines)]
+            chunks = _chunks(members, lines_per_chart)
             for diag in DIAGNOSTICS:
                 for k, chunk in enumerate(chunks):
                     title = diag if len(chunks) == 1 else f"{diag} ({k + 1}/{len(chunks)})"
@@ -77,8 +127,37 @@ def worst_table(worst: dict[str, list[tuple[float, str]]]) -> str:
     """Markdown: per diagnostic the worst tensors and their values."""
     rows = ["| diagnostic | worst tensors (value) |", "|---|---|"]
     for diag, top in worst.items():
-        rows.append(f"| {diag} | " + ", ".join(f"`{name}` ({value:.4g})" for value, name in top) + " |")
+        named = ", ".join(f"{markdown_code(name)} ({value:.4g})" for value, name in top)
+        rows.append(f"| {markdown_escaped(diag)} | {named} |")
     return "\n".join(rows)
+
+
+class _TableSchedule:
+    """When one optimizer's worst-tensor table is written: at its first log point; at the first
+    log point at or after an alert; and when the worst tensor of a diagnostic is another one than
+    the last table named, and has been for ``WORST_SETTLED`` log points in a row. (Rewriting on
+    any change of the ranking would write nearly every log point: among tensors of similar size
+    the order flips from one log point to the next.) A table that could not be written is due again."""
+
+    def __init__(self):
+        self.named: dict[str, str] | None = None  # the worst tensor per diagnostic, as last written
+        self.recent: deque[dict[str, str]] = deque(maxlen=WORST_SETTLED)
+        self.alerts = 0.0
+        self.owed = False
+
+    def due(self, worst: dict[str, list[tuple[float, str]]], alerts: float) -> bool:
+        tops = {diag: top[0][1] for diag, top in worst.items() if top}
+        self.recent.append(tops)
+        alerted, self.alerts = alerts > self.alerts, alerts
+        moved = self.named is None or any(self._settled(d, n) for d, n in tops.items() if self.named.get(d) != n)
+        self.owed = self.owed or alerted or moved
+        return self.owed
+
+    def _settled(self, diag: str, name: str) -> bool:
+        return len(self.recent) == WORST_SETTLED and all(tops.get(diag) == name for tops in self.recent)
+
+    def written(self) -> None:
+        self.named, self.owed = dict(self.recent[-1]), False
 
 
 class TensorBoardSink:
@@ -87,6 +166,7 @@ class TensorBoardSink:
 
     A sink that fails (disk full, a closed writer, a logger's error) is warned about once and
     skipped at that log point: the next log point pools every step since the last one written.
+    The worst-tensor text is written only where it says something new (see the module's docstring).
     """
 
     def __init__(self, writer, *, scalar_sink: Callable[[dict[str, float], int], None] | None, per_parameter: bool):
@@ -94,6 +174,7 @@ class TensorBoardSink:
         self._scalar_sink = scalar_sink
         self._per_parameter = per_parameter
         self._layout_written = False
+        self._tables: dict[str, _TableSchedule] = {}  # per prefix
         self.soft = SoftWrites()
         folder = getattr(writer, "log_dir", None)
         self._where = f"TensorBoard ({folder})" if folder else "the TensorBoard writer"
@@ -117,7 +198,11 @@ class TensorBoardSink:
         worst: dict[str, list[tuple[float, str]]],
         histograms: Iterable[tuple[str, Tensor]] = (),
     ) -> bool:
-        """Write one log point; ``False`` if the scalars could not be written."""
+        """Write one log point; ``False`` if the scalars could not be written.
+
+        ``metrics["adam/alerts"]`` (the run's alert count) tells whether an alert came since this
+        optimizer's last log point.
+        """
         kept = "the next log point written pools these steps with its own"
         if self._scalar_sink is not None:
             written = self.soft.attempt("scalars to the loggers", lambda: self._scalar_sink(metrics, x), kept=kept)
@@ -125,12 +210,16 @@ class TensorBoardSink:
             written = self.soft.attempt(f"scalars to {self._where}", lambda: self._scalars(metrics, x), kept=kept)
         else:
             written = True
-        if self.writer is not None and (worst or histograms):
-            self.soft.attempt(
+        schedule = self._tables.setdefault(prefix, _TableSchedule())
+        table = worst if worst and schedule.due(worst, metrics.get("adam/alerts", 0.0)) else {}
+        if self.writer is not None and (table or histograms):
+            extras = self.soft.attempt(
                 f"text and histograms to {self._where}",
-                lambda: self._extras(prefix, x, worst, histograms),
+                lambda: self._extras(prefix, x, table, histograms),
                 kept="the scalars are written without them",
             )
+            if extras and table:
+                schedule.written()
         return written
 
     def _scalars(self, metrics: dict[str, float], x: int) -> None:

@@ -1,0 +1,201 @@
+"""What a user sees in TensorBoard: the custom-scalars layout, the alert text, the worst-tensor text."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from tensorboard.plugin_util import markdown_to_safe_html  # TensorBoard's own Markdown renderer
+
+from adam_monitor import DIAGNOSTICS, Monitor
+from adam_monitor.alerts.log import AlertLog, markdown_escaped
+from adam_monitor.alerts.records import Alert
+from adam_monitor.engine.tensorboard import (
+    LINES_PER_CHART,
+    LOSS_TAGS,
+    WORST_SETTLED,
+    TensorBoardSink,
+    custom_scalars_layout,
+)
+
+LOSS_LIKE = ["loss", "train_loss", "train/loss", "val_loss", "train/loss_step", "train/loss_epoch", "eval/Loss"]
+NOT_LOSS = ["adam/update_rms", "adam/loss", "adam/Adam-1/loss", "adam/update_rms/loss_head.weight", "lossy/acc", "lr"]
+
+
+class FakeWriter:
+    """Records what a ``SummaryWriter`` is asked to write; ``fail_text`` makes ``add_text`` raise."""
+
+    log_dir = "fake"
+
+    def __init__(self):
+        self.texts: list[tuple[str, str, int]] = []
+        self.scalars: list[tuple[str, float, int]] = []
+        self.fail_text = False
+
+    def add_text(self, tag, text, step):
+        if self.fail_text:
+            raise OSError("disk full")
+        self.texts.append((tag, text, step))
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_custom_scalars(self, layout):
+        self.layout = layout
+
+    def add_histogram(self, *args):
+        pass
+
+    def flush(self):
+        pass
+
+
+def alert(message="update RMS jumped", *, rule="update_rms_spike", step=7, parameter="layers.0.weight"):
+    return Alert(
+        rule=rule,
+        severity="warning",
+        step=step,
+        message=message,
+        optimizer="Adam",
+        parameter=parameter,
+        value=3.5,
+        threshold=2.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def test_the_first_category_puts_the_loss_beside_the_pooled_diagnostics():
+    layout = custom_scalars_layout({"adam": ["w"]})
+    first = next(iter(layout.values()))
+    assert list(first)[:4] == ["loss", "update_rms", "staleness", "alerts (count)"]
+    assert set(first) == {"loss", "alerts (count)", *DIAGNOSTICS}
+    assert first["loss"] == ["Multiline", [LOSS_TAGS]]
+
+
+def test_the_loss_regex_matches_loss_tags_and_no_adam_tag():
+    # The custom-scalars plugin selects a chart's tags with Python's re.match.
+    regex = re.compile(LOSS_TAGS)
+    assert [t for t in LOSS_LIKE if regex.match(t)] == LOSS_LIKE
+    assert [t for t in NOT_LOSS if regex.match(t)] == []
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no JavaScript engine (node) here")
+def test_the_loss_regex_means_the_same_in_javascript():
+    # TensorBoard's frontend joins a chart's regexes in JavaScript; it must parse there too.
+    script = (
+        "const r = new RegExp(process.argv[1]);"
+        "console.log(JSON.stringify(JSON.parse(process.argv[2]).map(t => { const m = t.match(r); return !!m && m.index === 0; })))"
+    )
+    tags = LOSS_LIKE + NOT_LOSS
+    out = subprocess.run(
+        ["node", "-e", script, LOSS_TAGS, json.dumps(tags)], capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == [bool(re.match(LOSS_TAGS, t)) for t in tags]
+
+
+def test_a_chart_holds_no_more_lines_than_tensorboard_has_markers():
+    # TensorBoard colours a line by its run; within a run it tells lines apart by 5 marker symbols.
+    names = [f"block.{k}.{kind}" for k in range(2) for kind in ("q", "k", "v", "o", "ln_w", "ln_b")]  # 12 tensors
+    names += [f"head.{k}.weight" for k in range(12)]
+    layout = custom_scalars_layout({"adam": names})
+    per_module = {
+        title: charts for title, charts in layout.items() if title.startswith("adam: ") and "pooled" not in title
+    }
+    per_module.pop("adam: worst tensor (named in the Text tab, adam/worst_tensors)")
+    assert all(len(tags) <= LINES_PER_CHART for charts in per_module.values() for _, tags in charts.values())
+    head = per_module["adam: head"]  # 12 tensors: 3 charts of 4, not 5, 5, 2
+    assert [len(head[f"update_rms ({k}/3)"][1]) for k in (1, 2, 3)] == [4, 4, 4]
+    shown = [t for charts in per_module.values() for _, tags in charts.values() for t in tags if "/update_rms/" in t]
+    assert len(shown) == len(names) == len(set(shown))  # every tensor in exactly one chart
+
+
+# ---------------------------------------------------------------------------------------------- alert text
+def test_all_alerts_of_a_step_are_one_text_and_read_as_written():
+    writer = FakeWriter()
+    log = AlertLog(None, writer=writer)
+    log.record([alert("lower lr: 2*beta1*lr*x_y"), alert("lr*sharpness <b>near</b> 2", rule="edge_of_stability")], 40)
+    ((tag, text, step),) = writer.texts
+    assert (tag, step) == ("adam/alert", 40)
+    html = markdown_to_safe_html(text)
+    assert "2*beta1*lr*x_y" in html and "lr*sharpness &lt;b&gt;near&lt;/b&gt; 2" in html
+    assert "<em>" not in html and "<b>" not in html
+    assert html.count("<li>") == 2 and "update_rms_spike" in html and "edge_of_stability" in html
+
+
+def test_later_alerts_at_the_same_step_rewrite_the_step_text_in_full():
+    # TensorBoard shows each text written at a step (newest first): the newest must hold them all.
+    writer = FakeWriter()
+    log = AlertLog(None, writer=writer)
+    log.record([alert("first")], 40)
+    log.record([alert("second", rule="nonfinite")], 40)  # e.g. another optimizer at the same global step
+    log.record([alert("third")], 41)
+    assert [s for _, _, s in writer.texts] == [40, 40, 41]
+    at_40 = markdown_to_safe_html(writer.texts[1][1])
+    assert "2 alerts at step 40" in at_40 and "first" in at_40 and "second" in at_40
+    at_41 = markdown_to_safe_html(writer.texts[2][1])
+    assert "1 alert at step 41" in at_41 and "third" in at_41 and "first" not in at_41
+    assert [v for t, v, _ in writer.scalars if t == "adam/alerts"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("text", ["2*beta1*lr*x_y", r"a\b `c` {d} [e](f) #g +h -i .j !k |l <m> &n;", "one\ntwo"])
+def test_markdown_escaped_text_renders_verbatim(text):
+    html = markdown_to_safe_html(markdown_escaped(text))
+    shown = html.removeprefix("<p>").removesuffix("</p>").replace("<br />", "\n").replace("<br>", "\n")
+    assert shown.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") == text
+
+
+# ---------------------------------------------------------------------------------------------- worst tensors
+def test_the_worst_tensor_table_is_written_when_the_worst_tensor_changes_for_good_or_after_an_alert():
+    writer = FakeWriter()
+    sink = TensorBoardSink(writer, scalar_sink=None, per_parameter=True)
+
+    def point(x, *names, alerts=0.0, value=1.0):
+        table = {"update_rms": [(value / (k + 1), n) for k, n in enumerate(names)]}
+        sink.write("adam", {"adam/alerts": alerts}, x, worst=table)
+
+    point(10, "a", "b")  # the first: written
+    point(20, "a", "b", value=2.0)  # same tensors, other values: not written
+    point(30, "a", "c", "b")  # the worst is the same tensor: not written
+    point(40, "b", "a")  # another worst tensor, once: a flicker, not written
+    point(50, "a", "b")
+    point(60, "a", "b", alerts=1.0)  # an alert since the last log point: written
+    point(70, "a", "b", alerts=1.0)
+    point(80, "b", "a", alerts=1.0)
+    point(90, "b", "a", alerts=1.0)
+    point(100, "b", "a", alerts=1.0)  # b is the worst for WORST_SETTLED log points in a row: written
+    point(110, "b", "a", alerts=1.0)
+    writer.fail_text = True
+    with pytest.warns(UserWarning, match="could not write text"):
+        point(120, "c", alerts=2.0)  # due, but could not be written...
+    writer.fail_text = False
+    with pytest.warns(UserWarning, match="again"):
+        point(130, "b", alerts=2.0)  # ...so written at the next log point
+    assert WORST_SETTLED == 3
+    assert [s for t, _, s in writer.texts if t == "adam/worst_tensors"] == [10, 60, 100, 130]
+
+
+def test_a_long_run_writes_few_worst_tensor_tables(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from adam_monitor.cli.events import read_scalars
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    writer = SummaryWriter(str(tmp_path))
+    texts = []
+    add_text = writer.add_text
+    writer.add_text = lambda tag, text, step: (texts.append((tag, step)), add_text(tag, text, step))
+    monitor = Monitor(opt, named_parameters=model.named_parameters(), writer=writer, log_every_n_steps=5)
+    x = torch.randn(64, 8)
+    for _ in range(200):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    monitor.close()
+    writer.close()
+    points = len(read_scalars(tmp_path)["adam/update_rms"])
+    tables = [s for tag, s in texts if tag == "adam/worst_tensors"]
+    assert points == 40 and tables[0] == 5 and len(tables) < points / 2, tables
