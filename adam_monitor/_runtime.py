@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -154,7 +156,8 @@ def compile_per_configuration(fn: Callable, name: str, **compile_kwargs: Any) ->
 
     Dynamo keeps its graphs and its recompile limit per code object: a code object of its own per
     configuration holds that configuration's graph alone, so configurations never evict each other
-    nor add up to the limit. Compiles lazily, at the first call of the result.
+    nor add up to the limit. Compiles lazily, at the first call of the result, which says so on
+    stderr: a first step that takes seconds would otherwise look like a hung run.
     """
     key = (fn, name)
     compiled = _COMPILED.get(key)
@@ -163,8 +166,40 @@ def compile_per_configuration(fn: Callable, name: str, **compile_kwargs: Any) ->
             fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__
         )
         copy.__kwdefaults__ = fn.__kwdefaults__
-        compiled = _COMPILED[key] = torch.compile(copy, **compile_kwargs)
+        compiled = _COMPILED[key] = _AnnouncedFirstCall(torch.compile(copy, **compile_kwargs), name)
     return compiled
+
+
+class _AnnouncedFirstCall:
+    """A compiled function whose first call (the compilation) is announced and timed on stderr,
+    on rank zero only."""
+
+    __slots__ = ("fn", "name", "pending")
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name, self.pending = fn, name, True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.pending:
+            return self.fn(*args, **kwargs)
+        self.pending = False
+        loud = is_rank_zero()
+        if loud:
+            print(
+                f"adam-monitor: compiling {self.name} (once per process; inductor caches it on disk, "
+                "so later runs start faster; ADAM_MONITOR_EAGER=1 skips compilation)",
+                file=sys.stderr,
+                flush=True,
+            )
+        start = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        if loud:
+            print(
+                f"adam-monitor: compiled {self.name} in {time.perf_counter() - start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return out
 
 
 def eager_forced() -> bool:
