@@ -17,6 +17,8 @@ while the loss weight is low: true, and harmless here).
 from __future__ import annotations
 
 import argparse
+import logging
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -95,13 +97,34 @@ def loss_spikes(losses: list[float], factor: float = 3.0, window: int = 50) -> l
     return starts
 
 
-def train(name: str, betas, steps: int, root: Path):
+RUNS = (("default_betas_0.9_0.999", (0.9, 0.999)), ("fixed_betas_0.9_0.95", (0.9, 0.95)))
+PHASES = {
+    DROP: "the loss weight starts to fall",
+    DROP + FALL: f"the loss weight is {LOW_WEIGHT:g}",
+    RETURN: "the weight returns",
+}
+
+
+class Progress(L.Callback):
+    """One line per phase of the loss weight, so a run of half a minute is not silent."""
+
+    def __init__(self, label: str):
+        self.label, self.start = label, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in PHASES or step == trainer.max_steps:
+            what = PHASES.get(step, "done")
+            print(f"  {self.label} step {step:>5}: {what} ({time.perf_counter() - self.start:.0f} s)", flush=True)
+
+
+def train(name: str, betas, steps: int, root: Path, label: str):
     # The monitor checks its rules on every step whatever the logging interval; its scalars (one
     # per tensor and diagnostic) are written every 5 steps, the loss every step.
     monitor = AdamMonitor(log_every_n_steps=5)
     trainer = L.Trainer(
         max_steps=steps,
-        callbacks=[monitor],
+        callbacks=[monitor, Progress(label)],
         logger=TensorBoardLogger(root, name=name, version=0),
         log_every_n_steps=1,
         enable_progress_bar=False,
@@ -113,56 +136,83 @@ def train(name: str, betas, steps: int, root: Path):
     return model.losses, monitor.alerts, trainer.logger.log_dir
 
 
+def clear_previous(root: Path) -> None:
+    """A rerun starts from empty run folders: alerts.jsonl appends, and TensorBoard would draw the
+    old run and the new one as one line. Only what this script writes is removed."""
+    for name, _ in RUNS:
+        if (root / name).is_dir():
+            shutil.rmtree(root / name)
+    (root / "report.png").unlink(missing_ok=True)
+
+
+def comparison(runs: dict) -> str:
+    """The titled table: what changed, when the precursor fired, when the loss moved, the lead."""
+    lines = [
+        "Spike demo: the same model, data and seed twice; only beta2 differs.",
+        f"The loss weight falls to {LOW_WEIGHT:g} over steps {DROP}..{DROP + FALL} and returns to 1 at step {RETURN}.",
+        "A loss spike: the loss above 3x its median of the previous 50 steps, two steps in a row.",
+        "",
+        f"{'betas':<13}{'first precursor alert':<33}{'loss spike':<13}{'lead':<10}{'peak loss / median before'}",
+    ]
+    lines.append("-" * len(lines[-1]))
+    for betas, losses, alerts, _log_dir, _seconds in runs.values():
+        spike = next(iter(loss_spikes(losses)), None)
+        # Regime notes (info) are no forecast: the lead counts precursor alerts only.
+        precursors = [a for a in alerts if a.severity != "info"]
+        first = f"{precursors[0].rule} at step {precursors[0].step}" if precursors else "none"
+        lead = spike - precursors[0].step if spike and precursors and precursors[0].step <= spike else None
+        lead = "-" if lead is None else f"{lead} step{'s' * (lead != 1)}"
+        before = statistics.median(losses[RETURN - 51 : RETURN - 1])
+        after = losses[RETURN - 1 :]
+        peak_at = max(range(len(after)), key=after.__getitem__)
+        peak = f"{after[peak_at] / before:.0f}x (step {peak_at + RETURN})"
+        spiked = f"step {spike}" if spike else "none"
+        lines.append(f"{str(betas):<13}{first:<33}{spiked:<13}{lead:<10}{peak}")
+    return "\n".join(lines)
+
+
+def alert_counts(runs: dict) -> str:
+    lines = []
+    for name, (_betas, _losses, alerts, log_dir, _seconds) in runs.items():
+        counts: dict[tuple[str, str], int] = {}
+        for a in alerts:
+            counts[(a.severity, a.rule)] = counts.get((a.severity, a.rule), 0) + 1
+        lines.append(f"  {name}: {sum(counts.values()) or 'no'} alert(s), in {Path(log_dir) / 'adam_monitor'}")
+        lines += [f"    {severity:<8} {rule:<20} x{n}" for (severity, rule), n in counts.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="runs/spike_demo")
-    parser.add_argument("--steps", type=int, default=RETURN + 200)
+    parser.add_argument("--root", default="runs/spike_demo", help="folder for both runs' logs and the report")
+    parser.add_argument("--steps", type=int, default=RETURN + 200, help="optimizer steps per run")
     args = parser.parse_args(argv)
     root = Path(args.root)
+    clear_previous(root)
+    # Lightning's banners (accelerators, tips, "fit stopped") would bury the demo's own lines.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # a tiny model: threads only add contention
     runs = {}
     # main() returns the runs so that a test can check them.
-    for name, betas in (("default_betas_0.9_0.999", (0.9, 0.999)), ("fixed_betas_0.9_0.95", (0.9, 0.95))):
+    for i, (name, betas) in enumerate(RUNS, 1):
+        print(f"run {i} of {len(RUNS)}: AdamW betas={betas}, {args.steps} steps -> {root / name}", flush=True)
         start = time.perf_counter()
-        losses, alerts, log_dir = train(name, betas, args.steps, root)
+        losses, alerts, log_dir = train(name, betas, args.steps, root, label=f"run {i}")
         runs[name] = (betas, losses, alerts, log_dir, time.perf_counter() - start)
 
-    print(f"\nLoss weight falls to {LOW_WEIGHT:g} over steps {DROP}..{DROP + FALL}, back to 1 at step {RETURN}.\n")
-    rows = []
-    for name, (_betas, losses, alerts, _log_dir, seconds) in runs.items():
-        spikes = loss_spikes(losses)
-        first = {}
-        for a in alerts:
-            first.setdefault(a.rule, a.step)
-        listed = ", ".join(f"{rule} ({step})" for rule, step in first.items()) or "none"
-        spike = spikes[0] if spikes else None
-        # Regime notes are no forecast of a spike: the lead counts precursor alerts only.
-        before = [a.step for a in alerts if spike is not None and a.step <= spike and a.rule not in REGIME_RULES]
-        lead = f"{spike - before[0]}" if before else "-"
-        before_return = statistics.median(losses[RETURN - 51 : RETURN - 1])
-        after = losses[RETURN - 1 :]
-        peak_at = max(range(len(after)), key=after.__getitem__) + RETURN
-        peak = after[peak_at - RETURN]
-        rows.append(
-            (name, listed, spike if spike else "none", lead, f"{peak / before_return:.0f}x median ({peak_at})", seconds)
-        )
-    width = max(len("alerts (first step)"), *(len(r[1]) for r in rows)) + 2
-    header = (
-        f"{'run':<26}{'alerts (first step)':<{width}}{'loss spike':<12}{'lead':<6}{'peak loss (step)':<24}{'time':>6}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, listed, spike, lead, peak, seconds in rows:
-        print(f"{name:<26}{listed:<{width}}{spike:<12}{lead:<6}{peak:<24}{seconds:>5.0f}s")
+    print()
+    print(comparison(runs))
+    print("\nAlerts per run (info notes a regime and never fails `adam-monitor check`):")
+    print(alert_counts(runs))
     try:
         from adam_monitor.cli.plot import write_report
 
         png = write_report(root, root / "report.png", title="spike demo: β2 = 0.999 vs 0.95 after a loss-scale return")
-        print(f"\nReport: {png}")
+        print(f"\nReport:      {png}")
     except ImportError:
-        print("\n(matplotlib not installed: pip install 'adam-monitor[report]' for the PNG report)")
-    print(f"TensorBoard: tensorboard --logdir {root}   (Custom Scalars tab)")
-    print(f"CI gate:     adam-monitor check {root}")
+        print("\n(matplotlib is not installed: `pip install matplotlib` for the PNG report)")
+    print(f"TensorBoard: .venv/bin/tensorboard --logdir {root}   (Custom Scalars tab)")
+    print(f"CI gate:     .venv/bin/adam-monitor check {root}   (exit 1: the default-betas run alerts)")
     return {name: (losses, alerts, log_dir) for name, (_, losses, alerts, log_dir, _) in runs.items()}
 
 

@@ -68,3 +68,40 @@ def test_the_spike_demo_forecasts_the_spike_and_the_fix_prevents_it(tmp_path, mo
     assert "stale_second_moment" in capsys.readouterr().out
     assert cli(["check", str(tmp_path)]) == 1
     assert cli(["check", str(tmp_path / "fixed_betas_0.9_0.95")]) == 0  # the fix passes the gate
+
+
+def test_a_demo_rerun_starts_from_empty_run_folders_and_keeps_everything_else(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import spike_demo
+
+    for name, _ in spike_demo.RUNS:
+        (tmp_path / name / "version_0" / "adam_monitor").mkdir(parents=True)
+        (tmp_path / name / "version_0" / "adam_monitor" / "alerts.jsonl").write_text("{}\n")
+    (tmp_path / "report.png").write_bytes(b"png")
+    (tmp_path / "my_own_run" / "version_0").mkdir(parents=True)
+    spike_demo.clear_previous(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_own_run"]
+
+
+def test_the_demo_table_states_the_change_the_spike_rule_and_the_lead_within_100_columns(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import spike_demo
+
+    from adam_monitor.alerts.records import Alert
+
+    quiet = [0.01] * spike_demo.RETURN
+    spiking = quiet[:-1] + [0.01, 0.5, 0.6, 0.4] + [0.01] * 50
+    stale = Alert("stale_second_moment", "warning", spike_demo.RETURN, "", "AdamW", "net.0.weight", 3.0, 2.0)
+    note = Alert("eps_dominance", "info", 100, "", "AdamW", "net.2.weight", 0.6, 0.5)
+    runs = {
+        "default": ((0.9, 0.999), spiking, [note, stale], "a", 1.0),
+        "fixed": ((0.9, 0.95), quiet + [0.01] * 50, [note], "b", 1.0),
+    }
+    table = spike_demo.comparison(runs)
+    assert "only beta2 differs" in table and "3x its median of the previous 50 steps" in table
+    default, fixed = table.splitlines()[-2:]
+    spike = spike_demo.loss_spikes(spiking)[0]
+    assert f"stale_second_moment at step {spike_demo.RETURN}" in default
+    assert f"step {spike}" in default and f"{spike - spike_demo.RETURN} step" in default
+    assert "none" in fixed  # the info note is no precursor
+    assert max(len(line) for line in table.splitlines()) < 100
