@@ -4,6 +4,7 @@ import datetime
 import faulthandler
 import gc
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -39,12 +40,12 @@ def train(model, steps, *, log_every, betas=(0.9, 0.95)):
     return logged
 
 
-def with_stack_dump(rank, fn, dump_after, stacks_dir, *args):
-    """Run ``fn(rank, *args)``; a rank still alive after ``dump_after`` seconds writes every thread's
-    Python stack to ``stacks_dir/rank<r>.txt``, so a test that times out says where it hung. The
-    timer stays armed after ``fn`` returns: a hang in the interpreter's exit is reported too."""
+def with_stack_dump(rank, fn, stacks_dir, *args):
+    """Run ``fn(rank, *args)``; on SIGUSR1 the rank writes every thread's Python stack to
+    ``stacks_dir/rank<r>.txt``, so a test that times out can say where each rank hung. The handler
+    stays registered after ``fn`` returns: a hang in the interpreter's exit is reported too."""
     stacks = open(os.path.join(stacks_dir, f"rank{rank}.txt"), "w", buffering=1)  # open until exit
-    faulthandler.dump_traceback_later(dump_after, file=stacks)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     fn(rank, *args)
     stacks.write(f"rank {rank} returned from {fn.__name__}; still alive after it\n")
 

@@ -1,5 +1,7 @@
 """Same numbers on one process, DDP and FSDP2; one collective per step under sharding."""
 
+import os
+import signal
 import socket
 import time
 
@@ -30,10 +32,14 @@ def single():
 def run_ranks(fn, args, nprocs, timeout, stacks_dir):
     """``mp.spawn`` with a deadline: daemonic ranks, killed when the deadline passes, so a rank that
     hangs (in a collective, or in torch's exit) fails this test instead of the whole session, with
-    the stacks each rank was in shortly before."""
-    wrapped = (fn, max(timeout - 15, 1), str(stacks_dir), *args)
+    the stack each rank was in when the deadline passed."""
     ctx = mp.start_processes(
-        dist_workers.with_stack_dump, args=wrapped, nprocs=nprocs, join=False, daemon=True, start_method="spawn"
+        dist_workers.with_stack_dump,
+        args=(fn, str(stacks_dir), *args),
+        nprocs=nprocs,
+        join=False,
+        daemon=True,
+        start_method="spawn",
     )
     deadline = time.monotonic() + timeout
     try:
@@ -42,13 +48,25 @@ def run_ranks(fn, args, nprocs, timeout, stacks_dir):
         while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
             if time.monotonic() >= deadline:
                 alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-                stacks = "\n".join(f"rank {r}:\n{(stacks_dir / f'rank{r}.txt').read_text()}" for r in alive)
-                pytest.fail(f"ranks {alive} still running after {timeout} s\n{stacks}")
+                pytest.fail(f"ranks {alive} still running after {timeout} s\n{_stacks(ctx, alive, stacks_dir)}")
     finally:
         for process in ctx.processes:
             if process.is_alive():
                 process.kill()
                 process.join(5)
+
+
+def _stacks(ctx, ranks, stacks_dir, wait=10.0):
+    """Ask each rank for its stacks (SIGUSR1, see ``with_stack_dump``) and read what they wrote."""
+    for r in ranks:
+        os.kill(ctx.processes[r].pid, signal.SIGUSR1)
+    files = [stacks_dir / f"rank{r}.txt" for r in ranks]
+    until = time.monotonic() + wait
+    while time.monotonic() < until and not all(f.exists() and "File" in f.read_text() for f in files):
+        time.sleep(0.1)
+    return "\n".join(
+        f"rank {r}:\n{f.read_text() if f.exists() else '(no stack: still starting)'}" for r, f in zip(ranks, files)
+    )
 
 
 def strip_ddp_prefix(metrics):
