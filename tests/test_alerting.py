@@ -126,9 +126,9 @@ def noise_run_alerts(*, size, steps, jump_at=None, resume_at=None):
     return [(a.rule, a.step, a.parameter) for a in monitor.alerts]
 
 
-def test_a_noise_jump_alerts_at_the_jump_step_and_stationary_noise_does_not():
+def test_a_lasting_noise_jump_alerts_one_step_after_it_and_stationary_noise_does_not():
     assert noise_run_alerts(size=2048, steps=1520) == []
-    assert noise_run_alerts(size=2048, steps=1520, jump_at=1500)[0][:2] == ("stale_second_moment", 1500)
+    assert noise_run_alerts(size=2048, steps=1520, jump_at=1500)[0][:2] == ("stale_second_moment", 1501)
 
 
 def test_alerts_written_before_a_kill_stay_readable(tmp_path):
@@ -252,7 +252,7 @@ def test_bound_prints_the_table(capsys):
 
 def test_resume_mid_run_gives_the_same_alerts_as_an_uninterrupted_run():
     uninterrupted = noise_run_alerts(size=1024, steps=1530, jump_at=1500)
-    assert uninterrupted and uninterrupted[0][:2] == ("stale_second_moment", 1500)
+    assert uninterrupted and uninterrupted[0][:2] == ("stale_second_moment", 1501)
     # A checkpoint between the jump and the update's peak: the alert episode carries over.
     assert noise_run_alerts(size=1024, steps=1530, jump_at=1500, resume_at=1501) == uninterrupted
 

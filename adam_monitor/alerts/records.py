@@ -66,7 +66,7 @@ class Thresholds:
 
     Attributes:
         stale_peak: ``stale_second_moment`` fires when the update predicted by the jump formula
-            peaks above this multiple of its steady size. Unreachable when B_∞ < stale_peak
+            peaks above this multiple of its steady size, on two steps in a row. Unreachable when B_∞ < stale_peak
             (β2 = 0.95 with β1 = 0.9: B_∞ = 1.165): there a stale v̂ cannot inflate updates.
         stale_clear: the episode ends once the predicted peak falls below this.
         spike_ratio: ``update_rms_spike`` fires when update RMS exceeds this multiple of its own

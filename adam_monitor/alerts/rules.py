@@ -15,7 +15,10 @@ in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``,
   finite, 1 at β1 = β2), so a choice to know about, not a danger.
 * ``nonfinite`` (error): a NaN/Inf in any statistic (it propagates from gradient, state or update).
 * ``stale_second_moment`` (warning): the gradient outran the second moment by a factor a, and the
-  jump formula predicts the update will overshoot to ``peak`` × its steady size while v̂ catches up.
+  jump formula predicts the update will overshoot to ``peak`` × its steady size while v̂ catches up,
+  on two steps in a row: the formula assumes the new scale lasts, and one outlier batch (the
+  momentum takes 1-β1 of it, v̂ keeps it) makes the next updates smaller, not larger. A jump so
+  large that the step just taken already overshoots that much is reported at once.
 * ``update_rms_spike`` (warning): update RMS far above its own recent level, or above B_t.
 * ``gradient_growth`` (warning): the gradient grew geometrically against v̂ for several steps in a
   row while v̂, not ε, sets the step: the oscillation of Adam's adaptive edge of stability building
@@ -61,6 +64,7 @@ __all__ = [
     "EpsFinding",
     "subjects",
     "jump_model",
+    "jump_updates",
     "predicted_peak",
     "subject_bounds",
     "bound_margin",
@@ -159,15 +163,16 @@ def jump_model(subject_betas: Sequence[tuple[float, float]]) -> JumpModel:
     return JumpModel(np.ascontiguousarray(b[:, 0]), np.ascontiguousarray(b[:, 1]), b[:, :1] ** ks, b[:, 1:] ** ks)
 
 
-def predicted_peak(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.ndarray, np.ndarray]:
-    """(peak predicted update, jump factor a) per subject; 0 and NaN at step 1 and where β2 = 0
-    (no v̂_{t-1}: v̂_t = g_t² makes the staleness 1 whatever the gradients did).
+def jump_updates(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.ndarray, np.ndarray]:
+    """(update over its steady size k steps after the jump, on the grid of ``_jump_grid`` (k = 1 is
+    the step just taken), ``[S, K]``; jump factor a) per subject; 0 and NaN at step 1 and where
+    β2 = 0 (no v̂_{t-1}: v̂_t = g_t² makes the staleness 1 whatever the gradients did).
 
-    Inverts the staleness for a (see :class:`AlertRules`) and takes the largest update of the jump
-    formula with bias corrections over the grid of steps after the jump.
+    Inverts the staleness for a (see :class:`AlertRules`) and evaluates the jump formula with bias
+    corrections for a gradient that stays at its new scale.
     """
     if step < 2:
-        return np.zeros_like(stale_sq), np.full_like(stale_sq, math.nan)
+        return np.zeros((len(stale_sq), model.beta1_k.shape[1])), np.full_like(stale_sq, math.nan)
     b1, b2 = model.beta1, model.beta2
     p1, p2 = b1 ** (step - 1), b2 ** (step - 1)  # β^(t-1)
     c2 = 1 - p2 * b2  # c2(t)
@@ -179,8 +184,15 @@ def predicted_peak(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[n
     w2 = model.beta2_k * (1 - p2)[:, None] / (1 - p2[:, None] * model.beta2_k)
     with np.errstate(divide="ignore", invalid="ignore"):
         u = (w1 + (1 - w1) * a) / np.sqrt(w2 + (1 - w2) * a * a)
-    memoryless = b2 == 0
-    return np.where(memoryless, 0.0, u.max(1)), np.where(memoryless, math.nan, a[:, 0])
+    memoryless = (b2 == 0)[:, None]
+    return np.where(memoryless, 0.0, u), np.where(memoryless[:, 0], math.nan, a[:, 0])
+
+
+def predicted_peak(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.ndarray, np.ndarray]:
+    """(peak predicted update over its steady size, jump factor a) per subject: the largest of
+    :func:`jump_updates` over the steps after the jump."""
+    u, a = jump_updates(step, stale_sq, model)
+    return u.max(1), a
 
 
 def _rule_bound(beta1: float, beta2: float, step: int) -> float:
@@ -266,13 +278,18 @@ def nonfinite(rows: np.ndarray, state: State) -> NonfiniteFinding | None:
 
 
 def stale_second_moment(step: int, q: Subjects, model: JumpModel, state: State, th: Thresholds) -> StaleFinding | None:
-    """The jump formula predicts an update overshoot above ``stale_peak``; the episode lasts while the
+    """The jump formula predicts an update overshoot above ``stale_peak`` on this step and the one
+    before (the jump has lasted), or on the step just taken; the episode lasts while the
     prediction stays above ``stale_clear``."""
-    peak, jump = predicted_peak(step, q.stale_sq, model)
-    active = state["stale_active"]
-    cond = q.judged & (peak > th.stale_peak)
+    u, jump = jump_updates(step, q.stale_sq, model)
+    peak = u.max(1)
+    active, before = state["stale_active"], state["stale_before"]
+    over = q.judged & (peak > th.stale_peak)
+    # A jump so large that the step just taken (k = 1) already overshoots needs no second step.
+    cond = over & (before | (u[:, 0] > th.stale_peak))
     new = cond & ~active
     state["stale_active"] = np.where(q.stepped, cond | (active & (peak > th.stale_clear)), active)
+    state["stale_before"] = np.where(q.stepped, over, before)
     if not new.any():
         return None
     s = _first_worst(new, peak)
@@ -389,7 +406,7 @@ def _initial_state(n: int, s: int) -> dict[str, State]:
     """Each rule's running state (numpy; ``state_dict`` hands it out flat, as CPU tensors)."""
     return {
         "nonfinite": {"nonfinite_active": np.zeros((), dtype=bool)},
-        "stale": {"stale_active": np.zeros(s, dtype=bool)},
+        "stale": {"stale_active": np.zeros(s, dtype=bool), "stale_before": np.zeros(s, dtype=bool)},
         "spike": {
             "spike_active": np.zeros(s, dtype=bool),
             "spike_ema": np.zeros(s, dtype=np.float64),
@@ -433,6 +450,8 @@ def join_episode(step: int, alerts: list[Alert], names: Sequence[str], state: St
         state["episode_cause"] = np.array(float(EPISODE_RULES.index(first.rule)))
         state["episode_tensor"] = np.array(float(names.index(first.parameter)))
         state["episode_step"] = np.array(float(step))
+    else:
+        _confirm_stale_cause(step, alerts, precursors, names, state)
     state["episode_until"] = np.array(float(step + window))
     cause = EPISODE_RULES[int(state["episode_cause"])]
     where, since = names[int(state["episode_tensor"])], int(state["episode_step"])
@@ -443,6 +462,20 @@ def join_episode(step: int, alerts: list[Alert], names: Sequence[str], state: St
             text = messages.evidence_message(a.rule, a.parameter, a.value, a.threshold, cause, where, since)
             out[i] = dataclasses.replace(a, message=text)
     return out
+
+
+def _confirm_stale_cause(step: int, alerts: list[Alert], precursors: list[int], names, state: State) -> None:
+    """A scale jump shows in the update at once but is told apart from a one-batch outlier by
+    ``stale_second_moment`` one step later: its alert there makes the stale second moment the cause
+    of the episode the update spike opened (and keeps its own message and fix)."""
+    if EPISODE_RULES[int(state["episode_cause"])] != "update_rms_spike" or step > state["episode_step"] + 1:
+        return
+    for i in precursors:
+        if alerts[i].rule == "stale_second_moment":
+            precursors.remove(i)
+            state["episode_cause"] = np.array(float(EPISODE_RULES.index("stale_second_moment")))
+            state["episode_tensor"] = np.array(float(names.index(alerts[i].parameter)))
+            return
 
 
 class AlertRules:

@@ -158,9 +158,10 @@ def test_host_rules_forecast_a_gradient_jump_by_beta2():
     # a noise std jump x10 (DESIGN §3): staleness 8.94 at beta2 = 0.999 predicts an overshoot;
     # 3.47 at 0.95, where v-hat catches up within a few steps, predicts none
     def jump(staleness):
-        return lambda t, name: {"staleness": staleness} if t == 150 and name == "w" else None
+        return lambda t, name: {"staleness": staleness} if t in (150, 151) and name == "w" else None
 
-    assert _run_rules((0.9, 0.999), jump(8.94)) == [("stale_second_moment", 150, "w")]
+    # judged once the jump has lasted a step
+    assert _run_rules((0.9, 0.999), jump(8.94)) == [("stale_second_moment", 151, "w")]
     assert _run_rules((0.9, 0.95), jump(3.47)) == []
 
 
