@@ -7,14 +7,17 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ._faults import warn
 from ._runtime import is_rank_zero
 from .alerts.records import Alert, InstabilityError, InstabilityWarning, Thresholds
 from .engine.monitor import Monitor
 from .engine.options import FailOn, MonitorOptions, OnAlert
+from .engine.tensorboard import write_scalars
 
 __all__ = ["AdamMonitor"]
 
@@ -126,7 +129,8 @@ class AdamMonitor(Callback):
     def _log_scalars(self, metrics: dict[str, float], step: int) -> None:
         # One batch to the loggers: a `pl_module.log` call per scalar adds up over hundreds of tensors.
         for logger in self._trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            if not _tensorboard_log_metrics(logger, metrics, step):
+                logger.log_metrics(metrics, step=step)
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         every = self.options.log_every_n_steps or trainer.log_every_n_steps
@@ -198,6 +202,31 @@ class AdamMonitor(Callback):
             self.monitor.load_state_dict(state_dict)
         else:
             self._loaded_state = state_dict or None
+
+
+def _tensorboard_log_metrics(logger, metrics: dict[str, float], step: int) -> bool:
+    """``TensorBoardLogger.log_metrics(metrics, step)``, its scalars in one event (``write_scalars``);
+    ``False``, having written nothing, where that would not be the same: another logger, a subclass
+    or instance with a ``log_metrics`` of its own, tensors or dicts among the values (Lightning
+    converts those itself), a Lightning without the prefix attributes read here."""
+    # Lightning's log_metrics calls add_scalar once per tag, the cost write_scalars removes; it
+    # also adds the logger's prefix (private `_prefix`, `_add_prefix`) and writes on rank zero only.
+    if not isinstance(logger, TensorBoardLogger) or "log_metrics" in vars(logger):
+        return False
+    if type(logger).log_metrics is not TensorBoardLogger.log_metrics:
+        return False
+    try:
+        from lightning.fabric.utilities.logger import _add_prefix
+    except ImportError:
+        return False
+    prefix, separator = getattr(logger, "_prefix", None), getattr(logger, "LOGGER_JOIN_CHAR", None)
+    if not isinstance(prefix, str) or not isinstance(separator, str):
+        return False
+    if any(isinstance(v, (torch.Tensor, dict)) for v in metrics.values()):
+        return False
+    if rank_zero_only.rank == 0:
+        write_scalars(logger.experiment, _add_prefix(metrics, prefix, separator), step)
+    return True
 
 
 def _restore_note(trainer: pl.Trainer) -> str:

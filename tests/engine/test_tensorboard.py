@@ -1,10 +1,16 @@
-"""What a user sees in TensorBoard: the custom-scalars layout, the alert text, the worst-tensor text."""
+"""What a user sees in TensorBoard: the custom-scalars layout, the alert text, the worst-tensor
+text, and scalars written in one event that read back as add_scalar's."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 from tensorboard.plugin_util import markdown_to_safe_html  # TensorBoard's own Markdown renderer
@@ -18,6 +24,7 @@ from adam_monitor.engine.tensorboard import (
     WORST_SETTLED,
     TensorBoardSink,
     custom_scalars_layout,
+    write_scalars,
 )
 
 LOSS_LIKE = ["loss", "train_loss", "train/loss", "val_loss", "train/loss_step", "train/loss_epoch", "eval/Loss"]
@@ -199,3 +206,148 @@ def test_a_long_run_writes_few_worst_tensor_tables(tmp_path):
     points = len(read_scalars(tmp_path)["adam/update_rms"])
     tables = [s for tag, s in texts if tag == "adam/worst_tensors"]
     assert points == 40 and tables[0] == 5 and len(tables) < points / 2, tables
+
+
+# ---------------------------------------------------------------------------------------------- batched scalars
+#: Values add_scalar takes, the awkward ones included: non-finite, beyond float32, not a float.
+AWKWARD = {
+    "adam/update_rms": 0.1,
+    "adam/nan": math.nan,
+    "adam/inf": math.inf,
+    "adam/-inf": -math.inf,
+    "adam/beyond_float32": 1e40,
+    "adam/denormal": 1e-45,
+    "adam/rounded": 1 / 3,
+    "adam/int": 7,
+    "adam/numpy": np.float64(2.5),
+    "adam/tensor": torch.tensor(0.25, dtype=torch.float64),
+    "adam/update_rms/block.0.weight": 3.0,
+}
+
+
+def scalar_events(logdir) -> list[tuple[int, float, dict[str, float]]]:
+    """``(step, wall_time, {tag: simple_value})`` of each scalar event in the folder, in file order,
+    as written (TensorBoard's readers convert simple values to tensors)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    (path,) = [str(p) for p in logdir.glob("events.out.tfevents.*")]
+    events = []
+    for record in RawEventFileLoader(path).Load():
+        event = Event.FromString(record)
+        values = {v.tag: v.simple_value for v in event.summary.value if v.HasField("simple_value")}
+        if values:
+            events.append((event.step, event.wall_time, values))
+    return events
+
+
+def same_points(a: dict, b: dict) -> bool:
+    """``read_scalars`` results equal, NaN equal to NaN."""
+    as_text = lambda scalars: {tag: [(s, repr(v)) for s, v in points] for tag, points in scalars.items()}  # noqa: E731
+    return as_text(a) == as_text(b)
+
+
+def test_scalars_written_in_one_event_read_back_as_add_scalar_writes_them(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from adam_monitor.cli.events import read_scalars
+
+    one_by_one, batched = SummaryWriter(str(tmp_path / "add_scalar")), SummaryWriter(str(tmp_path / "batched"))
+    for step in (3, 7, 7, 12):  # a step written twice stays two points, as add_scalar's
+        for tag, value in AWKWARD.items():
+            one_by_one.add_scalar(tag, value, step)
+        before = time.time()
+        write_scalars(batched, AWKWARD, step)
+        after = time.time()
+        batched.flush()
+        assert before <= scalar_events(tmp_path / "batched")[-1][1] <= after  # the time of the write, as add_scalar's
+    one_by_one.close()
+    batched.close()
+    expected, got = read_scalars(tmp_path / "add_scalar"), read_scalars(tmp_path / "batched")
+    assert set(got) == set(AWKWARD) and same_points(got, expected)
+    assert math.isnan(got["adam/nan"][0][1]) and got["adam/inf"][0][1] == got["adam/beyond_float32"][0][1] == math.inf
+    assert got["adam/-inf"][0][1] == -math.inf and got["adam/rounded"][0][1] == float(np.float32(1 / 3))
+    events = scalar_events(tmp_path / "batched")
+    assert [(step, len(values)) for step, _, values in events] == [(s, len(AWKWARD)) for s in (3, 7, 7, 12)]
+
+
+def test_writers_other_than_torchs_own_get_one_add_scalar_per_tag(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    class Overriding(SummaryWriter):  # its add_scalar may do more than write: it must be called
+        def add_scalar(self, tag, value, step=None, **kwargs):
+            calls.append((tag, step))
+            super().add_scalar(tag, value, step, **kwargs)
+
+    metrics = {"adam/a": 1.0, "adam/b": math.nan, "adam/c": 2}
+    fake = FakeWriter()
+    write_scalars(fake, metrics, 5)
+    assert fake.scalars == [("adam/a", 1.0, 5), ("adam/b", metrics["adam/b"], 5), ("adam/c", 2, 5)]
+    calls: list = []
+    overriding = Overriding(str(tmp_path / "subclass"))
+    write_scalars(overriding, metrics, 5)
+    patched = SummaryWriter(str(tmp_path / "patched"))
+    patched.add_scalar = lambda tag, value, step=None: calls.append((tag, -step))
+    write_scalars(patched, metrics, 5)
+    assert calls == [(t, 5) for t in metrics] + [(t, -5) for t in metrics]
+    overriding.close()
+    patched.close()
+
+
+def test_a_writer_that_fails_in_the_batch_is_one_warning_and_the_next_log_point_retries(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    sink = TensorBoardSink(writer, scalar_sink=None, per_parameter=False)
+    real = writer._get_file_writer()
+
+    class Full:
+        def add_summary(self, *args):
+            raise OSError(28, "No space left on device")
+
+    writer.file_writer = Full()
+    with pytest.warns(UserWarning, match="could not write scalars to TensorBoard.*No space left"):
+        assert not sink.write("adam", {"adam/update_rms": 1.0}, 10, worst={})
+    assert not sink.write("adam", {"adam/update_rms": 1.0}, 20, worst={})  # still failing: no second warning
+    writer.file_writer = real
+    with pytest.warns(UserWarning, match="writes scalars to TensorBoard.*again"):
+        assert sink.write("adam", {"adam/update_rms": 2.0}, 30, worst={})
+    writer.close()
+    assert [(s, v) for s, _, values in scalar_events(tmp_path) for v in values.values()] == [(30, 2.0)]
+
+
+def test_lightnings_tensorboard_logger_writes_the_same_scalars_in_one_event_per_log_point(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from support import AdamBoring
+
+    from adam_monitor import AdamMonitor
+    from adam_monitor.cli.events import read_scalars
+
+    class OwnLogMetrics(TensorBoardLogger):
+        """A logger with a log_metrics of its own: the callback calls it, which writes as Lightning does."""
+
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics(metrics, step)
+
+    batched = TensorBoardLogger(tmp_path, name="batched", version=0, prefix="train")
+    lightnings = OwnLogMetrics(tmp_path, name="lightning", version=0, prefix="train")
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=6,
+        log_every_n_steps=2,
+        callbacks=[AdamMonitor()],
+        logger=[batched, lightnings],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(AdamBoring())
+    got, expected = read_scalars(batched.log_dir), read_scalars(lightnings.log_dir)
+    adam = {tag for tag in expected if tag.startswith("train-adam/")}
+    assert "train-adam/update_rms/layer.weight" in adam and "train-adam/worst/update_rms" in adam
+    assert [s for s, _ in expected["train-adam/update_rms"]] == [1, 3, 5]
+    assert set(got) == set(expected) and same_points(got, expected)
+    per_point = [(step, len(values)) for step, _, values in scalar_events(Path(batched.log_dir)) if len(values) > 1]
+    assert per_point == [(s, len(adam)) for s in (1, 3, 5)]  # the callback's scalars: one event per log point
