@@ -8,10 +8,20 @@ from torch import Tensor
 
 from ..diagnostics.rows import DIAGNOSTICS, diagnostics_from_statistics
 
-__all__ = ["WORST_NAMED", "log_point"]
+__all__ = ["WORST_NAMED", "log_point", "parameter_tag"]
 
 #: Tensors named per diagnostic in the "worst tensors" text at each log point.
 WORST_NAMED = 5
+
+
+def parameter_tag(prefix: str, diagnostic: str, name: str) -> str:
+    """The tag of one tensor's diagnostic, ``<prefix>/per_parameter/<diagnostic>/<name>``.
+
+    Not ``<prefix>/<diagnostic>/<name>``: the pooled tag ``<prefix>/<diagnostic>`` would be a folder
+    of it, which a store with one file per metric (MLflow's file store) cannot hold beside the
+    pooled metric's file.
+    """
+    return f"{prefix}/per_parameter/{diagnostic}/{name}"
 
 
 def log_point(
@@ -37,7 +47,7 @@ def log_point(
         for k, d in enumerate(DIAGNOSTICS):
             v = values[width * (i + 1) + k]
             if v == v:
-                metrics[f"{prefix}/{d}/{name}"] = v
+                metrics[parameter_tag(prefix, d, name)] = v
                 ranked[d].append((v, name))
     # With hundreds of tensors no chart shows them all: the worst one is a scalar of its own and
     # the top few are named in a text summary.

@@ -28,6 +28,7 @@ from torch import Tensor
 from .._faults import SoftWrites
 from ..alerts.log import markdown_code, markdown_escaped
 from ..diagnostics.rows import DIAGNOSTICS
+from .metrics import parameter_tag
 
 __all__ = [
     "LINES_PER_CHART",
@@ -119,7 +120,7 @@ def custom_scalars_layout(
             for diag in DIAGNOSTICS:
                 for k, chunk in enumerate(chunks):
                     title = diag if len(chunks) == 1 else f"{diag} ({k + 1}/{len(chunks)})"
-                    charts[title] = ["Multiline", [f"^{re.escape(f'{prefix}/{diag}/{n}')}$" for n in chunk]]
+                    charts[title] = ["Multiline", [f"^{re.escape(parameter_tag(prefix, diag, n))}$" for n in chunk]]
             category = f"{prefix}: {module}" if len(names_by_prefix) > 1 else f"adam: {module}"
             layout[category] = charts
     return layout

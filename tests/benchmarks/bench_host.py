@@ -286,7 +286,9 @@ def bench_before_after(rounds: int, root: str) -> None:
     print(f"\n(d) a log point's scalars: one add_scalar per tag (before) vs write_scalars (after); median of {rounds}")
     print(f"    {'':34s}{'tags':>6s}{'before ms':>11s}{'after ms':>10s}{'× faster':>10s}")
     for tags in (300, 1200):
-        metrics = {f"adam/update_rms/blocks.{i // 8}.layer{i % 8}.weight": 1e-3 * (i + 1) for i in range(tags)}
+        metrics = {
+            f"adam/per_parameter/update_rms/blocks.{i // 8}.layer{i % 8}.weight": 1e-3 * (i + 1) for i in range(tags)
+        }
         writers = {k: SummaryWriter(tempfile.mkdtemp(dir=root)) for k in ("before", "after")}
         write = {"before": per_tag_add_scalar, "after": write_scalars}
         step = [0]
@@ -330,7 +332,9 @@ def crc_cost() -> None:
 
     summary = Summary()
     for i in range(1200):
-        summary.value.add(tag=f"adam/update_rms/blocks.{i // 8}.layer{i % 8}.weight", simple_value=1e-3 * i)
+        summary.value.add(
+            tag=f"adam/per_parameter/update_rms/blocks.{i // 8}.layer{i % 8}.weight", simple_value=1e-3 * i
+        )
     data = Event(step=1, wall_time=time.time(), summary=summary).SerializeToString()
     us = statistics.median(per_call_us(lambda: masked_crc32c(data), 1) for _ in range(5))
     print(
