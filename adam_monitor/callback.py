@@ -86,6 +86,7 @@ class AdamMonitor(Callback):
         self._final_state: dict | None = None  # the closed monitor's, for checkpoints saved after fit
         self._alerts_file: str | None = None
         self._trainer: pl.Trainer | None = None
+        self._stepped = False  # an optimizer step was attempted in this batch
 
     @property
     def state_key(self) -> str:
@@ -96,6 +97,7 @@ class AdamMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
         self._final_state = None
+        self._stepped = False
         writer = None
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -133,13 +135,17 @@ class AdamMonitor(Callback):
                 logger.log_metrics(metrics, step=step)
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
+        # Only a batch that ended an accumulation window: under accumulate_grad_batches=k the step
+        # axis stays put for k batches, and a write at each would give one x several values.
+        stepped, self._stepped = self._stepped, False
         every = self.options.log_every_n_steps or trainer.log_every_n_steps
-        if not every:
-            return False
+        if not every or not stepped:
+            return trainer.should_stop
         return (_lightning_step(trainer) + 1) % every == 0 or trainer.should_stop
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # Called for every attempt, also those a GradScaler then skips: the skip count needs it.
+        self._stepped = True
         if self.monitor is not None:
             self.monitor.note_step_attempt(optimizer)
 

@@ -29,7 +29,7 @@ def test_exact_tags_on_lightnings_own_step_axis(tmp_path):
         {"adam/alerts", "adam/skipped_steps"}
         | {f"adam/{d}" for d in DIAGNOSTICS}
         | {f"adam/worst/{d}" for d in DIAGNOSTICS}
-        | {f"adam/{d}/layer.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
+        | {f"adam/per_parameter/{d}/layer.{n}" for d in DIAGNOSTICS for n in ("weight", "bias")}
     )
     assert expected <= set(scalars)
     assert set(scalars) - expected == {"loss", "epoch"}
@@ -41,13 +41,28 @@ def test_exact_tags_on_lightnings_own_step_axis(tmp_path):
 def test_log_every_n_steps_can_be_overridden(tmp_path):
     _, scalars = fit(tmp_path, AdamBoring(), callbacks=[AdamMonitor(log_every_n_steps=2, per_parameter=False)])
     assert [s for s, _ in scalars["adam/update_rms"]] == [1, 3, 5, 7, 9]
-    assert not any(tag.startswith("adam/update_rms/") for tag in scalars)
+    assert not any(tag.startswith("adam/per_parameter/") for tag in scalars)
 
 
 def test_gradient_accumulation_gives_one_record_per_optimizer_step(tmp_path):
     trainer, scalars = fit(tmp_path, AdamBoring(), max_steps=6, accumulate_grad_batches=4, log_every_n_steps=1)
     assert trainer.global_step == 6
     assert [s for s, _ in scalars["adam/update_rms"]] == [0, 1, 2, 3, 4, 5]
+
+
+def test_gradient_accumulation_writes_each_log_point_once_pooling_its_window(tmp_path):
+    # The step axis stands still for the 4 batches of a window: one write per window, not one a batch.
+    runs = {}
+    for every in (1, 5):
+        L.seed_everything(0)
+        runs[every] = fit(
+            tmp_path, AdamBoring(), max_steps=10, accumulate_grad_batches=4, log_every_n_steps=every, name=f"e{every}"
+        )[1]["adam/update_rms"]
+    assert [s for s, _ in runs[5]] == [4, 9]
+    per_step = dict(runs[1])
+    for end, value in runs[5]:
+        mean_sq = sum(per_step[s] ** 2 for s in range(end - 4, end + 1)) / 5
+        assert value == pytest.approx(math.sqrt(mean_sq), rel=1e-5)
 
 
 class TwoOptimizers(BoringModel):
@@ -75,8 +90,8 @@ def test_manual_optimization_with_two_optimizers(tmp_path):
     assert {
         "adam/Adam/update_rms",
         "adam/AdamW/update_rms",
-        "adam/Adam/update_rms/layer.weight",
-        "adam/AdamW/staleness/head.bias",
+        "adam/Adam/per_parameter/update_rms/layer.weight",
+        "adam/AdamW/per_parameter/staleness/head.bias",
     } <= set(scalars)
     assert not any(tag in scalars for tag in ("adam/update_rms", "adam/staleness"))
     # 12 optimizer steps in all, 6 batches: Lightning's axis counts batches.
@@ -97,7 +112,7 @@ class CompiledBoring(AdamBoring):
 @pytest.mark.slow
 def test_compiled_submodule_names(tmp_path):
     _, scalars = fit(tmp_path, CompiledBoring(), max_steps=5)
-    assert "adam/update_rms/layer.weight" in scalars
+    assert "adam/per_parameter/update_rms/layer.weight" in scalars
     assert not any("_orig_mod" in tag for tag in scalars)
 
 
@@ -132,7 +147,12 @@ def test_resume_from_checkpoint_logs_what_an_uninterrupted_run_logs(tmp_path):
         ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"),
     )
     assert [s for s, _ in resumed["adam/update_rms"]] == [7, 11]
-    for tag in ("adam/update_rms", "adam/staleness", "adam/gradient_jump", "adam/update_rms/layer.weight"):
+    for tag in (
+        "adam/update_rms",
+        "adam/staleness",
+        "adam/gradient_jump",
+        "adam/per_parameter/update_rms/layer.weight",
+    ):
         assert dict(resumed[tag])[7] == pytest.approx(dict(full[tag])[7], rel=1e-6)
         assert dict(resumed[tag])[11] == pytest.approx(dict(full[tag])[11], rel=1e-6)
 
