@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ._faults import warn
@@ -53,8 +53,8 @@ class AdamMonitor(Callback):
             :class:`~adam_monitor.Monitor`.
         thresholds: the step rules' thresholds (:class:`adam_monitor.alerts.Thresholds`).
 
-    Every alert is appended to ``<log_dir>/adam_monitor/alerts.jsonl`` and written to TensorBoard
-    as text; ``alerts`` lists them.
+    Every alert is appended to ``<run folder>/adam_monitor/alerts.jsonl`` (see :func:`run_folder`)
+    and written to TensorBoard as text; ``alerts`` lists them.
     """
 
     def __init__(
@@ -107,7 +107,7 @@ class AdamMonitor(Callback):
             trainer.optimizers,
             named_parameters=pl_module.named_parameters(),
             writer=writer,
-            log_dir=trainer.log_dir,
+            log_dir=run_folder(trainer),
             scalar_sink=self._log_scalars,
             step_axis=lambda: _lightning_step(trainer),
             # The callback decides when to write (the trainer's batches, not optimizer steps).
@@ -233,6 +233,48 @@ def _tensorboard_log_metrics(logger, metrics: dict[str, float], step: int) -> bo
     if rank_zero_only.rank == 0:
         write_scalars(logger.experiment, _add_prefix(metrics, prefix, separator), step)
     return True
+
+
+#: Under ``logger=False``, ``<default_root_dir>/RUNS_WITHOUT_LOGGER/version_<n>`` holds each run's alerts.
+RUNS_WITHOUT_LOGGER = "adam_monitor_runs"
+
+
+def run_folder(trainer: pl.Trainer) -> str:
+    """A folder of this run alone, where ``adam_monitor/alerts.jsonl`` goes, named as Lightning
+    names the run's own files: the first logger's ``log_dir`` for TensorBoard and CSV loggers
+    (``lightning_logs/version_3``); for any other logger where Lightning puts its checkpoints,
+    ``<save_dir>/<name>/<version>`` (MLflow: ``mlruns/<experiment id>/<run id>``; W&B:
+    ``<project>/<run id>``; a logger without a local ``save_dir``, such as MLflow on sqlite,
+    under ``default_root_dir``); with no logger the next free
+    ``<default_root_dir>/adam_monitor_runs/version_<n>``. Never a folder that other runs share
+    (``trainer.log_dir`` is, for all but TensorBoard and CSV): ``adam-monitor check`` would fail
+    a clean run for an earlier run's alert. The same on every rank.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            folder = logger.log_dir
+        else:
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            folder = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+    else:
+        folder = _new_version(os.path.join(trainer.default_root_dir, RUNS_WITHOUT_LOGGER)) if is_rank_zero() else None
+    return trainer.strategy.broadcast(folder)
+
+
+def _new_version(root: str) -> str:
+    """``<root>/version_<n>``, created, ``n`` one past the highest there (as TensorBoardLogger counts)."""
+    os.makedirs(root, exist_ok=True)
+    taken = [int(d[8:]) for d in os.listdir(root) if d.startswith("version_") and d[8:].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:  # another run may take the same number between listdir and mkdir
+        folder = os.path.join(root, f"version_{n}")
+        try:
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            n += 1
 
 
 def _restore_note(trainer: pl.Trainer) -> str:
