@@ -22,7 +22,14 @@ from .rows import (
     reconstruction_tolerance,
 )
 
-__all__ = ["tensor_statistics", "adam_direction", "previous_second_moment"]
+__all__ = [
+    "tensor_statistics",
+    "adam_direction",
+    "nadam_direction",
+    "radam_direction",
+    "radam_rectification",
+    "previous_second_moment",
+]
 
 
 def tensor_statistics(
@@ -73,6 +80,49 @@ def adam_direction(
     """``m̂ / (√v̂ + ε)`` in the operation order of ``torch.optim.Adam`` (so it matches to a few ulp)."""
     denom = (denominator_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     return (exp_avg / denom).div_(bias_correction1)
+
+
+def nadam_direction(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: float,
+    momentum_decay: float,
+    mu_product: float,
+) -> Tensor:
+    """``torch.optim.NAdam``'s direction: ``(1-μ_t)/(1-Π_t)·g/d + μ_{t+1}/(1-Π_t·μ_{t+1})·m/d``,
+    ``d = √(v/c2) + ε``, ``μ_t = β1·(1 - ½·0.96^(t·ψ))``, ``Π_t`` (``mu_product``) the product of
+    μ_1..μ_t. ``grad`` is the gradient the step used, sign included (``maximize`` flips it)."""
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt().add_(eps)
+    return grad * ((1.0 - mu) / (1.0 - mu_product)) / denom + exp_avg * (mu_next / (1.0 - mu_product * mu_next)) / denom
+
+
+def radam_rectification(beta2: float, step: float) -> float | None:
+    """RAdam's variance rectification ``r_t`` at ``step``, or ``None`` while ρ_t ≤ 5 (the step is
+    then the bias-corrected momentum alone, SGD with momentum)."""
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2**step / (1 - beta2**step)
+    if not rho_t > 5.0:
+        return None
+    return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+def radam_direction(
+    exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float, beta2: float, eps: float, step: float
+) -> Tensor:
+    """``torch.optim.RAdam``'s direction: ``m̂·r_t·√c2/(√v + ε)`` (ε added to √v, not √v̂), or ``m̂``
+    while the variance is not yet rectifiable."""
+    m_hat = exp_avg / (1 - beta1**step)
+    rect = radam_rectification(beta2, step)
+    if rect is None:
+        return m_hat
+    return m_hat * ((1 - beta2**step) ** 0.5 / exp_avg_sq.sqrt().add_(eps)) * rect
 
 
 def previous_second_moment(exp_avg_sq: Tensor, grad: Tensor, beta2: float) -> Tensor:

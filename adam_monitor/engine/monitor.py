@@ -32,7 +32,7 @@ from .metrics import log_point
 from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_parameters, unwrap_optimizer
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
-from .reader import StepReader, UnsupportedOptimizer
+from .reader import StepReader, UnsupportedOptimizer, nested_step
 from .tensorboard import TensorBoardSink
 
 __all__ = ["Monitor"]
@@ -47,7 +47,7 @@ def _bounded_by_adam(group: dict) -> bool:
 def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> AlertRules:
     groups = tracked.optimizer.param_groups
     per_tensor = [tuple(float(b) for b in g["betas"]) for g in groups for _ in g["params"]]
-    if not all(_bounded_by_adam(g) for g in groups):
+    if tracked.reader.rule in ("nadam", "radam") or not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
     state = tracked.optimizer.state
     dtypes = [state.get(p, {}).get("exp_avg", p).dtype for g in groups for p in g["params"]]
@@ -342,6 +342,8 @@ class Monitor:
     # ------------------------------------------------------------------ the step
     def _on_step(self, tracked: _Tracked) -> None:
         """read → accumulate → rules → policy → (at a log point) sink, for the step just taken."""
+        if tracked.reader.overridden and nested_step(tracked.optimizer):
+            return  # the outer step's hook reads it, once the whole step is done
         try:
             result = tracked.reader.read(after_step=True)  # called once per step(), from its post-hook
         except UnsupportedOptimizer as err:

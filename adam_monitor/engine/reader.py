@@ -12,6 +12,8 @@ collects them.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -20,10 +22,15 @@ from torch import Tensor
 
 from .._runtime import host_values
 from ..diagnostics.compiled import fast_adam_statistics
-from ..diagnostics.reference import adam_direction
-from ..diagnostics.rows import NUM_STATS
+from ..diagnostics.reference import adam_direction, nadam_direction, radam_direction, radam_rectification
+from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
 
 __all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "real_view", "shard_group"]
+
+
+#: A class with a ``step`` of its own is read once its first step matches its base's rule, checked
+#: on the first coordinates of its first parameters (enough to tell another update from rounding).
+VERIFIED_NUMEL, VERIFIED_TENSORS = 4096, 8
 
 
 def all_reduce(tensor: Tensor, group) -> None:
@@ -73,13 +80,58 @@ def _records_statistics(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "record_statistics") and hasattr(optimizer, "last_statistics")
 
 
+#: torch's optimizers whose state is Adam's (``exp_avg``, ``exp_avg_sq``, ``step``), each with the
+#: rule that turns that state into its direction. The statistics other than the update's are the
+#: same for all: they read the moments, not the direction.
+UPDATE_RULES = {
+    torch.optim.Adam: "adam",
+    torch.optim.AdamW: "adam",
+    torch.optim.NAdam: "nadam",
+    torch.optim.RAdam: "radam",
+}
+
+
+def _function(method):
+    """The function under ``method``'s decorators (torch wraps every ``step`` in a profiling hook)."""
+    while hasattr(method, "__wrapped__"):
+        method = method.__wrapped__
+    return method
+
+
+#: The code of the wrapper torch puts around every ``step`` to run its hooks.
+_STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
+
+
+def nested_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the ``step`` running now was called by another ``step`` of ``optimizer``: a subclass's
+    step calling its base's, where torch runs the step hooks around each. Only the outer call's
+    hooks see the whole step."""
+    frame, calls = sys._getframe(1), 0
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER:
+            args = frame.f_locals.get("args")
+            calls += bool(args) and args[0] is optimizer
+        frame = frame.f_back
+    return calls > 1
+
+
+def update_rule(optimizer: torch.optim.Optimizer) -> tuple[str, bool] | None:
+    """``(rule, overridden)`` of the nearest class in ``UPDATE_RULES`` ``optimizer`` is, with
+    ``overridden`` when its class has a ``step`` of its own (its update may not be the rule's);
+    ``None`` for any other optimizer."""
+    for base in type(optimizer).__mro__:
+        if base in UPDATE_RULES:
+            return UPDATE_RULES[base], _function(type(optimizer).step) is not _function(base.step)
+    return None
+
+
 def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why this optimizer cannot be monitored, or ``None`` if it can (checks the configuration only)."""
     if _records_statistics(optimizer):
         return None
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    if update_rule(optimizer) is None:
         return (
-            f"{type(optimizer).__name__} is not torch.optim.Adam, torch.optim.AdamW or an "
+            f"{type(optimizer).__name__} is not torch.optim.Adam, AdamW, NAdam, RAdam or an "
             "adam_monitor.optim optimizer, so its state is not Adam's (exp_avg, exp_avg_sq, step)"
         )
     for i, group in enumerate(optimizer.param_groups):
@@ -126,7 +178,16 @@ class StepReader:
         self._in_step_statistics = _records_statistics(optimizer)
         if self._in_step_statistics:
             optimizer.record_statistics = True
+            self.rule, self.overridden = "in_step", False
+        else:
+            self.rule, self.overridden = update_rule(optimizer)
+        self._check = UpdateCheck(self) if self.overridden else None
         self._refresh_params()
+
+    @property
+    def unverified(self) -> bool:
+        """Whether the class's own ``step`` is still to be checked against its base's rule."""
+        return self._check is not None
 
     def _refresh_params(self) -> None:
         self.params: list[Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -218,6 +279,8 @@ class StepReader:
         stepped = self._stepped(after_step)
         if not stepped:
             return None
+        if self._check is not None and self._check.verify(stepped):
+            self._check = None
         device = local_tensor(stepped[0][2]).device
 
         def zeros() -> Tensor:
@@ -264,6 +327,10 @@ class StepReader:
             eps = _as_float(group["eps"])
             amsgrad = group.get("amsgrad", False)
             grads = [self._gradient_used(p, state, group, step) for p, state in members]
+            rectified = self.rule != "radam" or radam_rectification(beta2, step) is not None
+            if self.rule == "radam":
+                # RAdam adds ε to √v, not to √v̂: ε sets the step where √v̂ ≤ ε/√c2.
+                eps = eps / (1 - beta2**step) ** 0.5
             rows = fast_adam_statistics(
                 grads,
                 [real_view(s["exp_avg"]) for _, s in members],
@@ -274,6 +341,14 @@ class StepReader:
                 step=int(step),
                 max_exp_avg_sqs=[real_view(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
             )
+            if self.rule != "adam":
+                # The moments' statistics hold; the update is this optimizer's own direction.
+                rows = rows.clone()
+                for i, ((p, state), g) in enumerate(zip(members, grads)):
+                    u = self.direction(p, state, group, step, grad=g)
+                    rows[i, UPDATE_SQ] = u.double().square().sum()
+                if not rectified:
+                    rows[:, EPS_COUNT] = 0.0  # the step is the momentum alone: no ε in it
             positions = [self._position[id(p)] for p, _ in members]
             if len(positions) == len(self.params) and positions == list(range(len(self.params))):
                 yield None, rows  # rows already in parameter order: no scatter
@@ -281,21 +356,62 @@ class StepReader:
                 yield positions, rows
 
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
+        """The gradient the moments took in: ``p.grad`` (sign-flipped under ``maximize`` where the
+        direction needs the sign), plus λ·p_{t-1} under L2 decay."""
         grad = real_view(p.grad)
         wd = group.get("weight_decay", 0.0)
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
-        if not wd or decoupled:
-            return grad  # the sign flip of maximize does not change any statistic
-        # Adam's L2 decay fed g + λ·p_{t-1} into the moments; p_{t-1} = p_t + η·u_t.
-        beta1, beta2 = (_as_float(b) for b in group["betas"])
-        u = self.direction(p, state, group, step)
-        param_prev = real_view(p.detach()) + group["lr"] * u
         used = -grad if group.get("maximize", False) else grad
-        return used + wd * param_prev
+        if not wd or decoupled:
+            # Only NAdam's direction reads g itself; the sign changes no statistic.
+            return used if self.rule == "nadam" else grad
+        param = real_view(p.detach())
+        lr = _as_float(group["lr"])
+        if self.rule == "nadam":
+            # u = a·g_used/d + b·m/d holds g_used itself, and g_used = g + λ·(p_t + η·u): solved per coordinate.
+            a = self.direction(p, state, group, step, grad=torch.ones_like(grad)) - self._momentum_part(
+                state, group, step
+            )
+            b_m = self._momentum_part(state, group, step)
+            return (used + wd * (param + lr * b_m)) / (1 - wd * lr * a)
+        # Adam's and RAdam's L2 decay fed g + λ·p_{t-1} into the moments; p_{t-1} = p_t + η·u_t.
+        return used + wd * (param + lr * self.direction(p, state, group, step))
 
-    def direction(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
-        """The Adam direction ``u_t = m̂_t / (√v̂_t + ε)`` of ``p``'s last step, rebuilt from state."""
+    def _momentum_part(self, state: dict, group: dict, step: float) -> Tensor:
+        """NAdam's direction at g = 0: the part of the step the momentum sets."""
+        m = real_view(state["exp_avg"])
+        return self._nadam(torch.zeros_like(m), state, group, step)
+
+    def _nadam(self, grad: Tensor, state: dict, group: dict, step: float) -> Tensor:
         beta1, beta2 = (_as_float(b) for b in group["betas"])
+        return nadam_direction(
+            grad,
+            real_view(state["exp_avg"]),
+            real_view(state["exp_avg_sq"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=_as_float(group["eps"]),
+            step=step,
+            momentum_decay=_as_float(group["momentum_decay"]),
+            mu_product=_as_float(state["mu_product"]),
+        )
+
+    def direction(self, p: Tensor, state: dict, group: dict, step: float, *, grad: Tensor | None = None) -> Tensor:
+        """The direction of ``p``'s last step (the applied step over the lr, decoupled decay
+        excluded), rebuilt from state: Adam's ``m̂_t / (√v̂_t + ε)``, RAdam's rectified one, or
+        NAdam's, which also needs the gradient the step used (``grad``; rebuilt when not given)."""
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        if self.rule == "nadam":
+            return self._nadam(self._gradient_used(p, state, group, step) if grad is None else grad, state, group, step)
+        if self.rule == "radam":
+            return radam_direction(
+                real_view(state["exp_avg"]),
+                real_view(state["exp_avg_sq"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=_as_float(group["eps"]),
+                step=step,
+            )
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
         return adam_direction(
             real_view(state["exp_avg"]),
@@ -320,3 +436,65 @@ class StepReader:
     def release(self) -> None:
         if self._in_step_statistics:
             self.optimizer.record_statistics = False
+        if self._check is not None:
+            self._check.remove()
+            self._check = None
+
+
+class UpdateCheck:
+    """Checks once that an optimizer whose class has a ``step`` of its own updates as its base's
+    rule says, on the coordinates it keeps before a step (a pre-hook) and finds after it."""
+
+    def __init__(self, reader: StepReader):
+        self.reader = reader
+        self._samples: list[tuple[Tensor, Tensor]] = []  # (param, its first coordinates before the step)
+        self._hook = reader.optimizer.register_step_pre_hook(lambda *_: self._sample())
+
+    def _sample(self) -> None:
+        """Before a step: the first ``VERIFIED_NUMEL`` coordinates of a few parameters."""
+        if nested_step(self.reader.optimizer):
+            return  # the base's step inside the subclass's: the parameters before it are not the step's
+        with_grad = [p for p in self.reader.params if p.grad is not None][:VERIFIED_TENSORS]
+        self._samples = [(p, real_view(p.detach()).reshape(-1)[:VERIFIED_NUMEL].clone()) for p in with_grad]
+
+    def verify(self, stepped) -> bool:
+        """The step of a class with a ``step`` of its own against its base's rule rebuilt from state:
+        read on if they agree (to float rounding), else ``UnsupportedOptimizer`` saying by how much
+        they differ. A step at lr = 0 shows nothing, nor does the first (every coordinate ±1, as
+        a sign or a masked update would also give): ``False``, the next one is checked."""
+        now = {id(p): (group, state, step) for _, group, p, state, step in stepped}
+        measured, rebuilt, rounding = [], [], []
+        for p, before in self._samples:
+            if id(p) not in now:
+                continue
+            group, state, step = now[id(p)]
+            if "exp_avg" not in state or "exp_avg_sq" not in state:
+                return False  # not Adam's state at all: the read says so
+            lr, wd = _as_float(group["lr"]), _as_float(group.get("weight_decay", 0.0))
+            if lr == 0 or step < 2:
+                return False  # Adam's first step is sign descent, which many other updates agree with
+            decoupled = group.get("decoupled_weight_decay", isinstance(self.reader.optimizer, torch.optim.AdamW))
+            after = real_view(p.detach()).reshape(-1)[: before.numel()]
+            kept = before * (1 - lr * wd) if decoupled else before
+            measured.append(((kept - after) / lr).double())
+            rebuilt.append(self.reader.direction(p, state, group, step).reshape(-1)[: before.numel()].double())
+            rounding.append(4 * torch.finfo(before.dtype).eps * (before.abs() + after.abs()).double() / lr)
+        if not measured:
+            return False
+        error = torch.cat(measured).sub_(torch.cat(rebuilt)).norm()
+        size = torch.cat(rebuilt).norm()
+        self.remove()
+        if not error <= 1e-3 * size + torch.cat(rounding).norm():
+            base = next(b for b in type(self.reader.optimizer).__mro__ if b in UPDATE_RULES).__name__
+            raise UnsupportedOptimizer(
+                f"{type(self.reader.optimizer).__name__} has a step() of its own whose update is not {base}'s "
+                f"(the step it applied differs from {base}'s, rebuilt from its state, by "
+                f"{float(error / size) if size > 0 else math.inf:.1%} RMS), so its diagnostics would be wrong"
+            )
+        return True
+
+    def remove(self) -> None:
+        self._samples = []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adam_monitor import Monitor
-from adam_monitor.diagnostics import tensor_statistics
+from adam_monitor.diagnostics import EPS_COUNT, tensor_statistics
 from adam_monitor.engine.reader import StepReader, UnsupportedOptimizer
 
 IMPLEMENTATIONS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -206,3 +206,153 @@ def test_step_counts_on_the_device_are_read_once_then_counted_on_the_host(monkey
     assert record[1:] == (11, 1, 8)
     # Read at step 1, at the scaler's steps 6 and 7, and at 10 (after the load at 9); counted otherwise.
     assert steps_read == [t in (1, 6, 7, 10) for t in range(1, 13)]
+
+
+NADAM_RADAM = [
+    pytest.param(cls, impl, maximize, decay, id=f"{cls.__name__}-{impl}-max{int(maximize)}-{decay}")
+    for cls in (torch.optim.NAdam, torch.optim.RAdam)
+    for impl in ("for-loop", "foreach")
+    for maximize in (False, True)
+    for decay in ("none", "l2", "decoupled")
+]
+
+
+@pytest.mark.parametrize("cls,impl,maximize,decay", NADAM_RADAM)
+def test_nadam_and_radam_steps_are_rebuilt_and_their_statistics_exact(cls, impl, maximize, decay):
+    # β2 = 0.95 puts RAdam's switch from the momentum alone to its rectified step (ρ_t > 5) at step 6.
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(4, dtype=torch.float64)),
+    ]
+    opt = cls(
+        params,
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-3,  # large enough that ε-dominance counts something
+        weight_decay=0.0 if decay == "none" else 0.1,
+        decoupled_weight_decay=decay == "decoupled",
+        maximize=maximize,
+        foreach=impl == "foreach",
+    )
+    reader = StepReader(opt)
+    assert reader.rule == cls.__name__.lower() and not reader.unverified
+    rectified_steps, eps_counted = [], 0.0
+    for t in range(1, 11):
+        # The second tensor's gradients sit far below ε: ε sets its step (where ε has a part in it).
+        params[0].grad = torch.randn_like(params[0]) * 10 ** (-(t % 3))
+        params[1].grad = torch.randn_like(params[1]) * 1e-5
+        before = {p: p.detach().clone() for p in params}
+        v_before = {p: opt.state[p]["exp_avg_sq"].clone() for p in params if opt.state.get(p)}
+        opt.step()
+        rows, step = reader.read()
+        assert step == t
+        for i, p in enumerate(params):
+            applied = before[p] - p.detach()
+            if decay == "decoupled":
+                applied -= 1e-2 * 0.1 * before[p]
+            state = opt.state[p]
+            u = reader.direction(p, state, opt.param_groups[0], t)
+            torch.testing.assert_close(1e-2 * u, applied, rtol=1e-9, atol=1e-15)
+            g = -p.grad if maximize else p.grad
+            if decay == "l2":
+                g = g + 0.1 * before[p]
+            c2, c2_prev = 1 - 0.95**t, 1 - 0.95 ** (t - 1)
+            eps = 1e-3
+            if cls is torch.optim.RAdam:
+                rho_inf = 2 / 0.05 - 1
+                rectified = rho_inf - 2 * t * 0.95**t / c2 > 5
+                rectified_steps.append(rectified)
+                eps = 1e-3 / c2**0.5  # RAdam's ε is added to √v: it sets the step where √v̂ ≤ ε/√c2
+            v_hat_prev = v_before[p] / c2_prev if t > 1 else None
+            expected = tensor_statistics(g, applied / 1e-2, state["exp_avg_sq"] / c2, v_hat_prev, eps)
+            if cls is torch.optim.RAdam and not rectified:
+                expected[EPS_COUNT] = 0.0  # the momentum alone sets the step: ε has no part in it
+            torch.testing.assert_close(rows[i], expected, rtol=1e-9, atol=1e-12)
+        eps_counted += float(rows[:, EPS_COUNT].sum())
+    if cls is torch.optim.RAdam:
+        switch = rectified_steps.index(True)
+        assert switch > 0 and all(rectified_steps[switch:]), "both regimes are covered, in order"
+    # (Under L2 decay the gradient holds 0.1·p, far above ε.)
+    assert eps_counted > 0 or decay == "l2", "some coordinates are ε-dominated"
+
+
+class CallsItsBase(torch.optim.AdamW):
+    """A subclass with a step of its own that still steps as AdamW (it only counts its calls)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        return super().step(closure)
+
+
+class Cautious(torch.optim.AdamW):
+    """AdamW's update masked where it disagrees in sign with the gradient (a 'cautious' optimizer)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        before = [p.clone() for p in params]
+        super().step(closure)
+        for p, b in zip(params, before):
+            delta = p - b
+            p.copy_(b + delta * ((delta * -p.grad) > 0))
+
+
+class SignUpdate(torch.optim.AdamW):
+    """AdamW's state, a sign update: the step is lr·sign(m)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [(p, g["lr"]) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        before = [p.clone() for p, _ in params]
+        super().step(closure)
+        for (p, lr), b in zip(params, before):
+            p.copy_(b - lr * self.state[p]["exp_avg"].sign())
+
+
+def run_subclass(cls, *, lrs=(1e-2,) * 4):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(32, 8)
+    opt = cls(model.parameters(), lr=lrs[0], weight_decay=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = Monitor(opt, named_parameters=model.named_parameters(), log_every_n_steps=None)
+        for lr in lrs:
+            opt.param_groups[0]["lr"] = lr
+            model(torch.randn(16, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    values = monitor.compute()
+    monitor.close()
+    return values, [str(w.message) for w in caught if "adam-monitor" in str(w.message)], opt
+
+
+def test_a_subclass_that_keeps_its_bases_update_is_read_as_its_base():
+    class Plain(torch.optim.AdamW):
+        pass
+
+    assert StepReader(Plain([torch.nn.Parameter(torch.zeros(1))])).unverified is False
+    expected, _, _ = run_subclass(torch.optim.AdamW)
+    for cls in (Plain, CallsItsBase):
+        values, messages, opt = run_subclass(cls)
+        assert messages == [] and values == pytest.approx(expected, rel=1e-12)
+    assert opt.calls == 4 and not opt._optimizer_step_pre_hooks, "verified once, then no more sampling"
+
+
+@pytest.mark.parametrize("cls,off_by", [(Cautious, "update_rms 28% off"), (SignUpdate, "sign update")])
+def test_a_subclass_whose_step_changes_the_update_is_not_read_as_its_base(cls, off_by):
+    values, messages, opt = run_subclass(cls)
+    assert values == {}, f"nothing logged rather than numbers that are wrong ({off_by})"
+    assert len(messages) == 1
+    assert cls.__name__ in messages[0] and "not AdamW's" in messages[0] and "% RMS" in messages[0]
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_a_first_step_at_lr_zero_defers_the_check_to_the_next():
+    # Warmup schedules often start at lr = 0, where no update shows what the class does.
+    values, messages, _ = run_subclass(SignUpdate, lrs=(0.0, 1e-2, 1e-2))
+    assert values == {} and len(messages) == 1 and "SignUpdate" in messages[0]
+    values, messages, _ = run_subclass(CallsItsBase, lrs=(0.0, 1e-2, 1e-2))
+    assert messages == [] and values["adam/update_rms"] > 0
