@@ -52,6 +52,10 @@ class AdamMonitor(Callback):
             or two late, naming their own step), yes under ``"raise"`` and ``"stop"``. See
             :class:`~adam_monitor.Monitor`.
         thresholds: the step rules' thresholds (:class:`adam_monitor.alerts.Thresholds`).
+        sharpness_every: estimate the preconditioned sharpness over Adam's edge of stability
+            (``adam/preconditioned_sharpness``, 1 = the edge) on the two steps ending at each
+            multiple of this many optimizer steps; ``None`` (default): never (each estimate costs
+            several fused AdamW steps: see :class:`~adam_monitor.engine.options.MonitorOptions`).
 
     Every alert is appended to ``<run folder>/adam_monitor/alerts.jsonl`` (see :func:`run_folder`)
     and written to TensorBoard as text; ``alerts`` lists them.
@@ -67,6 +71,7 @@ class AdamMonitor(Callback):
         fail_on: FailOn = "error",
         blocking_alerts: bool | None = None,
         thresholds: Thresholds | None = None,
+        sharpness_every: int | None = None,
     ):
         # The keywords are spelled out (not **options) so that LightningCLI and IDEs see them.
         super().__init__()
@@ -79,6 +84,7 @@ class AdamMonitor(Callback):
             fail_on=fail_on,
             blocking_alerts=blocking_alerts,
             thresholds=thresholds,
+            sharpness_every=sharpness_every,
         )
         self.monitor: Monitor | None = None
         self._alerts: list[Alert] = []

@@ -58,7 +58,7 @@ def curvature_sums(
     Sums in float32 for float32 and narrower tensors (float64 for float64). The previous update's
     sum is 0 at step 1 and NaN at β1 = 0 (nothing to rebuild it from).
     """
-    out = torch.zeros(len(grads), 3, dtype=torch.float64)
+    out = torch.zeros(len(grads), 3, dtype=torch.float64, device=grads[0].device if grads else None)
     c1, c2 = 1 - beta1**step, 1 - beta2**step
     for i, (g, m, v) in enumerate(zip(grads, exp_avgs, exp_avg_sqs)):
         dt = torch.float64 if g.dtype == torch.float64 else torch.float32

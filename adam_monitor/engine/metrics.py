@@ -25,9 +25,17 @@ def parameter_tag(prefix: str, diagnostic: str, name: str) -> str:
 
 
 def log_point(
-    prefix: str, sums: Tensor, names: list[str], *, skipped: int, alert_count: int, per_parameter: bool
+    prefix: str,
+    sums: Tensor,
+    names: list[str],
+    *,
+    skipped: int,
+    alert_count: int,
+    per_parameter: bool,
+    sharpness: float | None = None,
 ) -> tuple[dict[str, float], dict[str, list[tuple[float, str]]]]:
-    """``({tag: value}, worst tensors per diagnostic)`` from the summed rows ``(len(names), NUM_STATS)``.
+    """``({tag: value}, worst tensors per diagnostic)`` from the summed rows ``(len(names), NUM_STATS)``
+    and the newest preconditioned sharpness estimate (over the edge), if any.
 
     A diagnostic that is NaN (a tensor that did not step since the last log point, a jump at the
     first step) is left out rather than written as NaN.
@@ -39,6 +47,8 @@ def log_point(
     width = len(DIAGNOSTICS)
     metrics = {f"{prefix}/{d}": v for d, v in zip(DIAGNOSTICS, values[:width]) if v == v}
     metrics[f"{prefix}/skipped_steps"] = float(skipped)
+    if sharpness is not None:
+        metrics[f"{prefix}/preconditioned_sharpness"] = sharpness
     metrics["adam/alerts"] = float(alert_count)
     if not per_parameter:
         return metrics, {}

@@ -33,6 +33,7 @@ from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_par
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
 from .reader import StepReader, UnsupportedOptimizer, nested_step
+from .sharpness import SharpnessSampler
 from .tensorboard import TensorBoardSink
 
 __all__ = ["Monitor"]
@@ -104,7 +105,10 @@ def _writer_folder(writer) -> str | None:
 
 
 def _track(
-    optimizers: list[torch.optim.Optimizer], on_step: Callable[[_Tracked], None], unmonitored: list[dict]
+    optimizers: list[torch.optim.Optimizer],
+    on_step: Callable[[_Tracked], None],
+    unmonitored: list[dict],
+    sharpness_every: int | None,
 ) -> list[_Tracked]:
     """A hooked :class:`_Tracked` per readable optimizer; the others get one warning and an entry
     in ``unmonitored``."""
@@ -119,7 +123,7 @@ def _track(
             unmonitored.append({"class": type(opt).__name__, "reason": str(err)})
             continue
         label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
-        tracked = _Tracked(opt, reader, prefix, label)
+        tracked = _Tracked(opt, reader, prefix, label, sharpness=SharpnessSampler(sharpness_every))
         tracked.hook = opt.register_step_post_hook(lambda *_, tracked=tracked: on_step(tracked))
         tracked_all.append(tracked)
     return tracked_all
@@ -206,6 +210,7 @@ class _Tracked:
     # (step, its x-axis value, host copy of its rows) not yet seen by the rules: on CUDA the copy
     # lands a step or so later unless the rules block.
     unchecked: deque = field(default_factory=deque)
+    sharpness: SharpnessSampler = field(default_factory=lambda: SharpnessSampler(None))
 
     @property
     def skipped(self) -> int:
@@ -277,6 +282,11 @@ class _Tracked:
         return values
 
 
+def _histograms(tracked: _Tracked, named: dict[int, str]) -> Iterable[tuple[str, Tensor]]:
+    names = dict(zip(map(id, tracked.reader.params), tracked.parameter_names(named)))
+    return ((names.get(id(p), "?"), u) for p, u in tracked.reader.updates())
+
+
 class Monitor:
     """Adam diagnostics for plain PyTorch loops and Fabric.
 
@@ -336,7 +346,7 @@ class Monitor:
         )
         self._config_seen: set[str] = set()
         self._unmonitored: list[dict] = []
-        self._tracked = _track(optimizers, self._on_step, self._unmonitored)
+        self._tracked = _track(optimizers, self._on_step, self._unmonitored, self.options.sharpness_every)
         self._write_status()
 
     # ------------------------------------------------------------------ the step
@@ -361,6 +371,7 @@ class Monitor:
             tracked.rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
         tracked.unchecked.append((step, self._axis(step), HostCopy(rows)))
         tracked.accumulate(rows, step)
+        tracked.sharpness.observe(tracked.reader, step)
         if tracked.applied == 1:
             self._write_status()  # a run killed before its first log point has still stepped
         every = self.options.log_every_n_steps
@@ -480,6 +491,7 @@ class Monitor:
             skipped=tracked.skipped,
             alert_count=len(self.alerts),
             per_parameter=self.options.per_parameter,
+            sharpness=tracked.sharpness.latest(),
         )
 
     def flush(self, step: int | None = None) -> dict[str, float]:
@@ -499,16 +511,13 @@ class Monitor:
             return {}
         x = tracked.step if step is None else step
         self._sink.write_layout({t.prefix: t.parameter_names(self._named) for t in self._tracked})
-        histograms = self._histograms(tracked) if self.options.histograms else ()
+        histograms = _histograms(tracked, self._named) if self.options.histograms else ()
         if self._sink.write(tracked.prefix, metrics, x, worst=worst, histograms=histograms):
             tracked.sums.zero_()  # else the next log point pools these steps too
             tracked.pending_steps = 0
+            tracked.sharpness.clear()
         self._write_status()  # and alerts a failed write left pending
         return metrics
-
-    def _histograms(self, tracked: _Tracked) -> Iterable[tuple[str, Tensor]]:
-        names = dict(zip(map(id, tracked.reader.params), tracked.parameter_names(self._named)))
-        return ((names.get(id(p), "?"), u) for p, u in tracked.reader.updates())
 
     # ------------------------------------------------------------------ lifecycle
     @property

@@ -47,6 +47,11 @@ class MonitorOptions:
             under ``"raise"`` and ``"stop"``, which must act on the step itself. On the CPU the
             statistics are on the host already and the rules always run at once.
         thresholds: the step rules' thresholds.
+        sharpness_every: estimate the preconditioned sharpness η·λ(P⁻¹H) over Adam's edge of
+            stability (``adam/preconditioned_sharpness``, 1 = the edge) on the two steps ending at
+            each multiple of this many steps; ``None`` (default): never. Each estimate is an eager
+            pass over gradient and moments on two steps, several times the cost of a fused AdamW
+            step (``tests/benchmarks/bench_host.py --only e`` measures it).
     """
 
     log_every_n_steps: int | None = 50
@@ -56,11 +61,13 @@ class MonitorOptions:
     fail_on: FailOn = "error"
     blocking_alerts: bool | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
+    sharpness_every: int | None = None
 
     def __post_init__(self):
-        every = self.log_every_n_steps
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise _InvalidOption("log_every_n_steps", "a positive int or None", every)
+        for name in ("log_every_n_steps", "sharpness_every"):
+            every = getattr(self, name)
+            if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+                raise _InvalidOption(name, "a positive int or None", every)
         if self.on_alert not in get_args(OnAlert):
             raise _InvalidOption("on_alert", _choices(get_args(OnAlert)), self.on_alert)
         if self.fail_on not in GATING_SEVERITIES:

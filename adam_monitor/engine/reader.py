@@ -24,6 +24,7 @@ from .._runtime import host_values
 from ..diagnostics.compiled import fast_adam_statistics
 from ..diagnostics.reference import adam_direction, nadam_direction, radam_direction, radam_rectification
 from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
+from ..diagnostics.sharpness import curvature_sums
 
 __all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "real_view", "shard_group"]
 
@@ -163,6 +164,23 @@ def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+def _nadam(grad: Tensor | None, state: dict, group: dict, step: float) -> Tensor:
+    """NAdam's direction for the gradient ``grad`` it used (``None``: the part the momentum sets)."""
+    beta1, beta2 = (_as_float(b) for b in group["betas"])
+    m = real_view(state["exp_avg"])
+    return nadam_direction(
+        torch.zeros_like(m) if grad is None else grad,
+        m,
+        real_view(state["exp_avg_sq"]),
+        beta1=beta1,
+        beta2=beta2,
+        eps=_as_float(group["eps"]),
+        step=step,
+        momentum_decay=_as_float(group["momentum_decay"]),
+        mu_product=_as_float(state["mu_product"]),
+    )
+
+
 class StepReader:
     """Statistics rows for the last step of one optimizer, one row per parameter.
 
@@ -182,6 +200,7 @@ class StepReader:
         else:
             self.rule, self.overridden = update_rule(optimizer)
         self._check = UpdateCheck(self) if self.overridden else None
+        self._last_read: list = []  # what the last read found stepped
         self._refresh_params()
 
     @property
@@ -281,6 +300,7 @@ class StepReader:
             return None
         if self._check is not None and self._check.verify(stepped):
             self._check = None
+        self._last_read = stepped
         device = local_tensor(stepped[0][2]).device
 
         def zeros() -> Tensor:
@@ -355,6 +375,33 @@ class StepReader:
             else:
                 yield positions, rows
 
+    def curvature(self) -> Tensor | None:
+        """The ``CURVATURE_FIELDS`` sums (float64, 3) pooled over the tensors of the step last read,
+        for the preconditioned sharpness; ``None`` where the direction is not Adam's own
+        ``m̂/(√v̂+ε)`` (NAdam, RAdam, amsgrad, in-step statistics) or the tensors are sharded."""
+        if self.rule != "adam" or self._group is not None or not self._last_read:
+            return None
+        buckets: dict[tuple, list] = defaultdict(list)
+        for gi, group, p, state, step in self._last_read:
+            if group.get("amsgrad", False):
+                return None
+            buckets[(gi, step, p.device, p.dtype)].append((p, state))
+        total = None
+        for (gi, step, _, _), members in buckets.items():
+            group = self.optimizer.param_groups[gi]
+            beta1, beta2 = (_as_float(b) for b in group["betas"])
+            sums = curvature_sums(
+                [self._gradient_used(p, s, group, step) for p, s in members],
+                [real_view(s["exp_avg"]) for _, s in members],
+                [real_view(s["exp_avg_sq"]) for _, s in members],
+                beta1=beta1,
+                beta2=beta2,
+                eps=_as_float(group["eps"]),
+                step=int(step),
+            ).sum(0)
+            total = sums if total is None else total + sums.to(total.device)
+        return total
+
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
         """The gradient the moments took in: ``p.grad`` (sign-flipped under ``maximize`` where the
         direction needs the sign), plus λ·p_{t-1} under L2 decay."""
@@ -369,32 +416,11 @@ class StepReader:
         lr = _as_float(group["lr"])
         if self.rule == "nadam":
             # u = a·g_used/d + b·m/d holds g_used itself, and g_used = g + λ·(p_t + η·u): solved per coordinate.
-            a = self.direction(p, state, group, step, grad=torch.ones_like(grad)) - self._momentum_part(
-                state, group, step
-            )
-            b_m = self._momentum_part(state, group, step)
+            b_m = _nadam(None, state, group, step)
+            a = _nadam(torch.ones_like(grad), state, group, step) - b_m
             return (used + wd * (param + lr * b_m)) / (1 - wd * lr * a)
         # Adam's and RAdam's L2 decay fed g + λ·p_{t-1} into the moments; p_{t-1} = p_t + η·u_t.
         return used + wd * (param + lr * self.direction(p, state, group, step))
-
-    def _momentum_part(self, state: dict, group: dict, step: float) -> Tensor:
-        """NAdam's direction at g = 0: the part of the step the momentum sets."""
-        m = real_view(state["exp_avg"])
-        return self._nadam(torch.zeros_like(m), state, group, step)
-
-    def _nadam(self, grad: Tensor, state: dict, group: dict, step: float) -> Tensor:
-        beta1, beta2 = (_as_float(b) for b in group["betas"])
-        return nadam_direction(
-            grad,
-            real_view(state["exp_avg"]),
-            real_view(state["exp_avg_sq"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=_as_float(group["eps"]),
-            step=step,
-            momentum_decay=_as_float(group["momentum_decay"]),
-            mu_product=_as_float(state["mu_product"]),
-        )
 
     def direction(self, p: Tensor, state: dict, group: dict, step: float, *, grad: Tensor | None = None) -> Tensor:
         """The direction of ``p``'s last step (the applied step over the lr, decoupled decay
@@ -402,7 +428,7 @@ class StepReader:
         NAdam's, which also needs the gradient the step used (``grad``; rebuilt when not given)."""
         beta1, beta2 = (_as_float(b) for b in group["betas"])
         if self.rule == "nadam":
-            return self._nadam(self._gradient_used(p, state, group, step) if grad is None else grad, state, group, step)
+            return _nadam(self._gradient_used(p, state, group, step) if grad is None else grad, state, group, step)
         if self.rule == "radam":
             return radam_direction(
                 real_view(state["exp_avg"]),

@@ -91,6 +91,10 @@ class AdamMonitorCallback(TrainerCallback):
         fail_on: the lowest severity ``"raise"``/``"stop"`` act on: ``"error"`` or ``"warning"``.
         blocking_alerts: see :class:`~adam_monitor.engine.options.MonitorOptions`.
         thresholds: the step rules' thresholds (:class:`adam_monitor.Thresholds`).
+        sharpness_every: estimate the preconditioned sharpness over Adam's edge of stability
+            (``adam/preconditioned_sharpness``, 1 = the edge) on the two steps ending at each
+            multiple of this many optimizer steps; ``None`` (default): never (each estimate costs
+            several fused AdamW steps: see :class:`~adam_monitor.engine.options.MonitorOptions`).
         log_dir: the folder for the event file and ``adam_monitor/alerts.jsonl`` (default above).
 
     The engine, :attr:`monitor`, exists from ``on_train_begin`` on and stays readable (closed)
@@ -107,6 +111,7 @@ class AdamMonitorCallback(TrainerCallback):
         fail_on: FailOn = "error",
         blocking_alerts: bool | None = None,
         thresholds: Thresholds | None = None,
+        sharpness_every: int | None = None,
         log_dir: str | os.PathLike | None = None,
     ):
         self.options = MonitorOptions.of(
@@ -118,6 +123,7 @@ class AdamMonitorCallback(TrainerCallback):
             fail_on=fail_on,
             blocking_alerts=blocking_alerts,
             thresholds=thresholds,
+            sharpness_every=sharpness_every,
         )
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"AdamMonitorCallback(log_dir=...) must be a path, got {type(log_dir).__name__}")

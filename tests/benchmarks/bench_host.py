@@ -19,6 +19,8 @@ the median over rounds (of the per-round differences where a difference is repor
 (d) the scalars of one log point written with one ``add_scalar`` per tag (as before
     ``write_scalars``) and with ``write_scalars`` (one event), at about 300 and 1,200 tags: the
     writes alone, and whole log points.
+(e) the preconditioned sharpness (``sharpness_every``): a sampled step against an unsampled one,
+    as a multiple of the fused step, and what sampling every 500 steps adds to a step on average.
 ``--profile``: cProfile of one optimizer step with the monitor attached and of one log point
 (300 tensors, fused AdamW), the top 25 functions by cumulative and by own time; of 7 profiled
 calls, the one of median total time.
@@ -324,6 +326,39 @@ def bench_before_after(rounds: int, root: str) -> None:
     crc_cost()
 
 
+# ---------------------------------------------------------------------------------------- (e)
+def bench_sharpness(counts, rounds: int, steps: int) -> None:
+    """A step on which the preconditioned sharpness is sampled (``sharpness_every=1``: every step)
+    against one on which it is not, as a multiple of the fused AdamW step itself."""
+    print(
+        f"\n(e) a sharpness-sampled step (sharpness_every=1) vs an unsampled one, fused AdamW; median of {rounds} rounds"
+    )
+    print(
+        f"    {'tensors':>9s}{'elements':>10s}{'step µs':>11s}{'sampling µs':>13s}{'× step':>8s}{'every 500: % of a step':>25s}"
+    )
+    make_opt = OPTIMIZERS["fused AdamW"]
+    for count, numel in counts:
+        torch.manual_seed(0)
+        params = {f"blocks.{i}.weight": torch.nn.Parameter(torch.randn(numel) * 0.02) for i in range(count)}
+        for p in params.values():
+            p.grad = torch.randn_like(p)
+        plain = make_opt(list(params.values()))
+        off, off_monitor = monitored(make_opt, params, log_every_n_steps=NEVER)
+        on, on_monitor = monitored(make_opt, params, log_every_n_steps=NEVER, sharpness_every=1)
+        for opt in (plain, off, on):
+            for _ in range(3):
+                opt.step()
+        samples = interleaved(
+            {k: partial(per_call_us, o.step, steps) for k, o in (("plain", plain), ("off", off), ("on", on))}, rounds
+        )
+        step, added = statistics.median(samples["plain"]), median_difference(samples["on"], samples["off"])
+        print(
+            f"    {count:>9d}{numel:>10d}{step:>11.1f}{added:>13.1f}{added / step:>8.2f}{200 * added / 500 / step:>25.2f}"
+        )
+        off_monitor.close()
+        on_monitor.close()
+
+
 def crc_cost() -> None:
     """What tensorboard's pure-Python CRC32C costs the event of a 1,200-tag log point."""
     from tensorboard.compat.proto.event_pb2 import Event
@@ -402,7 +437,7 @@ def main() -> None:
         default=1,
         help="torch threads (default 1: on a busy machine OpenMP's spin-waits swamp the host costs measured; 0: torch's choice)",
     )
-    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ab'")
+    parser.add_argument("--only", default="abcde", help="which parts to run, e.g. 'ab'")
     parser.add_argument("--profile", action="store_true", help="also print the cProfile of a step and a log point")
     parser.add_argument("--profile-tensors", type=int, default=300)
     args = parser.parse_args()
@@ -422,6 +457,8 @@ def main() -> None:
             bench_every_step((100,) if args.quick else (30, 300, 1000), 3 if args.quick else 7, root)
         if "d" in args.only:
             bench_before_after(3 if args.quick else rounds, root)
+        if "e" in args.only:
+            bench_sharpness(((300, NUMEL), (16, 1 << 18)), 3 if args.quick else rounds, steps=3 if args.quick else 10)
         if args.profile:
             profile(args.profile_tensors, root)
     print(f"\n{time.perf_counter() - start:.0f} s")
