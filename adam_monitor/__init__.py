@@ -11,6 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AdamDiagnostics": "adam_monitor.metrics",
     "AdamMonitor": "adam_monitor.callback",
     "Alert": "adam_monitor.alerts.records",
     "DIAGNOSTICS": "adam_monitor.diagnostics.rows",
