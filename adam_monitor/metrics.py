@@ -159,7 +159,7 @@ class AdamDiagnostics(Metric):
             values.update(zip(parameter_keys, per_parameter.reshape(-1).unbind()))
         return values
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    def attach(self, optimizer: torch.optim.Optimizer) -> _Attachment:
         """Feed this metric the rows of every step of ``optimizer`` (a step post-hook); returns the
         hook's handle (``handle.remove()`` stops it).
 
@@ -186,6 +186,16 @@ class AdamDiagnostics(Metric):
             if read is not None:
                 self.update(read[0])
 
-        # The reader is not released when the hook is removed: for an adam_monitor.optim optimizer
-        # that would stop the in-step statistics that a Monitor on the same optimizer still reads.
-        return inner.register_step_post_hook(on_step)
+        return _Attachment(inner.register_step_post_hook(on_step), reader)
+
+
+class _Attachment:
+    """What :meth:`AdamDiagnostics.attach` returns: ``remove()`` takes the hook off and releases the
+    reader (an :mod:`adam_monitor.optim` optimizer stops recording once no reader is left)."""
+
+    def __init__(self, hook: RemovableHandle, reader: StepReader):
+        self._hook, self._reader = hook, reader
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self._reader.release()

@@ -196,11 +196,15 @@ class StepReader:
         self._in_step_statistics = _records_statistics(optimizer)
         if self._in_step_statistics:
             optimizer.record_statistics = True
+            # Another reader (a second Monitor, an AdamDiagnostics) may share the optimizer: the
+            # last one released turns the recording off.
+            optimizer._statistics_readers = getattr(optimizer, "_statistics_readers", 0) + 1
             self.rule, self.overridden = "in_step", False
         else:
             self.rule, self.overridden = update_rule(optimizer)
         self._check = UpdateCheck(self) if self.overridden else None
         self._last_read: list = []  # what the last read found stepped
+        self._released = False
         self._refresh_params()
 
     @property
@@ -460,8 +464,13 @@ class StepReader:
                     yield p, self.direction(p, state, group, _as_float(state["step"]))
 
     def release(self) -> None:
-        if self._in_step_statistics:
-            self.optimizer.record_statistics = False
+        """Stop what reading needed: the optimizer's in-step recording (once no other reader of
+        it is left), the update check's hook. Once; later calls do nothing."""
+        if self._in_step_statistics and not self._released:
+            self._released = True
+            self.optimizer._statistics_readers = max(getattr(self.optimizer, "_statistics_readers", 1) - 1, 0)
+            if self.optimizer._statistics_readers == 0:
+                self.optimizer.record_statistics = False
         if self._check is not None:
             self._check.remove()
             self._check = None

@@ -92,6 +92,38 @@ def test_compute_is_the_engines_numbers_pooled_and_per_parameter(make_optimizer)
     assert torch.equal(metric.statistics, before)  # removed: no longer fed
 
 
+def test_a_monitor_closed_beside_the_metric_leaves_its_in_step_statistics_on():
+    # adam_monitor.optim records its statistics inside step() while any reader wants them.
+    from adam_monitor.optim import Adam
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    opt = Adam(model.parameters(), lr=1e-2)
+    metric = AdamDiagnostics()
+    monitor = Monitor(opt, log_every_n_steps=None)
+    attachment = metric.attach(opt)
+
+    def steps(n):
+        rows = []
+        for _ in range(n):
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rows.append(torch.stack([opt.last_statistics[p] for p in model.parameters()]))
+        return rows
+
+    steps(2)
+    monitor.close()
+    metric.reset()
+    rows = steps(3)
+    assert opt.record_statistics and not torch.equal(rows[1], rows[2]), "every step recorded afresh"
+    expected = diagnostics_from_statistics(torch.stack(rows).sum((0, 1)))
+    got = metric.compute()
+    assert [float(got[d]) for d in DIAGNOSTICS[:2]] == pytest.approx(expected[:2].tolist(), rel=1e-12)
+    attachment.remove()
+    assert not opt.record_statistics
+
+
 def test_reset_clears_and_wrong_shapes_are_refused():
     metric = AdamDiagnostics(per_parameter=True, names=["a", "b"])
     rows = torch.rand(3, 2, NUM_STATS, dtype=torch.float64) + 1
