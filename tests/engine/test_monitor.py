@@ -185,3 +185,22 @@ def test_histograms_and_layout_are_written(tmp_path):
     summary = tensor_util.make_ndarray(acc.Tensors("adam/worst_tensors/text_summary")[-1].tensor_proto).item().decode()
     assert summary.startswith("| diagnostic | worst tensors (value) |")
     assert all(f"`{n}`" in summary for n in ("0.weight", "0.bias", "1.weight", "1.bias"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_plain_loop_counts_the_steps_a_grad_scaler_skips_once_it_announces_them(fused):
+    # A non-fused optimizer's step() is not even called on a skipped step: only the loop knows.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = torch.optim.AdamW([p], fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1000)
+    monitor = Monitor(opt, log_every_n_steps=None)
+    for t in range(1, 11):
+        opt.zero_grad()
+        (scaler.scale((p * torch.randn(8)).sum()) * (float("inf") if t in (3, 7, 8) else 1.0)).backward()
+        monitor.note_step_attempt(opt)
+        scaler.step(opt)
+        scaler.update()
+    values = monitor.compute()
+    monitor.close()
+    assert values["adam/skipped_steps"] == 3 and int(opt.state[p]["step"]) == 7
