@@ -15,6 +15,7 @@ import math
 import os
 import re
 import stat
+import time
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -89,6 +90,10 @@ def torn_record(fragment: str) -> dict:
     }
 
 
+#: The longest ``run.json`` keeps step counts older than the run's (see ``AlertLog.write_status``).
+STATUS_EVERY_S = 30.0
+
+
 class AlertLog:
     """Appends alerts to ``<log_dir>/adam_monitor/alerts.jsonl`` and to a TensorBoard writer, and
     keeps the run record ``run.json`` beside it.
@@ -104,6 +109,10 @@ class AlertLog:
         self.soft = SoftWrites()
         self._unwritten: list[str] = []  # records not on disk yet, in order
         self._status: str | None = None  # the run record not on disk yet
+        # A record that differs from the one written only in its step counts waits (``_counts``)
+        # up to STATUS_EVERY_S: each write is an fsync'd replace, too slow for every log point.
+        self._counts: str | None = None
+        self._written: tuple[str, float] | None = None  # (what check reads of it, when)
         self._text_step: int | None = None  # the x_step of the last alert text written...
         self._text_alerts: list[Alert] = []  # ...and every alert of that step
         if self.path is not None:
@@ -170,13 +179,29 @@ class AlertLog:
         return not self._unwritten and self._status is None
 
     def write_status(self, status: dict) -> None:
-        """Replace ``run.json``: ``status`` says what is monitored and how many steps each took."""
-        if self.path is not None:
-            self._status = json.dumps({"format": RUN_FORMAT, **status}, indent=1)
-            self.retry()
+        """Replace ``run.json``: ``status`` says what is monitored and how many steps each took.
+
+        At once where what ``adam-monitor check`` reads of it changes (what is monitored, whether
+        each optimizer has stepped, whether the run closed); a change of step counts alone at most
+        every ``STATUS_EVERY_S`` seconds, and at ``close``.
+        """
+        if self.path is None:
+            return
+        text = json.dumps({"format": RUN_FORMAT, **status}, indent=1)
+        verdict = json.dumps(
+            {**status, "monitored": [[m.get("class"), m.get("steps", 0) > 0] for m in status.get("monitored", [])]}
+        )
+        now = time.monotonic()
+        if self._written is not None and self._written[0] == verdict and now - self._written[1] < STATUS_EVERY_S:
+            self._counts = text
+        else:
+            self._status, self._counts, self._written = text, None, (verdict, now)
+        self.retry()
 
     def close(self) -> None:
         """Last try; records that still cannot be written are printed in the warning, in full."""
+        if self._counts is not None:
+            self._status, self._counts = self._counts, None
         if not self.retry() and self._unwritten:
             warn(
                 f"adam-monitor: {len(self._unwritten)} alert record(s) could not be written to {self.path}; "

@@ -204,3 +204,30 @@ def test_a_plain_loop_counts_the_steps_a_grad_scaler_skips_once_it_announces_the
     values = monitor.compute()
     monitor.close()
     assert values["adam/skipped_steps"] == 3 and int(opt.state[p]["step"]) == 7
+
+
+def test_the_run_record_is_rewritten_when_its_verdict_changes_not_at_every_log_point(tmp_path, monkeypatch):
+    import json
+
+    import adam_monitor.alerts.log as log
+
+    writes = []
+    real = log.replace_file
+    monkeypatch.setattr(log, "replace_file", lambda path, text: writes.append(json.loads(text)) or real(path, text))
+    p = torch.nn.Parameter(torch.randn(16))
+    opt = torch.optim.AdamW([p])
+    monitor = Monitor(opt, log_dir=str(tmp_path), log_every_n_steps=1)
+    for _ in range(20):
+        p.grad = torch.randn(16)
+        opt.step()
+    # written at the start (nothing stepped yet) and at the first step; the counts of the 19 log
+    # points after it wait, as a run killed now shows: it stepped
+    assert [w["monitored"][0]["steps"] for w in writes] == [0, 1]
+    on_disk = json.loads((tmp_path / "adam_monitor" / "run.json").read_text())
+    assert on_disk["monitored"][0]["steps"] == 1 and not on_disk["closed"]
+    monkeypatch.setattr(log.time, "monotonic", lambda: 1e12)  # STATUS_EVERY_S later
+    p.grad = torch.randn(16)
+    opt.step()
+    assert writes[-1]["monitored"][0]["steps"] == 21
+    monitor.close()
+    assert writes[-1]["closed"] and writes[-1]["monitored"][0]["steps"] == 21
