@@ -26,6 +26,12 @@ from .rows import (
 __all__ = ["adam_statistics"]
 
 
+def _flatten(ts: Sequence[Tensor]) -> Tensor:
+    """``torch.cat([t.reshape(-1) for t in ts])``, in one call (the helper DDP buckets with)."""
+    flatten = getattr(torch._utils, "_flatten_dense_tensors", None)
+    return flatten(list(ts)) if flatten is not None else torch.cat([t.reshape(-1) for t in ts])
+
+
 def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
     """``adam_statistics`` for small CPU tensors, on one concatenated numpy buffer: the same
     elementwise operations in the same order as the foreach path, then one float64 segment sum per
@@ -37,8 +43,8 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     def cat(ts: Sequence[Tensor]) -> np.ndarray:
         if n == 1:
             return ts[0].detach().numpy().reshape(-1)
-        with torch.no_grad():  # one torch concatenation: a reshape per tensor, not three calls
-            return torch.cat([t.reshape(-1) for t in ts]).numpy()
+        with torch.no_grad():  # one call: the per-tensor flattening happens in C++, not Python
+            return _flatten(ts).numpy()
 
     g, m, v = cat(g), cat(m), cat(v)
     v_den = v if v_den is None else cat(v_den)

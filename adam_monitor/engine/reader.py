@@ -49,6 +49,19 @@ def local_tensor(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def _gradient_as_is(rule: str, optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """Whether the gradient a step of ``group`` used is ``p.grad`` itself (no L2 decay folded in,
+    no sign the direction needs)."""
+    if rule == "nadam" and group.get("maximize", False):
+        return False
+    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+    return not group.get("weight_decay", 0.0) or decoupled
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def real_view(t: Tensor) -> Tensor:
     """The local shard as torch Adam steps it: a complex tensor as its real view (``[..., 2]``),
     every real and imaginary part one coordinate."""
@@ -230,6 +243,8 @@ class StepReader:
             # rank contributes them to the sum.
             keep = [1.0 if (g is not None or rank == 0) else 0.0 for g in groups]
             self._replica_weight = keep
+        # Neither complex nor sharded (DTensor): real_view of every gradient and state tensor is the tensor.
+        self._plain = not any(p.is_complex() or callable(getattr(p, "to_local", None)) for p in self.params)
 
     def _check_params(self) -> None:
         if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
@@ -335,9 +350,9 @@ class StepReader:
 
     def _adam_rows(self, stepped) -> Iterable[tuple[list[int] | None, Tensor]]:
         buckets: dict[tuple, list] = defaultdict(list)
+        view = _same if self._plain else real_view
         for gi, _group, p, state, step in stepped:
-            g = real_view(p.grad)
-            buckets[(gi, step, g.device, g.dtype)].append((p, state))
+            buckets[(gi, step, p.grad.device, p.grad.dtype)].append((p, state))
         for members in buckets.values():
             for _p, state in members:
                 missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
@@ -350,20 +365,23 @@ class StepReader:
             beta1, beta2 = (_as_float(b) for b in group["betas"])
             eps = _as_float(group["eps"])
             amsgrad = group.get("amsgrad", False)
-            grads = [self._gradient_used(p, state, group, step) for p, state in members]
+            if _gradient_as_is(self.rule, self.optimizer, group):
+                grads = [view(p.grad) for p, _ in members]
+            else:
+                grads = [self._gradient_used(p, state, group, step) for p, state in members]
             rectified = self.rule != "radam" or radam_rectification(beta2, step) is not None
             if self.rule == "radam":
                 # RAdam adds ε to √v, not to √v̂: ε sets the step where √v̂ ≤ ε/√c2.
                 eps = eps / (1 - beta2**step) ** 0.5
             rows = fast_adam_statistics(
                 grads,
-                [real_view(s["exp_avg"]) for _, s in members],
-                [real_view(s["exp_avg_sq"]) for _, s in members],
+                [view(s["exp_avg"]) for _, s in members],
+                [view(s["exp_avg_sq"]) for _, s in members],
                 beta1=beta1,
                 beta2=beta2,
                 eps=eps,
                 step=int(step),
-                max_exp_avg_sqs=[real_view(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
+                max_exp_avg_sqs=[view(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
             )
             if self.rule != "adam":
                 # The moments' statistics hold; the update is this optimizer's own direction.
