@@ -4,7 +4,7 @@ distinct mechanism, with a matched stable control (one setting changed)."""
 from __future__ import annotations
 
 import torch
-from families import SPIKE, Family, Setup
+from families import SPIKE, Family, Setup, mlp, teacher_loss
 
 
 def _separable_ce(seed: int, variant: str, n: int = 1024, d: int = 16, classes: int = 4, batch: int = 64) -> Setup:
@@ -28,6 +28,44 @@ def _separable_ce(seed: int, variant: str, n: int = 1024, d: int = 16, classes: 
     return Setup(model, opt, loss, steps=steps)
 
 
+def _distribution_shift(seed: int, variant: str, d: int = 16, new: int = 4, h: int = 64, batch: int = 256) -> Setup:
+    torch.manual_seed(seed)
+    teacher, model = mlp(d, h), mlp(d + new, h)
+    teacher.requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight[:, d:] = 0  # the new inputs start without effect: the loss is continuous at the switch
+    gen = torch.Generator().manual_seed(seed)
+    switch = 400
+
+    def loss(t: int) -> torch.Tensor:
+        x = torch.randn(batch, d, generator=gen)
+        # silent inputs until the switch: their weights get exactly zero gradient, so their v stays 0
+        extra = 20.0 * torch.randn(batch, new, generator=gen) if t > switch else torch.zeros(batch, new)
+        y = teacher(x) + 0.1 * torch.randn(batch, 1, generator=gen)
+        return torch.nn.functional.mse_loss(model(torch.cat([x, extra], 1)), y)
+
+    beta2 = 0.999 if variant == SPIKE else 0.95
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, beta2))
+    return Setup(model, opt, loss, steps=700)
+
+
+def _unfreeze(seed: int, variant: str, lr: float = 3e-2, at: int = 400) -> Setup:
+    model, loss = teacher_loss(seed, full_batch=False)
+    body = [*model[0].parameters(), *model[2].parameters()]
+    for p in body:
+        p.requires_grad_(False)  # no gradient, so no Adam state until the unfreeze
+    opt = torch.optim.Adam([{"params": body}, {"params": model[4].parameters()}], lr=lr)
+    ramp = 1 if variant == SPIKE else 50
+
+    def after(t: int) -> None:
+        if t + 1 == at:
+            for p in body:
+                p.requires_grad_(True)
+        opt.param_groups[0]["lr"] = lr * min(1.0, max(0.0, (t + 2 - at) / ramp))
+
+    return Setup(model, opt, loss, steps=600, after_step=after)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -39,6 +77,23 @@ FAMILIES: dict[str, Family] = {
             "large update (loss up 10-100x); control: label smoothing 0.1 (finite optimum, the gradient "
             "does not vanish)",
             _separable_ce,
+        ),
+        Family(
+            "distribution_shift",
+            False,
+            "at step 400 four inputs that were zero since the start turn on (std 20, uninformative): their "
+            "first-layer weights have v = 0, and at beta2 = 0.999 v-hat needs hundreds of steps to reach "
+            "their gradient, so they move at several times lr and the net overshoots; control: beta2 = 0.95",
+            _distribution_shift,
+        ),
+        Family(
+            "unfreeze",
+            False,
+            "the two hidden layers are frozen while the head trains, then unfrozen at step 400: their Adam "
+            "state starts empty, and the first steps are sign-sized (m-hat/sqrt(v-hat) = +-1 on every "
+            "coordinate) at lr 3e-2, which throws the co-adapted head off; control: the unfrozen layers' "
+            "lr ramps up over 50 steps",
+            _unfreeze,
         ),
     )
 }
