@@ -43,7 +43,7 @@ dict, which ``self.log_dict`` takes once computed)::
 
 Keys are ``update_rms``, ``staleness``, ``gradient_jump``, ``eps_dominance`` and, per parameter,
 ``per_parameter/<diagnostic>/<name>``; with ``prefix="adam"`` they are the engine's own tags
-(``adam/update_rms``, ``adam/per_parameter/update_rms/<name>``). A diagnostic with nothing to pool
+(``adam/update_rms``, ``adam_per_parameter/update_rms/<name>``). A diagnostic with nothing to pool
 (``gradient_jump`` of a first step, a parameter that did not step) is NaN, where the engine leaves
 the tag out.
 """

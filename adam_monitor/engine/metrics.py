@@ -15,13 +15,16 @@ WORST_NAMED = 5
 
 
 def parameter_tag(prefix: str, diagnostic: str, name: str) -> str:
-    """The tag of one tensor's diagnostic, ``<prefix>/per_parameter/<diagnostic>/<name>``.
+    """The tag of one tensor's diagnostic: ``adam_per_parameter/<diagnostic>/<name>`` for the
+    prefix ``adam``, ``adam_per_parameter/<Class>/<diagnostic>/<name>`` for ``adam/<Class>``.
 
-    Not ``<prefix>/<diagnostic>/<name>``: the pooled tag ``<prefix>/<diagnostic>`` would be a folder
-    of it, which a store with one file per metric (MLflow's file store) cannot hold beside the
-    pooled metric's file.
+    Not ``adam/<diagnostic>/<name>``: the pooled tag ``adam/<diagnostic>`` would be a folder of
+    it, which a store with one file per metric (MLflow's file store) cannot hold beside the
+    pooled metric's file. And not under ``adam/`` at all: TensorBoard groups its cards by the
+    tag's first component, and the few pooled charts would sit among hundreds of tensors' ones.
     """
-    return f"{prefix}/per_parameter/{diagnostic}/{name}"
+    root, _, rest = prefix.partition("/")
+    return "/".join(part for part in (f"{root}_per_parameter", rest, diagnostic, name) if part)
 
 
 def log_point(

@@ -49,10 +49,10 @@ WORST_SETTLED = 3
 
 #: The trainer's loss tags, whatever they are called (``loss``, ``train_loss``, ``train/loss_step``,
 #: ``val_loss``, ``eval/Loss``...): a tag whose last component contains "loss" in any case, outside
-#: ``adam/``. The layout is written before the trainer logs anything, hence a pattern. The
+#: ``adam/`` and ``adam_per_parameter/``. The layout is written before the trainer logs anything, hence a pattern. The
 #: custom-scalars plugin matches it with Python's ``re.match``; it is also valid JavaScript (no
 #: inline flags, hence the character classes).
-LOSS_TAGS = r"^(?!adam/)(?:.*/)?[^/]*[Ll][Oo][Ss][Ss][^/]*$"
+LOSS_TAGS = r"^(?!adam(?:_per_parameter)?/)(?:.*/)?[^/]*[Ll][Oo][Ss][Ss][^/]*$"
 
 
 def module_of(name: str, depth: int) -> str:

@@ -289,7 +289,7 @@ def bench_before_after(rounds: int, root: str) -> None:
     print(f"    {'':34s}{'tags':>6s}{'before ms':>11s}{'after ms':>10s}{'× faster':>10s}")
     for tags in (300, 1200):
         metrics = {
-            f"adam/per_parameter/update_rms/blocks.{i // 8}.layer{i % 8}.weight": 1e-3 * (i + 1) for i in range(tags)
+            f"adam_per_parameter/update_rms/blocks.{i // 8}.layer{i % 8}.weight": 1e-3 * (i + 1) for i in range(tags)
         }
         writers = {k: SummaryWriter(tempfile.mkdtemp(dir=root)) for k in ("before", "after")}
         write = {"before": per_tag_add_scalar, "after": write_scalars}
@@ -368,7 +368,7 @@ def crc_cost() -> None:
     summary = Summary()
     for i in range(1200):
         summary.value.add(
-            tag=f"adam/per_parameter/update_rms/blocks.{i // 8}.layer{i % 8}.weight", simple_value=1e-3 * i
+            tag=f"adam_per_parameter/update_rms/blocks.{i // 8}.layer{i % 8}.weight", simple_value=1e-3 * i
         )
     data = Event(step=1, wall_time=time.time(), summary=summary).SerializeToString()
     us = statistics.median(per_call_us(lambda: masked_crc32c(data), 1) for _ in range(5))

@@ -230,4 +230,4 @@ def test_steps_without_any_gradient_report_no_eps_dominance_and_no_alert():
     assert (rows[0, EPS_COUNT], rows[0, GRAD_COUNT], rows[0, COUNT]) == (0, 0, 512)
     assert math.isnan(diagnostics_from_statistics(rows[0])[3])
     metrics, _ = log_point("adam", rows, ["w"], skipped=0, alert_count=0, per_parameter=True)
-    assert "adam/eps_dominance" not in metrics and "adam/per_parameter/eps_dominance/w" not in metrics
+    assert "adam/eps_dominance" not in metrics and "adam_per_parameter/eps_dominance/w" not in metrics
