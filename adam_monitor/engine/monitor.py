@@ -55,23 +55,35 @@ def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> A
     return AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds, state_dtypes=dtypes)
 
 
-def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    """The optimizers to hook (wrappers unwrapped), or a ``TypeError`` saying what was passed."""
+def _optimizers(optimizer) -> tuple[list[torch.optim.Optimizer], list[dict]]:
+    """The optimizers to hook (wrappers unwrapped), and the ``run.json`` entries of the objects
+    that step like an optimizer but are none of torch's (a schedule-free wrapper around one):
+    those get one warning and are not monitored. Anything else is a ``TypeError`` saying what was
+    passed."""
     if isinstance(optimizer, torch.optim.Optimizer):
         given = [optimizer]
     elif isinstance(optimizer, Iterable) and not isinstance(optimizer, (str, bytes, dict)):
         given = list(optimizer)
     else:
         given = [optimizer]
-    optimizers = [unwrap_optimizer(o) for o in given]
-    wrong = [o for o in optimizers if not isinstance(o, torch.optim.Optimizer)]
-    if not optimizers or wrong:
+    unwrapped = [unwrap_optimizer(o) for o in given]
+    foreign = [o for o in unwrapped if not isinstance(o, torch.optim.Optimizer) and callable(getattr(o, "step", None))]
+    optimizers = [o for o in unwrapped if isinstance(o, torch.optim.Optimizer)]
+    wrong = [o for o in unwrapped if not isinstance(o, torch.optim.Optimizer) and o not in foreign]
+    if not unwrapped or wrong:
         got = type(wrong[0]).__name__ if wrong else "an empty sequence"
         raise TypeError(
             f"Monitor(optimizer): expected a torch.optim.Optimizer or a list of them, got {got}. "
             "Create the optimizer first, then Monitor(optimizer, ...)."
         )
-    return optimizers
+    unmonitored = []
+    for o in foreign:
+        reason = f"{type(o).__name__} is not a torch.optim.Optimizer, so the monitor cannot hook its steps"
+        warn(
+            f"adam-monitor is not monitoring {type(o).__name__}: {reason}. Training goes on; nothing is logged for it."
+        )
+        unmonitored.append({"class": type(o).__name__, "reason": reason})
+    return optimizers, unmonitored
 
 
 def _check_sinks(*, writer, log_dir, scalar_sink, step_axis) -> None:
@@ -328,7 +340,7 @@ class Monitor:
         options: MonitorOptions | None = None,
         **option_values,
     ):
-        optimizers = _optimizers(optimizer)
+        optimizers, self._unmonitored = _optimizers(optimizer)
         self.options = _resolve_options(options, option_values)
         _check_sinks(writer=writer, log_dir=log_dir, scalar_sink=scalar_sink, step_axis=step_axis)
         self._named = names_by_id(named_parameters)
@@ -345,7 +357,6 @@ class Monitor:
             before_raise=self._sink.flush,
         )
         self._config_seen: set[str] = set()
-        self._unmonitored: list[dict] = []
         self._tracked = _track(optimizers, self._on_step, self._unmonitored, self.options.sharpness_every)
         self._write_status()
 

@@ -231,3 +231,27 @@ def test_the_run_record_is_rewritten_when_its_verdict_changes_not_at_every_log_p
     assert writes[-1]["monitored"][0]["steps"] == 21
     monitor.close()
     assert writes[-1]["closed"] and writes[-1]["monitored"][0]["steps"] == 21
+
+
+def test_a_wrapper_that_steps_like_an_optimizer_is_warned_about_and_not_monitored(tmp_path):
+    # e.g. schedulefree.ScheduleFreeWrapper: it holds a torch optimizer but is none itself
+    class Wrapper:
+        def __init__(self, base):
+            self.base = base
+
+        def step(self):
+            self.base.step()
+
+    from adam_monitor.cli import main as cli
+
+    p = torch.nn.Parameter(torch.randn(4))
+    wrapper = Wrapper(torch.optim.AdamW([p]))
+    with pytest.warns(UserWarning, match="not monitoring Wrapper: Wrapper is not a torch.optim.Optimizer"):
+        monitor = Monitor(wrapper, log_dir=str(tmp_path))
+    p.grad = torch.randn(4)
+    wrapper.step()
+    monitor.close()
+    assert monitor.optimizers == [] and monitor.compute() == {}
+    assert cli(["check", str(tmp_path)]) == 2  # nothing was monitored: never a pass
+    with pytest.raises(TypeError, match="got NoneType"):
+        Monitor(None)
