@@ -51,11 +51,24 @@ def local_tensor(t: Tensor) -> Tensor:
 
 def _gradient_as_is(rule: str, optimizer: torch.optim.Optimizer, group: dict) -> bool:
     """Whether the gradient a step of ``group`` used is ``p.grad`` itself (no L2 decay folded in,
-    no sign the direction needs)."""
-    if rule == "nadam" and group.get("maximize", False):
+    no sign the direction needs, not sparse)."""
+    if (rule == "nadam" and group.get("maximize", False)) or rule == "sparse_adam":
         return False
     decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
     return not group.get("weight_decay", 0.0) or decoupled
+
+
+def _sparse_adam_direction(p: Tensor, state: dict, beta1: float, beta2: float, eps: float, step: float) -> Tensor:
+    """``torch.optim.SparseAdam``'s direction: ``m̂·√c2/(√v + ε)`` at the coordinates its sparse
+    gradient holds (an explicit zero value included: its moments move), 0 elsewhere (not stepped)."""
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    u = (m / (1 - beta1**step)) * ((1 - beta2**step) ** 0.5 / v.sqrt().add_(eps))
+    if p.grad is None or not p.grad.is_sparse:
+        return u
+    grad = p.grad.coalesce()
+    held = torch.zeros(grad.shape[: grad.sparse_dim()], dtype=torch.bool, device=u.device)
+    held[tuple(grad._indices())] = True
+    return u * held.reshape(held.shape + (1,) * grad.dense_dim())
 
 
 def _same(t: Tensor) -> Tensor:
@@ -102,6 +115,7 @@ UPDATE_RULES = {
     torch.optim.AdamW: "adam",
     torch.optim.NAdam: "nadam",
     torch.optim.RAdam: "radam",
+    torch.optim.SparseAdam: "sparse_adam",
 }
 
 
@@ -145,7 +159,7 @@ def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
         return None
     if update_rule(optimizer) is None:
         return (
-            f"{type(optimizer).__name__} is not torch.optim.Adam, AdamW, NAdam, RAdam or an "
+            f"{type(optimizer).__name__} is not torch.optim.Adam, AdamW, NAdam, RAdam, SparseAdam or an "
             "adam_monitor.optim optimizer, so its state is not Adam's (exp_avg, exp_avg_sq, step)"
         )
     for i, group in enumerate(optimizer.param_groups):
@@ -370,8 +384,8 @@ class StepReader:
             else:
                 grads = [self._gradient_used(p, state, group, step) for p, state in members]
             rectified = self.rule != "radam" or radam_rectification(beta2, step) is not None
-            if self.rule == "radam":
-                # RAdam adds ε to √v, not to √v̂: ε sets the step where √v̂ ≤ ε/√c2.
+            if self.rule in ("radam", "sparse_adam"):
+                # These add ε to √v, not to √v̂: ε sets the step where √v̂ ≤ ε/√c2.
                 eps = eps / (1 - beta2**step) ** 0.5
             rows = fast_adam_statistics(
                 grads,
@@ -427,7 +441,7 @@ class StepReader:
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
         """The gradient the moments took in: ``p.grad`` (sign-flipped under ``maximize`` where the
         direction needs the sign), plus λ·p_{t-1} under L2 decay."""
-        grad = real_view(p.grad)
+        grad = real_view(p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad)
         wd = group.get("weight_decay", 0.0)
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
         used = -grad if group.get("maximize", False) else grad
@@ -451,6 +465,8 @@ class StepReader:
         beta1, beta2 = (_as_float(b) for b in group["betas"])
         if self.rule == "nadam":
             return _nadam(self._gradient_used(p, state, group, step) if grad is None else grad, state, group, step)
+        if self.rule == "sparse_adam":
+            return _sparse_adam_direction(p, state, beta1, beta2, _as_float(group["eps"]), step)
         if self.rule == "radam":
             return radam_direction(
                 real_view(state["exp_avg"]),

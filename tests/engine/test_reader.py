@@ -356,3 +356,31 @@ def test_a_first_step_at_lr_zero_defers_the_check_to_the_next():
     assert values == {} and len(messages) == 1 and "SignUpdate" in messages[0]
     values, messages, _ = run_subclass(CallsItsBase, lrs=(0.0, 1e-2, 1e-2))
     assert messages == [] and values["adam/update_rms"] > 0
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_sparse_adam_steps_are_rebuilt_and_their_statistics_exact(maximize):
+    # An embedding's sparse gradient: rows of absent tokens neither move nor decay their moments.
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(40, 6, sparse=True).double()
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-3, maximize=maximize)
+    reader = StepReader(opt)
+    (p,) = emb.parameters()
+    assert reader.rule == "sparse_adam"
+    for t in range(1, 9):
+        tokens = torch.randint(0, 10 + 3 * t, (12,))  # later steps reach rows never seen before
+        emb(tokens).square().sum().mul(10 ** -(t % 3)).backward()
+        before, v_before = p.detach().clone(), opt.state[p]["exp_avg_sq"].clone() if opt.state.get(p) else None
+        opt.step()
+        rows, step = reader.read()
+        state = opt.state[p]
+        applied = before - p.detach()
+        u = reader.direction(p, state, opt.param_groups[0], step)
+        torch.testing.assert_close(1e-2 * u, applied, rtol=1e-9, atol=1e-15)
+        assert (applied[~torch.isin(torch.arange(40), tokens)] == 0).all()
+        g = p.grad.coalesce().to_dense()
+        c2, c2_prev = 1 - 0.95**step, 1 - 0.95 ** (step - 1)
+        v_hat_prev = v_before / c2_prev if step > 1 else None
+        expected = tensor_statistics(g, applied / 1e-2, state["exp_avg_sq"] / c2, v_hat_prev, 1e-3 / c2**0.5)
+        torch.testing.assert_close(rows[0], expected, rtol=1e-9, atol=1e-12)
+        opt.zero_grad()
