@@ -26,7 +26,15 @@ from ..diagnostics.reference import adam_direction, nadam_direction, radam_direc
 from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
 from ..diagnostics.sharpness import curvature_sums
 
-__all__ = ["StepReader", "UnsupportedOptimizer", "unsupported_reason", "local_tensor", "real_view", "shard_group"]
+__all__ = [
+    "StepReader",
+    "UnsupportedOptimizer",
+    "curvature",
+    "unsupported_reason",
+    "local_tensor",
+    "real_view",
+    "shard_group",
+]
 
 
 #: A class with a ``step`` of its own is read once its first step matches its base's rule, checked
@@ -278,14 +286,16 @@ class StepReader:
         if not candidates:
             return []
         raw = [s["step"] for _, _, _, s in candidates]
-        steps = _cpu_steps(raw)  # CPU-resident counts (torch's default): read in place
-        if steps is None and isinstance(raw[0], Tensor):
+        steps = None
+        if isinstance(raw[0], Tensor):
+            # Counts this reader has seen are counted on the host: a read is a sync per step on a
+            # device, and a Python call per tensor on the CPU.
             steps = self._counted_steps(candidates, raw) if after_step else None
             if steps is None:
-                steps = _read_steps(raw)
+                steps = _cpu_steps(raw) or _read_steps(raw)  # CPU-resident counts are read in place
             for (_, _, p, _), r, step in zip(candidates, raw, steps):
                 self._known_step[id(p)] = (r, step)
-        elif steps is None:
+        if steps is None:
             steps = [float(r) for r in raw]
         out = []
         for (gi, group, p, state), step in zip(candidates, steps):
@@ -298,9 +308,10 @@ class StepReader:
         return out
 
     def _counted_steps(self, candidates, raw) -> list[float] | None:
-        """Step counts kept on the device, from the host's own count where that is certain.
+        """Step counts from the host's own count where that is certain.
 
-        Reading them is a sync per step. Without a GradScaler every ``step()`` adds one to the
+        Reading them is a sync per step where they live on a device (fused, capturable), and a
+        Python call per tensor on the CPU. Without a GradScaler every ``step()`` adds one to the
         count of each parameter with a gradient, so a count this reader has seen before (the same
         tensor object: a loaded state brings new ones) is one more now. Under a GradScaler a fused
         kernel takes the increment back on an inf/NaN step, which only the device knows: the
@@ -411,33 +422,6 @@ class StepReader:
             else:
                 yield positions, rows
 
-    def curvature(self) -> Tensor | None:
-        """The ``CURVATURE_FIELDS`` sums (float64, 3) pooled over the tensors of the step last read,
-        for the preconditioned sharpness; ``None`` where the direction is not Adam's own
-        ``m̂/(√v̂+ε)`` (NAdam, RAdam, amsgrad, in-step statistics) or the tensors are sharded."""
-        if self.rule != "adam" or self._group is not None or not self._last_read:
-            return None
-        buckets: dict[tuple, list] = defaultdict(list)
-        for gi, group, p, state, step in self._last_read:
-            if group.get("amsgrad", False):
-                return None
-            buckets[(gi, step, p.device, p.dtype)].append((p, state))
-        total = None
-        for (gi, step, _, _), members in buckets.items():
-            group = self.optimizer.param_groups[gi]
-            beta1, beta2 = (_as_float(b) for b in group["betas"])
-            sums = curvature_sums(
-                [self._gradient_used(p, s, group, step) for p, s in members],
-                [real_view(s["exp_avg"]) for _, s in members],
-                [real_view(s["exp_avg_sq"]) for _, s in members],
-                beta1=beta1,
-                beta2=beta2,
-                eps=_as_float(group["eps"]),
-                step=int(step),
-            ).sum(0)
-            total = sums if total is None else total + sums.to(total.device)
-        return total
-
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
         """The gradient the moments took in: ``p.grad`` (sign-flipped under ``maximize`` where the
         direction needs the sign), plus λ·p_{t-1} under L2 decay."""
@@ -508,6 +492,34 @@ class StepReader:
         if self._check is not None:
             self._check.remove()
             self._check = None
+
+
+def curvature(reader: StepReader) -> Tensor | None:
+    """The ``CURVATURE_FIELDS`` sums (float64, 3) pooled over the tensors of the step ``reader``
+    read last, for the preconditioned sharpness; ``None`` where the direction is not Adam's own
+    ``m̂/(√v̂+ε)`` (NAdam, RAdam, SparseAdam, amsgrad, in-step statistics) or the tensors are sharded."""
+    if reader.rule != "adam" or reader._group is not None or not reader._last_read:
+        return None
+    buckets: dict[tuple, list] = defaultdict(list)
+    for gi, group, p, state, step in reader._last_read:
+        if group.get("amsgrad", False):
+            return None
+        buckets[(gi, step, p.device, p.dtype)].append((p, state))
+    total = None
+    for (gi, step, _, _), members in buckets.items():
+        group = reader.optimizer.param_groups[gi]
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        sums = curvature_sums(
+            [reader._gradient_used(p, s, group, step) for p, s in members],
+            [real_view(s["exp_avg"]) for _, s in members],
+            [real_view(s["exp_avg_sq"]) for _, s in members],
+            beta1=beta1,
+            beta2=beta2,
+            eps=_as_float(group["eps"]),
+            step=int(step),
+        ).sum(0)
+        total = sums if total is None else total + sums.to(total.device)
+    return total
 
 
 class UpdateCheck:

@@ -14,6 +14,7 @@ import math
 from torch import Tensor
 
 from ..diagnostics.sharpness import edge_of_stability, preconditioned_sharpness
+from .reader import curvature
 
 __all__ = ["SharpnessSampler"]
 
@@ -35,7 +36,7 @@ class SharpnessSampler:
         the step before was taken too. Nothing for optimizers whose direction is not Adam's."""
         if not self.due(step):
             return
-        sums = reader.curvature()
+        sums = curvature(reader)
         if sums is None:
             self._previous = None
             return
