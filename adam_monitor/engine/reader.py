@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 
-#: A class with a ``step`` of its own is read once its first step matches its base's rule, checked
-#: on the first coordinates of its first parameters (enough to tell another update from rounding).
+#: A class with a ``step`` of its own is read once a step after its first (Adam's first is sign
+#: descent, which other updates share) matches its base's rule, checked on the first coordinates
+#: of its first parameters (enough to tell another update from rounding).
 VERIFIED_NUMEL, VERIFIED_TENSORS = 4096, 8
 
 
