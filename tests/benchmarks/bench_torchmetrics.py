@@ -27,33 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_host import make_params, per_call_us  # noqa: E402  (this folder: the same tensors and timer)
+
 from adam_monitor import Monitor  # noqa: E402
 from adam_monitor.metrics import AdamDiagnostics  # noqa: E402
 
-NUMEL = 256
 COUNTS = (10, 100, 300)
 NEVER = 10**9  # no log point among the timed steps
 
 
-def make_params(count: int) -> dict[str, torch.nn.Parameter]:
-    torch.manual_seed(0)
-    params = {}
-    for i in range(count):
-        p = torch.nn.Parameter(torch.randn(NUMEL) * 0.02)
-        p.grad = torch.randn_like(p)
-        params[f"blocks.{i // 8}.layer{i % 8}.weight"] = p
-    return params
-
-
 def fused_adamw(params: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params.values()), lr=1e-3, weight_decay=0.1, fused=True)
-
-
-def per_call_us(fn: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
