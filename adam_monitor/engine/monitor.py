@@ -116,11 +116,28 @@ def _writer_folder(writer) -> str | None:
     return getattr(writer, "log_dir", None) or (writer.get_logdir() if hasattr(writer, "get_logdir") else None)
 
 
+def _guarded(on_step: Callable[[_Tracked], None], on_fault: Callable[[_Tracked, str], None], tracked: _Tracked) -> None:
+    """``on_step(tracked)``; a fault of the monitor's own (not an alert that must end the run)
+    stops the monitoring of that optimizer with one warning, and training goes on."""
+    try:
+        on_step(tracked)
+    except InstabilityError:
+        raise
+    except Exception as err:  # noqa: BLE001 - no fault of the monitor's may end the training run
+        reason = f"it failed while reading a step ({type(err).__name__}: {err}); please report this"
+        try:
+            on_fault(tracked, reason)
+        except Exception:  # noqa: BLE001 - the fault may be in what dropping it touches too
+            tracked.unhook()
+            warn(f"adam-monitor stopped monitoring {type(tracked.optimizer).__name__}: {reason}")
+
+
 def _track(
     optimizers: list[torch.optim.Optimizer],
     on_step: Callable[[_Tracked], None],
     unmonitored: list[dict],
     sharpness_every: int | None,
+    on_fault: Callable[[_Tracked, str], None],
 ) -> list[_Tracked]:
     """A hooked :class:`_Tracked` per readable optimizer; the others get one warning and an entry
     in ``unmonitored``."""
@@ -136,7 +153,7 @@ def _track(
             continue
         label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
         tracked = _Tracked(opt, reader, prefix, label, sharpness=SharpnessSampler(sharpness_every))
-        tracked.hook = opt.register_step_post_hook(lambda *_, tracked=tracked: on_step(tracked))
+        tracked.hook = opt.register_step_post_hook(lambda *_, tracked=tracked: _guarded(on_step, on_fault, tracked))
         tracked_all.append(tracked)
     return tracked_all
 
@@ -357,7 +374,7 @@ class Monitor:
             before_raise=self._sink.flush,
         )
         self._config_seen: set[str] = set()
-        self._tracked = _track(optimizers, self._on_step, self._unmonitored, self.options.sharpness_every)
+        self._tracked = _track(optimizers, self._on_step, self._unmonitored, self.options.sharpness_every, self._drop)
         self._write_status()
 
     # ------------------------------------------------------------------ the step
@@ -445,8 +462,9 @@ class Monitor:
             return []
         if tracked.betas is not None:
             self._drain(tracked, wait=True)  # the steps taken so far are judged with their own betas
-            if tracked.rules is not None:
-                tracked.rules.set_betas([b for b, g in zip(betas, groups) for _ in g["params"]])
+            per_tensor = [b for b, g in zip(betas, groups) for _ in g["params"]]
+            if tracked.rules is not None and len(per_tensor) == len(tracked.rules.names):
+                tracked.rules.set_betas(per_tensor)  # else (a param group added) rebuilt after this
         tracked.betas = betas
         checked = [b if _bounded_by_adam(g) else None for b, g in zip(betas, groups)]
         found = configuration_alerts_by_group(checked, optimizer=tracked.label, step=step)

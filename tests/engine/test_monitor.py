@@ -255,3 +255,42 @@ def test_a_wrapper_that_steps_like_an_optimizer_is_warned_about_and_not_monitore
     assert cli(["check", str(tmp_path)]) == 2  # nothing was monitored: never a pass
     with pytest.raises(TypeError, match="got NoneType"):
         Monitor(None)
+
+
+def test_a_param_group_added_mid_run_is_monitored_under_its_name():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.AdamW(model[0].parameters())
+    monitor = Monitor(opt, named_parameters=model.named_parameters(), log_every_n_steps=None)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    opt.add_param_group({"params": model[1].parameters(), "betas": (0.9, 0.95)})
+    for _ in range(2):
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+    names = {k.split("/", 2)[-1] for k in monitor.compute() if k.startswith("adam_per_parameter/update_rms/")}
+    monitor.close()
+    assert names == {"0.weight", "0.bias", "1.weight", "1.bias"} and monitor.alerts == []
+
+
+@pytest.mark.parametrize("on_alert", ["warn", "raise", "stop"])
+def test_a_fault_of_the_monitors_own_never_ends_the_run(on_alert, monkeypatch):
+    import adam_monitor.engine.reader as reader_module
+
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = torch.optim.AdamW([p])
+    monitor = Monitor(opt, log_every_n_steps=1, on_alert=on_alert)
+    p.grad = torch.randn(8)
+    opt.step()
+
+    def broken(self, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(reader_module.StepReader, "read", broken)
+    with pytest.warns(
+        UserWarning, match="stopped monitoring AdamW: it failed while reading a step .RuntimeError: a bug"
+    ):
+        opt.step()
+    for _ in range(3):  # unhooked: the next steps are the optimizer's alone
+        opt.step()
+    assert int(opt.state[p]["step"]) == 5 and not opt._optimizer_step_post_hooks
+    monitor.close()
