@@ -66,6 +66,17 @@ def _unfreeze(seed: int, variant: str, lr: float = 3e-2, at: int = 400) -> Setup
     return Setup(model, opt, loss, steps=600, after_step=after)
 
 
+def _lr_step(seed: int, variant: str, low: float = 3e-4, high: float = 3e-2, at: int = 500) -> Setup:
+    model, loss = teacher_loss(seed, full_batch=False)
+    opt = torch.optim.Adam(model.parameters(), lr=low, betas=(0.9, 0.999))
+    ramp = 1 if variant == SPIKE else 100
+
+    def after(t: int) -> None:
+        opt.param_groups[0]["lr"] = low + (high - low) * min(1.0, max(0.0, (t + 2 - at) / ramp))
+
+    return Setup(model, opt, loss, steps=800, after_step=after)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -94,6 +105,15 @@ FAMILIES: dict[str, Family] = {
             "coordinate) at lr 3e-2, which throws the co-adapted head off; control: the unfrozen layers' "
             "lr ramps up over 50 steps",
             _unfreeze,
+        ),
+        Family(
+            "lr_step",
+            False,
+            "minibatch regression converged for 500 steps at lr 3e-4 (no weight decay), then lr steps to "
+            "3e-2 at once: the minimum found at the small lr is too sharp for a 100x larger step, so the "
+            "iterate is thrown out of it before it settles in a flatter one; control: the same increase "
+            "ramped over 100 steps",
+            _lr_step,
         ),
     )
 }
