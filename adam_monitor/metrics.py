@@ -58,6 +58,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
+from ._faults import warn
 from .diagnostics.rows import DIAGNOSTICS, NUM_STATS, STAT_FIELDS, diagnostics_from_statistics, pool
 from .engine.metrics import parameter_tag
 from .engine.names import unwrap_optimizer
@@ -182,11 +183,20 @@ class AdamDiagnostics(Metric):
             )
 
         def on_step(*_) -> None:
-            read = reader.read(after_step=True)  # one call per step(), right after it
-            if read is not None:
+            try:
+                read = reader.read(after_step=True)  # one call per step(), right after it
+            except UnsupportedOptimizer as err:  # found stepping (state not Adam's, update not Adam's)
+                attachment.remove()
+                warn(
+                    f"AdamDiagnostics stopped reading {type(inner).__name__}: {err}. Training goes on; "
+                    "nothing more is fed to the metric."
+                )
+                return
+            if read is not None and not reader.unverified:  # an update not yet verified Adam's feeds nothing
                 self.update(read[0])
 
-        return _Attachment(inner.register_step_post_hook(on_step), reader)
+        attachment = _Attachment(inner.register_step_post_hook(on_step), reader)
+        return attachment
 
 
 class _Attachment:

@@ -32,7 +32,7 @@ from .metrics import log_point
 from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_parameters, unwrap_optimizer
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
-from .reader import StepReader, UnsupportedOptimizer, nested_step
+from .reader import StepReader, UnsupportedOptimizer, betas_of, nested_step
 from .sharpness import SharpnessSampler
 from .tensorboard import TensorBoardSink
 
@@ -47,7 +47,7 @@ def _bounded_by_adam(group: dict) -> bool:
 
 def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> AlertRules:
     groups = tracked.optimizer.param_groups
-    per_tensor = [tuple(float(b) for b in g["betas"]) for g in groups for _ in g["params"]]
+    per_tensor = [betas_of(g) for g in groups for _ in g["params"]]
     if tracked.reader.rule in ("nadam", "radam") or not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
     state = tracked.optimizer.state
@@ -198,6 +198,7 @@ def _run_status(tracked_all: list[_Tracked], unmonitored: list[dict], *, closed:
                 "parameters": len(t.reader.params),
                 "steps": t.step,
                 "steps_applied": t.applied,
+                "steps_unverified": t.unverified,
                 "steps_skipped": t.skipped,
             }
             for t in tracked_all
@@ -234,6 +235,7 @@ class _Tracked:
     step: int = 0
     hook: object | None = None
     applied: int = 0  # steps whose statistics were recorded
+    unverified: int = 0  # steps taken before the update was verified to be Adam's: not recorded
     attempts: int | None = None  # optimizer.step calls announced by the trainer, if it announces them
     hook_skips: int = 0  # post-hooks that found the step count unchanged (fused kernels under GradScaler)
     # (step, its x-axis value, host copy of its rows) not yet seen by the rules: on CUDA the copy
@@ -243,7 +245,7 @@ class _Tracked:
 
     @property
     def skipped(self) -> int:
-        return self.attempts - self.applied if self.attempts is not None else self.hook_skips
+        return self.attempts - self.applied - self.unverified if self.attempts is not None else self.hook_skips
 
     def accumulate(self, rows: Tensor, step: int) -> None:
         if self.sums is None:
@@ -276,6 +278,7 @@ class _Tracked:
             "step": self.step,
             "rules": None if self.rules is None else self.rules.state_dict(),
             "applied": self.applied,
+            "unverified": self.unverified,
             "attempts": self.attempts,
             "hook_skips": self.hook_skips,
         }
@@ -303,6 +306,7 @@ class _Tracked:
             pending_steps=int(entry["pending_steps"]),
             step=int(entry["step"]),
             applied=int(entry.get("applied", 0)),
+            unverified=int(entry.get("unverified", 0)),
             attempts=None if attempts is None else int(attempts),
             hook_skips=int(entry.get("hook_skips", 0)),
         )
@@ -392,8 +396,11 @@ class Monitor:
             tracked.hook_skips += 1  # skipped step (GradScaler): the optimizer's step count did not move
             return
         rows, step = result
-        tracked.applied += 1
         self._check_configuration(tracked, step)
+        if tracked.reader.unverified:
+            tracked.unverified += 1  # what this step did may not be Adam's: its rows may be wrong
+            return
+        tracked.applied += 1
         if tracked.rules is None or len(tracked.rules.names) != rows.shape[0]:
             self._drain(tracked, wait=True)  # earlier steps go to the rules they were made for
             tracked.rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
@@ -457,7 +464,7 @@ class Monitor:
 
     def _check_configuration(self, tracked: _Tracked, step: int) -> list[Alert]:
         groups = tracked.optimizer.param_groups
-        betas = [tuple(float(b) for b in g["betas"]) for g in groups]
+        betas = [betas_of(g) for g in groups]
         if betas == tracked.betas:
             return []
         if tracked.betas is not None:

@@ -27,10 +27,21 @@ def clean_parameter_name(name: str) -> str:
     return name
 
 
+#: Optimizers that only pass ``step`` on to the one they wrap (accelerate's, which the Hugging
+#: Face Trainer steps): the wrapped one is hooked.
+PASS_THROUGH_OPTIMIZERS = ("AcceleratedOptimizer",)
+
+
 def unwrap_optimizer(optimizer):
-    """The optimizer that Fabric's or Lightning's wrapper steps (the one to hook), else ``optimizer``."""
+    """The optimizer that Fabric's, Lightning's or accelerate's wrapper steps (the one to hook),
+    else ``optimizer``. Another torch optimizer holding one (Lookahead, a masking or schedule-free
+    wrapper) changes the parameters after the inner step: it is read as itself."""
     inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        return optimizer
+    if isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__name__ not in PASS_THROUGH_OPTIMIZERS:
+        return optimizer
+    return inner
 
 
 def optimizer_prefixes(optimizers: Sequence[torch.optim.Optimizer], root: str = "adam") -> list[str]:

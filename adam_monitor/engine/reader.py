@@ -37,10 +37,13 @@ __all__ = [
 ]
 
 
-#: A class with a ``step`` of its own is read once a step after its first (Adam's first is sign
-#: descent, which other updates share) matches its base's rule, checked on the first coordinates
-#: of its first parameters (enough to tell another update from rounding).
-VERIFIED_NUMEL, VERIFIED_TENSORS = 4096, 8
+#: A class with a ``step`` of its own (or another library's) is read once a step after its first
+#: (Adam's first is sign descent, which other updates share) matches its base's rule, and then
+#: checked at every step: an update may depart from Adam's only at times (a bound that binds late,
+#: a clipping or a projection of some tensors). Each check takes the first coordinates of two
+#: parameters, the next ones in turn at each step: enough to tell another update from rounding, at
+#: a cost that does not grow with the model.
+VERIFIED_NUMEL, VERIFIED_TENSORS = 4096, 2
 
 
 def all_reduce(tensor: Tensor, group) -> None:
@@ -58,12 +61,48 @@ def local_tensor(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
-def _gradient_as_is(rule: str, optimizer: torch.optim.Optimizer, group: dict) -> bool:
+def betas_of(group: dict) -> tuple[float, float]:
+    """``(β1, β2)`` of a param group: torch's ``betas``, or ``beta1`` and ``beta2`` (optimi's keys)."""
+    if "betas" in group:
+        beta1, beta2 = group["betas"]
+    else:
+        beta1, beta2 = group["beta1"], group["beta2"]
+    return _as_float(beta1), _as_float(beta2)
+
+
+#: A step count at which β^step is 0 in float64 for every β a run uses: bias corrections are 1.
+_BIAS_FREE_STEP = 1 << 40
+
+
+def debiased_beta(beta: float, step: float) -> float:
+    """``β̂_t = β·(1 − β^{t−1})/(1 − β^t)``: the EMA with this factor holds Adam's bias-corrected
+    average itself (m̂_t, v̂_t)."""
+    return beta * (1 - beta ** (step - 1)) / (1 - beta**step)
+
+
+def adam_terms(reader: StepReader, group: dict, step: float) -> tuple[float, float, float]:
+    """``(β1, β2, step)`` under which ``group``'s state reads as torch's raw moments: its own,
+    or, where the moments are kept bias-corrected (``reader.debiased``: optimi's), ``β̂_t`` at a
+    step where the bias corrections are 1, which rebuilds ``v̂_{t−1}`` from ``v̂_t`` exactly."""
+    beta1, beta2 = betas_of(group)
+    if not reader.debiased:
+        return beta1, beta2, step
+    if step <= 1:
+        return 0.0, 0.0, 1  # β̂_1 = 0: m̂_1 = g, v̂_1 = g²
+    return debiased_beta(beta1, step), debiased_beta(beta2, step), _BIAS_FREE_STEP
+
+
+def step_of(state: dict, group: dict):
+    """A parameter's step count: in its state (torch), else in its param group (optimi,
+    pytorch-optimizer); ``None`` where neither holds one."""
+    return state["step"] if "step" in state else group.get("step")
+
+
+def _gradient_as_is(rule: str, decoupled: bool, group: dict) -> bool:
     """Whether the gradient a step of ``group`` used is ``p.grad`` itself (no L2 decay folded in,
     no sign the direction needs, not sparse)."""
     if (rule == "nadam" and group.get("maximize", False)) or rule == "sparse_adam":
         return False
-    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
     return not group.get("weight_decay", 0.0) or decoupled
 
 
@@ -166,15 +205,21 @@ def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why this optimizer cannot be monitored, or ``None`` if it can (checks the configuration only)."""
     if _records_statistics(optimizer):
         return None
-    if update_rule(optimizer) is None:
-        return (
-            f"{type(optimizer).__name__} is not torch.optim.Adam, AdamW, NAdam, RAdam, SparseAdam or an "
-            "adam_monitor.optim optimizer, so its state is not Adam's (exp_avg, exp_avg_sq, step)"
-        )
+    name = type(optimizer).__name__
     for i, group in enumerate(optimizer.param_groups):
         missing = [k for k in ("betas", "eps") if k not in group]
+        if "betas" in missing and "beta1" in group and "beta2" in group:
+            missing.remove("betas")
+        if missing and update_rule(optimizer) is not None:
+            return f"param group {i} of {name} has no {' or '.join(missing)}"
         if missing:
-            return f"param group {i} of {type(optimizer).__name__} has no {', '.join(missing)}"
+            return (
+                f"{name} is not torch.optim.Adam, AdamW, NAdam, RAdam, SparseAdam or an adam_monitor.optim "
+                "optimizer, nor Adam-shaped (betas, or beta1 and beta2, and eps in each param group; exp_avg "
+                f"and exp_avg_sq in its state): its param group {i} has no {' or '.join(missing)}"
+            )
+        if "betas" in group and len(group["betas"]) != 2:
+            return f"param group {i} of {name} has {len(group['betas'])} betas, so its update is not Adam's"
     return None
 
 
@@ -202,7 +247,7 @@ def _as_float(x) -> float:
 
 def _nadam(grad: Tensor | None, state: dict, group: dict, step: float) -> Tensor:
     """NAdam's direction for the gradient ``grad`` it used (``None``: the part the momentum sets)."""
-    beta1, beta2 = (_as_float(b) for b in group["betas"])
+    beta1, beta2 = betas_of(group)
     m = real_view(state["exp_avg"])
     return nadam_direction(
         torch.zeros_like(m) if grad is None else grad,
@@ -237,16 +282,30 @@ class StepReader:
             optimizer._statistics_readers = getattr(optimizer, "_statistics_readers", 0) + 1
             self.rule, self.overridden = "in_step", False
         else:
-            self.rule, self.overridden = update_rule(optimizer)
+            # Another class whose groups and state are Adam's is read as Adam once its update is
+            # verified to be Adam's, like a torch subclass with a step of its own.
+            found = update_rule(optimizer)
+            self.rule, self.overridden = found or ("adam", True)
+        self.foreign = not self._in_step_statistics and update_rule(optimizer) is None
+        # id(group) -> whether a foreign class's step folds L2 decay into the gradient its moments
+        # take in (found by the update check; torch's classes say so in their groups).
+        self.l2_folded: dict[int, bool] = {}
+        self.debiased = False  # moments kept bias-corrected (found by the update check)
         self._check = UpdateCheck(self) if self.overridden else None
         self._last_read: list = []  # what the last read found stepped
         self._released = False
         self._refresh_params()
 
+    def decoupled(self, group: dict) -> bool:
+        """Whether ``group``'s weight decay is kept out of the gradient its moments took in."""
+        if self.foreign:
+            return not self.l2_folded.get(id(group), next(iter(self.l2_folded.values()), False))
+        return group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+
     @property
     def unverified(self) -> bool:
         """Whether the class's own ``step`` is still to be checked against its base's rule."""
-        return self._check is not None
+        return self._check is not None and not self._check.verified
 
     def _refresh_params(self) -> None:
         self.params: list[Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -281,12 +340,12 @@ class StepReader:
                 if p.grad is None:
                     continue
                 state = self.optimizer.state.get(p)
-                if not state or "step" not in state:
+                if not state or step_of(state, group) is None:
                     continue
                 candidates.append((gi, group, p, state))
         if not candidates:
             return []
-        raw = [s["step"] for _, _, _, s in candidates]
+        raw = [step_of(s, g) for _, g, _, s in candidates]
         steps = None
         if isinstance(raw[0], Tensor):
             # Counts this reader has seen are counted on the host: a read is a sync per step on a
@@ -342,9 +401,15 @@ class StepReader:
         self._check_params()
         stepped = self._stepped(after_step)
         if not stepped:
+            if self._check is not None and self._check.consumed():
+                raise UnsupportedOptimizer(
+                    f"{type(self.optimizer).__name__}.step() cleared the gradients it was given (p.grad is None "
+                    "after it), so the gradient the step used cannot be read; keep it in p.grad (HeavyBall: "
+                    "consume_grad=False)"
+                )
             return None
-        if self._check is not None and self._check.verify(stepped):
-            self._check = None
+        if self._check is not None:
+            self._check.after_step(stepped)
         self._last_read = stepped
         device = local_tensor(stepped[0][2]).device
 
@@ -384,14 +449,14 @@ class StepReader:
                 missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
                 if missing:
                     raise UnsupportedOptimizer(
-                        f"its state has no {' or '.join(missing)} (keys: {sorted(state)}), so it is not torch's Adam state"
+                        f"its state has no {' or '.join(missing)} (keys: {sorted(state, key=str)}), so it is not Adam's state"
                     )
         for (gi, step, _, _), members in buckets.items():
             group = self.optimizer.param_groups[gi]
-            beta1, beta2 = (_as_float(b) for b in group["betas"])
+            beta1, beta2, terms_step = adam_terms(self, group, step)
             eps = _as_float(group["eps"])
             amsgrad = group.get("amsgrad", False)
-            if _gradient_as_is(self.rule, self.optimizer, group):
+            if _gradient_as_is(self.rule, self.decoupled(group), group):
                 grads = [view(p.grad) for p, _ in members]
             else:
                 grads = [self._gradient_used(p, state, group, step) for p, state in members]
@@ -406,7 +471,7 @@ class StepReader:
                 beta1=beta1,
                 beta2=beta2,
                 eps=eps,
-                step=int(step),
+                step=int(terms_step),
                 max_exp_avg_sqs=[view(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
             )
             if self.rule != "adam":
@@ -428,7 +493,7 @@ class StepReader:
         direction needs the sign), plus λ·p_{t-1} under L2 decay."""
         grad = real_view(p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad)
         wd = group.get("weight_decay", 0.0)
-        decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+        decoupled = self.decoupled(group)
         used = -grad if group.get("maximize", False) else grad
         if not wd or decoupled:
             # Only NAdam's direction reads g itself; the sign changes no statistic.
@@ -447,7 +512,7 @@ class StepReader:
         """The direction of ``p``'s last step (the applied step over the lr, decoupled decay
         excluded), rebuilt from state: Adam's ``m̂_t / (√v̂_t + ε)``, RAdam's rectified one, or
         NAdam's, which also needs the gradient the step used (``grad``; rebuilt when not given)."""
-        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        beta1, beta2 = betas_of(group)
         if self.rule == "nadam":
             return _nadam(self._gradient_used(p, state, group, step) if grad is None else grad, state, group, step)
         if self.rule == "sparse_adam":
@@ -462,6 +527,7 @@ class StepReader:
                 step=step,
             )
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        beta1, beta2, step = adam_terms(self, group, step)
         return adam_direction(
             real_view(state["exp_avg"]),
             real_view(v),
@@ -480,7 +546,7 @@ class StepReader:
                 if self._in_step_statistics and hasattr(self.optimizer, "direction"):
                     yield p, self.optimizer.direction(p)
                 elif not self._in_step_statistics:
-                    yield p, self.direction(p, state, group, _as_float(state["step"]))
+                    yield p, self.direction(p, state, group, _as_float(step_of(state, group)))
 
     def release(self) -> None:
         """Stop what reading needed: the optimizer's in-step recording (once no other reader of
@@ -509,7 +575,7 @@ def curvature(reader: StepReader) -> Tensor | None:
     total = None
     for (gi, step, _, _), members in buckets.items():
         group = reader.optimizer.param_groups[gi]
-        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        beta1, beta2, terms_step = adam_terms(reader, group, step)
         sums = curvature_sums(
             [reader._gradient_used(p, s, group, step) for p, s in members],
             [real_view(s["exp_avg"]) for _, s in members],
@@ -517,61 +583,177 @@ def curvature(reader: StepReader) -> Tensor | None:
             beta1=beta1,
             beta2=beta2,
             eps=_as_float(group["eps"]),
-            step=int(step),
+            step=int(terms_step),
         ).sum(0)
         total = sums if total is None else total + sums.to(total.device)
     return total
 
 
+def _head(t: Tensor, numel: int = VERIFIED_NUMEL) -> Tensor:
+    """The first ``numel`` coordinates of ``t`` (its local shard's real view), as a copy."""
+    return real_view(t.detach()).reshape(-1)[:numel].clone()
+
+
+def _rounding(dtype: torch.dtype, *parts: Tensor) -> Tensor:
+    """An allowance for float rounding in a difference of ``parts`` (of ``dtype``), as a norm."""
+    return 4 * torch.finfo(dtype).eps * sum(p.abs().double() for p in parts).norm()
+
+
+def _learn_gradient_form(reader: StepReader, seen: list) -> None:
+    """For a class outside torch's, from ``m_t = β·m_{t−1} + (1 − β)·g_used`` on the sampled
+    coordinates: whether its moments took in ``p.grad`` as it is after the step or with L2 decay
+    ``λ·p_{t−1}`` folded in, and whether they are kept raw (``β = β1``, torch's) or bias-corrected
+    (``β = β̂1_t``); then that ``v`` is the EMA of ``g_used²`` the staleness rebuilds
+    ``v_{t−1}`` from. ``UnsupportedOptimizer`` where they are not."""
+    name = type(reader.optimizer).__name__
+    for p, before, moments, group, state, step in seen:
+        if moments is None or p.grad is None:
+            continue
+        beta1, beta2 = betas_of(group)
+        wd = _as_float(group.get("weight_decay", 0.0))
+        n = before.numel()
+        m_before, v_before = (t.double() for t in moments)
+        m_after, v_after = (_head(state[k], n).double() for k in ("exp_avg", "exp_avg_sq"))
+        grad = _head(p.grad.to_dense() if p.grad.is_sparse else p.grad, n).double()
+        if group.get("maximize", False):
+            grad = -grad
+        dtype, found = state["exp_avg"].dtype, None
+        # What was found before is tried first: late in a run β̂1_t → β1, and both forms fit.
+        for debiased in (reader.debiased, not reader.debiased):
+            beta = debiased_beta(beta1, step) if debiased else beta1
+            taken = (m_after - beta * m_before) / (1 - beta)
+            allowed = 1e-3 * taken.norm() + _rounding(dtype, m_after, m_before) / (1 - beta)
+            folded_before = reader.l2_folded.get(id(group), False)
+            for folded in (folded_before, not folded_before) if wd else (False,):
+                used = grad + wd * before.double() if folded else grad
+                if (taken - used).norm() <= allowed:
+                    found = debiased, folded, used
+                    break
+            if found:
+                break
+        if found is None:
+            raise UnsupportedOptimizer(
+                f"the first moment of {name} took in neither the gradient p.grad holds after its step nor "
+                "that plus L2 decay (its step changes the gradient before the moments see it), so its "
+                "diagnostics would be wrong"
+            )
+        reader.debiased, reader.l2_folded[id(group)], used = found
+        beta = debiased_beta(beta2, step) if reader.debiased else beta2
+        taken = (v_after - beta * v_before) / (1 - beta)
+        allowed = 1e-3 * used.square().norm() + _rounding(dtype, v_after, v_before) / (1 - beta)
+        if not (taken - used.square()).norm() <= allowed:
+            raise UnsupportedOptimizer(
+                f"the second moment of {name} is not the moving average of the squared gradient Adam's is "
+                "(exp_avg_sq ≠ β2·v + (1 − β2)·g²), so its staleness would be wrong"
+            )
+
+
+def _head_direction(reader: StepReader, p: Tensor, state: dict, group: dict, step: float, n: int) -> Tensor:
+    """The first ``n`` coordinates of ``reader.direction``: from those of the moments alone where the
+    direction is Adam's (no pass over the whole tensor at every step)."""
+    if reader.rule != "adam" or group.get("amsgrad", False):
+        return reader.direction(p, state, group, step).reshape(-1)[:n]
+    beta1, beta2, step = adam_terms(reader, group, step)
+    return adam_direction(
+        _head(state["exp_avg"], n),
+        _head(state["exp_avg_sq"], n),
+        bias_correction1=1 - beta1**step,
+        bias_correction2=1 - beta2**step,
+        eps=_as_float(group["eps"]),
+    )
+
+
+def _kept(reader: StepReader, before: Tensor, after: Tensor, u: Tensor, group: dict) -> Tensor:
+    """What of ``before`` the step kept, decoupled weight decay being the only other change: torch's
+    ``(1 − η·λ)``; for another class the factor fits the step best within ``[1 − λ, 1]`` (forms of
+    decoupled decay differ: ``η·λ``, ``λ``, ``λ·η/η_max``)."""
+    lr, wd = _as_float(group["lr"]), _as_float(group.get("weight_decay", 0.0))
+    if not wd or not reader.decoupled(group):
+        return before
+    if not reader.foreign:
+        return before * (1 - lr * wd)
+    b = before.double()
+    fit = float((b * (after.double() + lr * u)).sum() / b.square().sum().clamp_min(1e-300))
+    return before * min(max(fit, 1 - wd), 1.0)
+
+
 class UpdateCheck:
-    """Checks once that an optimizer whose class has a ``step`` of its own updates as its base's
-    rule says, on the coordinates it keeps before a step (a pre-hook) and finds after it."""
+    """Checks once that an optimizer whose class has a ``step`` of its own (or is not torch's)
+    updates as Adam's rule says, on the coordinates it keeps before a step (a pre-hook) and finds
+    after it."""
 
     def __init__(self, reader: StepReader):
         self.reader = reader
-        self._samples: list[tuple[Tensor, Tensor]] = []  # (param, its first coordinates before the step)
+        self.verified = False
+        self._first = 0  # where in the parameters the next check's sample starts
+        # (param, its first coordinates before the step, those of its moments (m, v) or None)
+        self._samples: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]] = []
         self._hook = reader.optimizer.register_step_pre_hook(lambda *_: self._sample())
+
+    def after_step(self, stepped) -> None:
+        """Check the step just read where it was sampled (``UnsupportedOptimizer`` if not Adam's)."""
+        if self._samples and self.verify(stepped):
+            self.verified = True
 
     def _sample(self) -> None:
         """Before a step: the first ``VERIFIED_NUMEL`` coordinates of a few parameters."""
         if nested_step(self.reader.optimizer):
             return  # the base's step inside the subclass's: the parameters before it are not the step's
-        with_grad = [p for p in self.reader.params if p.grad is not None][:VERIFIED_TENSORS]
-        self._samples = [(p, real_view(p.detach()).reshape(-1)[:VERIFIED_NUMEL].clone()) for p in with_grad]
+        params = self.reader.params
+        start = self._first % max(len(params), 1)
+        with_grad = [p for p in params[start:] + params[:start] if p.grad is not None][:VERIFIED_TENSORS]
+        self._first = start + VERIFIED_TENSORS
+        state = self.reader.optimizer.state
+        self._samples = []
+        for p in with_grad:
+            m, v = (state.get(p, {}).get(k) for k in ("exp_avg", "exp_avg_sq"))
+            moments = (_head(m), _head(v)) if isinstance(m, Tensor) and isinstance(v, Tensor) else None
+            self._samples.append((p, _head(p), moments))
+
+    def consumed(self) -> bool:
+        """Whether the step just taken cleared every gradient it was given."""
+        return bool(self._samples) and all(p.grad is None for p, *_ in self._samples)
 
     def verify(self, stepped) -> bool:
-        """The step of a class with a ``step`` of its own against its base's rule rebuilt from state:
-        read on if they agree (to float rounding), else ``UnsupportedOptimizer`` saying by how much
-        they differ. A step at lr = 0 shows nothing, nor does the first (every coordinate ±1, as
-        a sign or a masked update would also give): ``False``, the next one is checked."""
+        """The step of the optimizer against its rule rebuilt from state: read on if they agree
+        (to float rounding), else ``UnsupportedOptimizer`` saying by how much they differ. A step
+        at lr = 0 shows nothing, nor does the first (every coordinate ±1, as a sign or a masked
+        update would also give): ``False``, the next one is checked."""
         now = {id(p): (group, state, step) for _, group, p, state, step in stepped}
-        measured, rebuilt, rounding = [], [], []
-        for p, before in self._samples:
+        seen = []
+        for p, before, m_before in self._samples:
             if id(p) not in now:
                 continue
             group, state, step = now[id(p)]
             if "exp_avg" not in state or "exp_avg_sq" not in state:
                 return False  # not Adam's state at all: the read says so
-            lr, wd = _as_float(group["lr"]), _as_float(group.get("weight_decay", 0.0))
-            if lr == 0 or step < 2:
+            if _as_float(group["lr"]) == 0 or step < 2:
                 return False  # Adam's first step is sign descent, which many other updates agree with
-            decoupled = group.get("decoupled_weight_decay", isinstance(self.reader.optimizer, torch.optim.AdamW))
-            after = real_view(p.detach()).reshape(-1)[: before.numel()]
-            kept = before * (1 - lr * wd) if decoupled else before
-            measured.append(((kept - after) / lr).double())
-            rebuilt.append(self.reader.direction(p, state, group, step).reshape(-1)[: before.numel()].double())
-            rounding.append(4 * torch.finfo(before.dtype).eps * (before.abs() + after.abs()).double() / lr)
-        if not measured:
+            seen.append((p, before, m_before, group, state, step))
+        if not seen:
             return False
+        self._samples = []
+        if self.reader.foreign:
+            _learn_gradient_form(self.reader, seen)
+        measured, rebuilt, rounding = [], [], []
+        for p, before, _, group, state, step in seen:
+            lr = _as_float(group["lr"])
+            after = real_view(p.detach()).reshape(-1)[: before.numel()]
+            u = _head_direction(self.reader, p, state, group, step, before.numel()).double()
+            measured.append(((_kept(self.reader, before, after, u, group) - after) / lr).double())
+            rebuilt.append(u)
+            rounding.append(_rounding(before.dtype, before, after) / lr)
         error = torch.cat(measured).sub_(torch.cat(rebuilt)).norm()
         size = torch.cat(rebuilt).norm()
-        self.remove()
-        if not error <= 1e-3 * size + torch.cat(rounding).norm():
-            base = next(b for b in type(self.reader.optimizer).__mro__ if b in UPDATE_RULES).__name__
+        if not error <= 1e-3 * size + torch.stack(rounding).norm():
+            name = type(self.reader.optimizer).__name__
+            base = next((b.__name__ for b in type(self.reader.optimizer).__mro__ if b in UPDATE_RULES), "Adam")
+            kind = "a step() of its own" if not self.reader.foreign else "a step()"
+            at = f"at step {int(seen[0][-1])} " if self.verified else ""
             raise UnsupportedOptimizer(
-                f"{type(self.reader.optimizer).__name__} has a step() of its own whose update is not {base}'s "
-                f"(the step it applied differs from {base}'s, rebuilt from its state, by "
-                f"{float(error / size) if size > 0 else math.inf:.1%} RMS), so its diagnostics would be wrong"
+                f"{name} has {kind} whose update is not {base}'s ({at}the step it applied differs from {base}'s, "
+                f"rebuilt from its state, by {float(error / size) if size > 0 else math.inf:.1%} RMS), so its "
+                "diagnostics would be wrong"
             )
         return True
 

@@ -14,7 +14,7 @@ import math
 from torch import Tensor
 
 from ..diagnostics.sharpness import edge_of_stability, preconditioned_sharpness
-from .reader import curvature
+from .reader import betas_of, curvature
 
 __all__ = ["SharpnessSampler"]
 
@@ -45,7 +45,7 @@ class SharpnessSampler:
         previous, self._previous = self._previous, (step, sums, lr)
         if previous is None or previous[0] != step - 1 or previous[2] <= 0:
             return
-        beta1 = float(group["betas"][0])
+        beta1 = betas_of(group)[0]
         if not 0 < beta1 < 1:  # no momentum to rebuild u_{t-1} from, or none that decays
             return
         self._estimate = preconditioned_sharpness(previous[1], sums, lr / previous[2]) / edge_of_stability(beta1)
