@@ -24,6 +24,7 @@ from adam_monitor.engine.tensorboard import (
     WORST_SETTLED,
     TensorBoardSink,
     custom_scalars_layout,
+    fast_record_checksums,
     write_scalars,
 )
 
@@ -364,3 +365,36 @@ def test_lightnings_tensorboard_logger_writes_the_same_scalars_in_one_event_per_
     assert set(got) == set(expected) and same_points(got, expected)
     per_point = [(step, len(values)) for step, _, values in scalar_events(Path(batched.log_dir)) if len(values) > 1]
     assert per_point == [(s, len(adam)) for s in (1, 3, 5)]  # the callback's scalars: one event per log point
+
+
+def test_event_records_are_checksummed_in_c_to_the_same_bytes(monkeypatch):
+    import io
+
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    monkeypatch.setattr(record_writer, "masked_crc32c", pywrap_tensorflow.masked_crc32c)  # restored after
+    rng = np.random.default_rng(0)
+    records = [rng.bytes(n) for n in (0, 1, 3, 8, 255, 4096, 60_000)]
+
+    def written() -> bytes:
+        out = io.BytesIO()
+        writer = record_writer.RecordWriter(out)
+        for r in records:
+            writer.write(r)
+        return out.getvalue()
+
+    pure_python = written()
+    assert fast_record_checksums() and record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c
+    assert written() == pure_python
+    assert fast_record_checksums(), "a second call keeps it"
+
+
+def test_a_checksum_someone_else_installed_is_left_alone(monkeypatch):
+    from tensorboard.summary.writer import record_writer
+
+    def theirs(data):
+        return 0
+
+    monkeypatch.setattr(record_writer, "masked_crc32c", theirs)
+    assert fast_record_checksums() is False and record_writer.masked_crc32c is theirs
