@@ -3,6 +3,9 @@ under their TensorBoard tags (DESIGN's tag contract), in one host transfer."""
 
 from __future__ import annotations
 
+import heapq
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
@@ -25,6 +28,12 @@ def parameter_tag(prefix: str, diagnostic: str, name: str) -> str:
     """
     root, _, rest = prefix.partition("/")
     return "/".join(part for part in (f"{root}_per_parameter", rest, diagnostic, name) if part)
+
+
+@lru_cache(maxsize=32)
+def _parameter_tags(prefix: str, names: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Every tensor's tag per diagnostic, built once per optimizer (a log point writes them all)."""
+    return tuple(tuple(parameter_tag(prefix, d, name) for d in DIAGNOSTICS) for name in names)
 
 
 def log_point(
@@ -56,15 +65,15 @@ def log_point(
     if not per_parameter:
         return metrics, {}
     ranked: dict[str, list[tuple[float, str]]] = {d: [] for d in DIAGNOSTICS}
-    for i, name in enumerate(names):
-        for k, d in enumerate(DIAGNOSTICS):
-            v = values[width * (i + 1) + k]
+    lists = [ranked[d] for d in DIAGNOSTICS]
+    for i, (name, tags) in enumerate(zip(names, _parameter_tags(prefix, tuple(names)))):
+        for v, tag, found in zip(values[width * (i + 1) : width * (i + 2)], tags, lists):
             if v == v:
-                metrics[parameter_tag(prefix, d, name)] = v
-                ranked[d].append((v, name))
+                metrics[tag] = v
+                found.append((v, name))
     # With hundreds of tensors no chart shows them all: the worst one is a scalar of its own and
     # the top few are named in a text summary.
-    worst = {d: sorted(r, reverse=True)[:WORST_NAMED] for d, r in ranked.items() if r}
+    worst = {d: heapq.nlargest(WORST_NAMED, r) for d, r in ranked.items() if r}
     for d, top in worst.items():
         metrics[f"{prefix}/worst/{d}"] = top[0][0]
     return metrics, worst
