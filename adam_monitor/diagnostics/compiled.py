@@ -51,7 +51,7 @@ from .._runtime import (
     host_values,
     independent_sizes,
 )
-from .foreach import adam_statistics
+from .foreach import FlatRun, adam_statistics, flat_eligible
 from .rows import (
     COUNT,
     EPS_COUNT,
@@ -64,7 +64,7 @@ from .rows import (
     reconstruction_tolerance,
 )
 
-__all__ = ["BLOCK", "EAGER_ENV", "MIN_COMPILED_NUMEL", "fast_adam_statistics", "compiled_available"]
+__all__ = ["BLOCK", "EAGER_ENV", "MIN_COMPILED_NUMEL", "StateLayout", "fast_adam_statistics", "compiled_available"]
 
 
 # Positions in the scalar vector handed to the compiled function (float64, shape (7,)).
@@ -173,6 +173,7 @@ def fast_adam_statistics(
     step: int,
     max_exp_avg_sqs: Sequence[Tensor] | None = None,
     compiled: bool | None = None,
+    layout: StateLayout | None = None,
 ) -> Tensor:
     """:func:`~adam_monitor.diagnostics.adam_statistics` in one read of the state per tensor.
 
@@ -183,6 +184,10 @@ def fast_adam_statistics(
     Tensors of at least ``MIN_COMPILED_NUMEL`` elements go through the compiled loop, all but
     their last ``numel % BLOCK`` coordinates; those tails and the small tensors go through one
     batched eager call.
+
+    ``layout``: a :class:`StateLayout` of these very ``exp_avgs``, ``exp_avg_sqs`` and
+    ``max_exp_avg_sqs``, kept by a caller that reads the same tensors at every step: what follows
+    from them alone (sizes, runs, flat views) is then not derived again. The rows are the same.
     """
     global _disabled_reason
     kw = dict(beta1=beta1, beta2=beta2, eps=eps, step=step)
@@ -193,9 +198,14 @@ def fast_adam_statistics(
     # figures in the README). Only a step with nothing else on the device, bound by the host, is
     # slower compiled.
     use_compiled = compiled if compiled is not None else compiled_available()
-    large = [i for i, g in enumerate(grads) if g.numel() >= MIN_COMPILED_NUMEL] if use_compiled else []
+    if layout is not None and (len(layout.state) > 2) != amsgrad:
+        raise ValueError("fast_adam_statistics: the layout was built for another amsgrad setting")
+    if layout is not None:
+        large = layout.large(MIN_COMPILED_NUMEL) if use_compiled else []
+    else:
+        large = [i for i, g in enumerate(grads) if g.numel() >= MIN_COMPILED_NUMEL] if use_compiled else []
     if not large:
-        return _eager_in_chunks(state, amsgrad, kw)
+        return layout.eager_rows(grads, kw) if layout is not None else _eager_in_chunks(state, amsgrad, kw)
     # Aliases need contiguous tensors; a copy is one tensor at a time (rare: state is contiguous).
     state = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in state]
     device = grads[0].device
@@ -249,3 +259,49 @@ def _eager_in_chunks(state: list[Sequence[Tensor]], amsgrad: bool, kw: dict) -> 
         for a, b in bounds
     ]
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+class StateLayout:
+    """What :func:`fast_adam_statistics` derives from fixed moment tensors alone, derived once:
+    which tensors the compiled loop takes, the runs of the eager path, and for runs on the CPU
+    the numpy path's offsets and 1-D views (:class:`~.foreach.FlatRun`). Valid while the tensors
+    are the optimizer's (updated in place); a caller rebuilds it when they are replaced."""
+
+    __slots__ = ("state", "sizes", "_large", "_runs")
+
+    def __init__(self, exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs=None):
+        self.state = [list(exp_avgs), list(exp_avg_sqs)] + ([list(max_exp_avg_sqs)] if max_exp_avg_sqs else [])
+        self.sizes = [t.numel() for t in exp_avgs]
+        self._large: tuple[int, list[int]] | None = None  # (threshold, indices at or above it)
+        self._runs: tuple[int, list[list]] | None = None  # (chunk size, [start, stop, FlatRun or None])
+
+    def large(self, threshold: int) -> list[int]:
+        if self._large is None or self._large[0] != threshold:
+            self._large = threshold, [i for i, n in enumerate(self.sizes) if n >= threshold]
+        return self._large[1]
+
+    def _eager_runs(self) -> list[list]:
+        if self._runs is None or self._runs[0] != EAGER_CHUNK_NUMEL:
+            runs = []
+            for a, b in bounded_runs(self.sizes, EAGER_CHUNK_NUMEL):
+                run = [ts[a:b] for ts in self.state]
+                runs.append([a, b, FlatRun(*run) if flat_eligible(run[0]) else None])
+            self._runs = EAGER_CHUNK_NUMEL, runs
+        return self._runs[1]
+
+    def eager_rows(self, grads: Sequence[Tensor], kw: dict) -> Tensor:
+        """``_eager_in_chunks`` of these moments and ``grads``: the same runs, the same rows."""
+        rows = []
+        whole = len(grads)
+        for run in self._eager_runs():
+            a, b, flat = run
+            part = grads if (a, b) == (0, whole) else grads[a:b]
+            if flat is not None:
+                try:
+                    rows.append(flat(part, **kw))
+                    continue
+                except (TypeError, RuntimeError):  # a tensor numpy cannot view: foreach from now on
+                    run[2] = None
+            state = [ts[a:b] for ts in self.state]
+            rows.append(adam_statistics(part, *state[:2], max_exp_avg_sqs=state[2] if len(state) > 2 else None, **kw))
+        return rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -38,70 +38,92 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     statistic. A numpy call on a few thousand elements costs about a microsecond, a torch dispatch
     ten or more, and the foreach path makes some twenty of them."""
     sizes = [t.numel() for t in g]
-    n = len(sizes)
 
     def cat(ts: Sequence[Tensor]) -> np.ndarray:
-        if n == 1:
+        if len(ts) == 1:
             return ts[0].detach().numpy().reshape(-1)
         with torch.no_grad():  # one call: the per-tensor flattening happens in C++, not Python
             return _flatten(ts).numpy()
 
     g, m, v = cat(g), cat(m), cat(v)
     v_den = v if v_den is None else cat(v_den)
-    dt = g.dtype.type
-    c1 = 1 - beta1**step
-    c2 = 1 - beta2**step
-    eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
-    has_previous = step > 1 and beta2 > 0  # β2 = 0: v_t = g_t² keeps nothing of v_{t-1}
-    terms = np.empty((6 if has_previous else 4, g.shape[0]), dtype=g.dtype)
-    with np.errstate(all="ignore"):
-        denom = np.sqrt(v_den)
-        np.divide(denom, dt(math.sqrt(c2)), out=denom)
-        np.add(denom, dt(eps), out=denom)
-        u = np.divide(m, denom, out=terms[0])
-        np.multiply(u, u, out=u)
-        np.subtract(denom, dt(2 * eps), out=denom)
-        np.fmax(denom, dt(0.0), out=denom)  # NaN → 0, as torch's sign(clamp_min(NaN)) = sign(NaN) = 0
-        np.sign(denom, out=terms[1])
-        has_grad = np.abs(g, out=terms[3])  # not g², which underflows to 0 for tiny gradients
-        np.fmax(has_grad, dt(0.0), out=has_grad)  # NaN → 0, as torch's sign(NaN) = 0
-        np.sign(has_grad, out=has_grad)
-        np.multiply(terms[1], has_grad, out=terms[1])
-        g2 = g * g
-        np.divide(g2, np.maximum(v, dt(c2 * eps_sq)), out=terms[2])
-        if has_previous:
-            c2_prev = 1 - beta2 ** (step - 1)
-            scale = beta2 * c2_prev
-            # a + α·b as torch computes it (fused multiply-add in its vector kernels): the
-            # cancellation in w = v - (1-β2)·g² makes two roundings visible in the jump sums.
+    segments = Segments(sizes)
+    return segments.rows(g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype)
+
+
+class Segments:
+    """Tensors of ``sizes`` elements laid end to end in one flat buffer: the statistics rows of
+    the buffers ``g``, ``m``, ``v`` (numpy, the compute dtype), one float64 sum per tensor."""
+
+    __slots__ = ("sizes", "offsets", "counts")
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = list(sizes)
+        self.offsets = np.zeros(len(self.sizes), dtype=np.int64)
+        np.cumsum(self.sizes[:-1], out=self.offsets[1:])
+        self.counts = np.array(self.sizes, dtype=np.float64)
+
+    def sums(self, terms: np.ndarray, dtype) -> np.ndarray:
+        """Per-tensor sums of each row of ``terms`` (``(k, total)``), accumulated in ``dtype``."""
+        if len(self.sizes) == 1:
+            return terms.sum(1, dtype=dtype)[:, None]
+        if terms.dtype != dtype:
+            terms = terms.astype(dtype)
+        return np.add.reduceat(terms, self.offsets, axis=1)
+
+    def rows(self, g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
+        """The rows ``(len(sizes), NUM_STATS)`` (float64). The sums of squares and ratios add up in
+        float64; the three counts are masks (``bool``) summed as integers, exact. Each mask is the
+        one the foreach path builds from ``sign(clamp_min(x, 0))``: ``x > 0`` is 1 exactly there
+        (NaN: neither)."""
+        dt = g.dtype.type
+        n, total = len(self.sizes), g.shape[0]
+        c1 = 1 - beta1**step
+        c2 = 1 - beta2**step
+        eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
+        has_previous = step > 1 and beta2 > 0  # β2 = 0: v_t = g_t² keeps nothing of v_{t-1}
+        terms = np.empty((3 if has_previous else 2, total), dtype=g.dtype)
+        # rows: has a gradient, ε does not dominate it (both), a previous moment to rebuild
+        masks = np.empty((3 if has_previous else 2, total), dtype=np.bool_)
+        with np.errstate(all="ignore"):
+            denom = np.sqrt(v_den)
+            np.divide(denom, dt(math.sqrt(c2)), out=denom)
+            np.add(denom, dt(eps), out=denom)
+            u = np.divide(m, denom, out=terms[0])
+            np.multiply(u, u, out=u)
+            np.greater(denom, dt(2 * eps), out=masks[1])  # √v̂ > ε
+            g2 = np.abs(g)  # not g² > 0, which underflows for tiny gradients
+            np.greater(g2, dt(0.0), out=masks[0])
+            np.logical_and(masks[1], masks[0], out=masks[1])
+            np.multiply(g, g, out=g2)
             tv, tg2 = torch.from_numpy(v), torch.from_numpy(g2)
-            w_t = torch.add(tv, tg2, alpha=-(1 - beta2))
-            w = w_t.numpy()
-            tol = reconstruction_tolerance(compute_dtype)
-            torch.add(w_t, tv, alpha=-tol, out=torch.from_numpy(terms[4]))
-            residue = terms[4]
-            np.fmax(residue, dt(0.0), out=residue)
-            np.sign(residue, out=residue)
-            np.maximum(w, dt(scale * eps_sq), out=w)
-            np.multiply(g2, residue, out=g2)
-            np.divide(g2, w, out=terms[5])
-        if n == 1:
-            sums = terms.sum(1, dtype=np.float64)[:, None]
-        else:
-            offsets = np.zeros(n, dtype=np.int64)
-            np.cumsum(sizes[:-1], out=offsets[1:])
-            sums = np.add.reduceat(terms.astype(np.float64), offsets, axis=1)
-        counts = np.array(sizes, dtype=np.float64)
+            # clamp_min as the foreach path's: NaN stays NaN (numpy's maximum is slower at it)
+            floor = torch.clamp_min(tv, c2 * eps_sq, out=torch.from_numpy(denom)).numpy()
+            np.divide(g2, floor, out=terms[1])
+            if has_previous:
+                c2_prev = 1 - beta2 ** (step - 1)
+                scale = beta2 * c2_prev
+                # a + α·b as torch computes it (fused multiply-add in its vector kernels): the
+                # cancellation in w = v - (1-β2)·g² makes two roundings visible in the jump sums.
+                w_t = torch.add(tv, tg2, alpha=-(1 - beta2))
+                tol = reconstruction_tolerance(compute_dtype)
+                residue = torch.add(w_t, tv, alpha=-tol, out=torch.from_numpy(denom)).numpy()
+                np.greater(residue, dt(0.0), out=masks[2])
+                torch.clamp_min_(w_t, scale * eps_sq)
+                np.multiply(g2, masks[2], out=g2)
+                np.divide(g2, w_t.numpy(), out=terms[2])
+            sums = self.sums(terms, np.float64)
+            counts = self.sums(masks.view(np.uint8), np.int64 if total >= 1 << 31 else np.int32)
         rows = np.zeros((n, NUM_STATS), dtype=np.float64)
         rows[:, UPDATE_SQ] = sums[0] / (c1 * c1)
-        rows[:, EPS_COUNT] = sums[3] - sums[1]
-        rows[:, GRAD_COUNT] = sums[3]
-        rows[:, STALENESS_SQ] = sums[2] * c2
+        rows[:, GRAD_COUNT] = counts[0]
+        rows[:, EPS_COUNT] = counts[0] - counts[1]
+        rows[:, STALENESS_SQ] = sums[1] * c2
         if has_previous:
-            rows[:, JUMP_COUNT] = sums[4]
-            rows[:, JUMP_SQ] = sums[5] * scale
-        rows[:, COUNT] = counts
-    return torch.from_numpy(rows)
+            rows[:, JUMP_COUNT] = counts[2]
+            rows[:, JUMP_SQ] = sums[2] * scale
+        rows[:, COUNT] = self.counts
+        return torch.from_numpy(rows)
 
 
 def _sums(terms: list[Tensor]) -> Tensor:
@@ -231,3 +253,72 @@ def adam_statistics(
 
     rows[:, COUNT] = host_values([t.numel() for t in grads], compute_dtype, device)
     return rows.double()
+
+
+def flat_eligible(grads: Sequence[Tensor]) -> bool:
+    """Whether ``adam_statistics(..., flat=None)`` takes the numpy buffer for these tensors."""
+    return (
+        bool(grads)
+        and grads[0].device.type == "cpu"
+        and sum(t.numel() for t in grads) <= FLAT_MAX_NUMEL
+        and all(t.numel() for t in grads)  # reduceat needs non-empty segments
+    )
+
+
+class _Concatenation:
+    """One flat copy per call of a fixed list of tensors: ``torch.cat`` of 1-D views taken once
+    where every tensor is contiguous (the views follow in-place updates), else the flattening
+    helper."""
+
+    __slots__ = ("views", "tensors")
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self.tensors = list(tensors)
+        contiguous = all(t.is_contiguous() for t in self.tensors)
+        self.views = [t.detach().view(-1) for t in self.tensors] if contiguous else None
+
+    def __call__(self) -> Tensor:
+        if self.views is None:
+            return _flatten([t.detach() for t in self.tensors])
+        return self.views[0] if len(self.views) == 1 else torch.cat(self.views)
+
+
+class FlatRun:
+    """The numpy path of :func:`adam_statistics` prepared for fixed moment tensors (a layout kept
+    across steps): their sizes, offsets and 1-D views are taken once; each call concatenates the
+    gradients and the moments as they are now and returns the same rows as
+    ``adam_statistics(grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=..., flat=True)``."""
+
+    __slots__ = ("segments", "m", "v", "v_den", "grads_1d")
+
+    def __init__(self, exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs=None):
+        self.segments = Segments([t.numel() for t in exp_avgs])
+        self.m, self.v = _Concatenation(exp_avgs), _Concatenation(exp_avg_sqs)
+        self.v_den = None if max_exp_avg_sqs is None else _Concatenation(max_exp_avg_sqs)
+        # Gradients have their parameter's shape: one cat of the tensors themselves where all are 1-D.
+        self.grads_1d = all(t.dim() == 1 for t in exp_avgs)
+
+    def __call__(self, grads: Sequence[Tensor], *, beta1: float, beta2: float, eps: float, step: int) -> Tensor:
+        compute_dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+
+        def host(t: Tensor) -> np.ndarray:
+            return (t if t.dtype == compute_dtype else t.to(compute_dtype)).numpy()
+
+        with torch.no_grad():  # no copy here requires grad, whatever the gradients do
+            if len(grads) == 1:
+                g = grads[0].detach().reshape(-1)
+            elif self.grads_1d:
+                try:
+                    g = torch.cat(grads)
+                except RuntimeError:  # a gradient of another shape than its moments: flatten them
+                    g = _flatten(grads)
+            else:
+                g = _flatten(grads)
+            g, m, v = host(g), host(self.m()), host(self.v())
+            v_den = v if self.v_den is None else host(self.v_den())
+        if not g.shape[0] == m.shape[0] == v.shape[0] == v_den.shape[0]:
+            raise ValueError(f"gradients of {g.shape[0]} elements for moments of {m.shape[0]}, {v.shape[0]}")
+        # the kernel writes into none of g, m, v: views of the optimizer's own tensors are safe
+        return self.segments.rows(
+            g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype
+        )
