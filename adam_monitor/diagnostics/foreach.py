@@ -4,6 +4,7 @@ buffer for small CPU tensors. The same rows as :func:`.reference.tensor_statisti
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,32 @@ def _flatten(ts: Sequence[Tensor]) -> Tensor:
     return flatten(list(ts)) if flatten is not None else torch.cat([t.reshape(-1) for t in ts])
 
 
+class _Scratch(threading.local):
+    """Working buffers of the numpy path, kept from call to call (per thread): at a step's rate,
+    fresh buffers of megabytes cost more in page faults than the arithmetic done in them. They
+    serve calls of at most ``FLAT_MAX_NUMEL`` elements, so they never hold more than a few times
+    that; larger calls allocate their own."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, np.ndarray] = {}
+
+    def get(self, name: str, total: int, dtype, rows: int = 0) -> np.ndarray:
+        """A buffer of ``total`` elements (``(rows, total)`` with ``rows``) of ``dtype``; its
+        content is whatever the last call left."""
+        shape = (rows, total) if rows else (total,)
+        if total > FLAT_MAX_NUMEL:
+            return np.empty(shape, dtype=dtype)
+        key = (name, np.dtype(dtype))
+        buffer = self.buffers.get(key)
+        size = max(rows, 1) * total
+        if buffer is None or buffer.size < size:
+            buffer = self.buffers[key] = np.empty(size, dtype=dtype)
+        return buffer[:size].reshape(shape)
+
+
+_SCRATCH = _Scratch()
+
+
 def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
     """``adam_statistics`` for small CPU tensors, on one concatenated numpy buffer: the same
     elementwise operations in the same order as the foreach path, then one float64 segment sum per
@@ -55,24 +82,31 @@ class Segments:
     """Tensors of ``sizes`` elements laid end to end in one flat buffer: the statistics rows of
     the buffers ``g``, ``m``, ``v`` (numpy, the compute dtype), one float64 sum per tensor."""
 
-    __slots__ = ("sizes", "offsets", "counts")
+    __slots__ = ("sizes", "offsets", "counts", "count_dtype")
 
     def __init__(self, sizes: Sequence[int]):
         self.sizes = list(sizes)
         self.offsets = np.zeros(len(self.sizes), dtype=np.int64)
         np.cumsum(self.sizes[:-1], out=self.offsets[1:])
         self.counts = np.array(self.sizes, dtype=np.float64)
+        # A count never exceeds its tensor's size: the narrowest integer that holds every size.
+        largest = max(self.sizes, default=0)
+        self.count_dtype = np.uint16 if largest < 1 << 16 else np.int32 if largest < 1 << 31 else np.int64
 
     def sums(self, terms: np.ndarray, dtype) -> np.ndarray:
-        """Per-tensor sums of each row of ``terms`` (``(k, total)``), accumulated in ``dtype``."""
+        """Per-tensor sums of each row of ``terms`` (``(k, total)``), accumulated in ``dtype``
+        (numpy casts in its own small buffers: the same sums as of a copy in ``dtype``)."""
         if len(self.sizes) == 1:
             return terms.sum(1, dtype=dtype)[:, None]
-        if terms.dtype != dtype:
-            terms = terms.astype(dtype)
-        return np.add.reduceat(terms, self.offsets, axis=1)
+        return np.add.reduceat(terms, self.offsets, axis=1, dtype=dtype)
 
     def rows(self, g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
-        """The rows ``(len(sizes), NUM_STATS)`` (float64). The sums of squares and ratios add up in
+        """The rows ``(len(sizes), NUM_STATS)`` (float64), see :meth:`array`."""
+        kw = dict(beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype)
+        return torch.from_numpy(self.array(g, m, v, v_den, **kw))
+
+    def array(self, g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> np.ndarray:
+        """The rows ``(len(sizes), NUM_STATS)`` (float64, numpy). The sums of squares and ratios add up in
         float64; the three counts are masks (``bool``) summed as integers, exact. Each mask is the
         one the foreach path builds from ``sign(clamp_min(x, 0))``: ``x > 0`` is 1 exactly there
         (NaN: neither)."""
@@ -82,17 +116,17 @@ class Segments:
         c2 = 1 - beta2**step
         eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
         has_previous = step > 1 and beta2 > 0  # β2 = 0: v_t = g_t² keeps nothing of v_{t-1}
-        terms = np.empty((3 if has_previous else 2, total), dtype=g.dtype)
+        terms = _SCRATCH.get("terms", total, g.dtype, 3 if has_previous else 2)
         # rows: has a gradient, ε does not dominate it (both), a previous moment to rebuild
-        masks = np.empty((3 if has_previous else 2, total), dtype=np.bool_)
+        masks = _SCRATCH.get("masks", total, np.bool_, 3 if has_previous else 2)
         with np.errstate(all="ignore"):
-            denom = np.sqrt(v_den)
+            denom = np.sqrt(v_den, out=_SCRATCH.get("denom", total, g.dtype))
             np.divide(denom, dt(math.sqrt(c2)), out=denom)
             np.add(denom, dt(eps), out=denom)
             u = np.divide(m, denom, out=terms[0])
             np.multiply(u, u, out=u)
             np.greater(denom, dt(2 * eps), out=masks[1])  # √v̂ > ε
-            g2 = np.abs(g)  # not g² > 0, which underflows for tiny gradients
+            g2 = np.abs(g, out=_SCRATCH.get("g2", total, g.dtype))  # not g² > 0, which underflows for tiny gradients
             np.greater(g2, dt(0.0), out=masks[0])
             np.logical_and(masks[1], masks[0], out=masks[1])
             np.multiply(g, g, out=g2)
@@ -105,7 +139,7 @@ class Segments:
                 scale = beta2 * c2_prev
                 # a + α·b as torch computes it (fused multiply-add in its vector kernels): the
                 # cancellation in w = v - (1-β2)·g² makes two roundings visible in the jump sums.
-                w_t = torch.add(tv, tg2, alpha=-(1 - beta2))
+                w_t = torch.add(tv, tg2, alpha=-(1 - beta2), out=torch.from_numpy(_SCRATCH.get("w", total, g.dtype)))
                 tol = reconstruction_tolerance(compute_dtype)
                 residue = torch.add(w_t, tv, alpha=-tol, out=torch.from_numpy(denom)).numpy()
                 np.greater(residue, dt(0.0), out=masks[2])
@@ -113,7 +147,7 @@ class Segments:
                 np.multiply(g2, masks[2], out=g2)
                 np.divide(g2, w_t.numpy(), out=terms[2])
             sums = self.sums(terms, np.float64)
-            counts = self.sums(masks.view(np.uint8), np.int64 if total >= 1 << 31 else np.int32)
+            counts = self.sums(masks.view(np.uint8), self.count_dtype)
         rows = np.zeros((n, NUM_STATS), dtype=np.float64)
         rows[:, UPDATE_SQ] = sums[0] / (c1 * c1)
         rows[:, GRAD_COUNT] = counts[0]
@@ -123,7 +157,7 @@ class Segments:
             rows[:, JUMP_COUNT] = counts[2]
             rows[:, JUMP_SQ] = sums[2] * scale
         rows[:, COUNT] = self.counts
-        return torch.from_numpy(rows)
+        return rows
 
 
 def _sums(terms: list[Tensor]) -> Tensor:
@@ -265,27 +299,53 @@ def flat_eligible(grads: Sequence[Tensor]) -> bool:
     )
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _cat(ts: Sequence[Tensor], total: int, name: str) -> Tensor:
+    """``torch.cat(ts)`` of 1-D tensors of one dtype, ``total`` elements in all, into the scratch
+    buffer ``name``."""
+    dtype = _NUMPY_DTYPES.get(ts[0].dtype)
+    if dtype is None:
+        return torch.cat(ts)
+    return torch.cat(ts, out=torch.from_numpy(_SCRATCH.get(name, total, dtype)))
+
+
 class _Concatenation:
-    """One flat copy per call of a fixed list of tensors: ``torch.cat`` of 1-D views taken once
-    where every tensor is contiguous (the views follow in-place updates), else the flattening
-    helper."""
+    """One flat copy per call of a fixed list of tensors: one ``numpy.concatenate`` of numpy views
+    taken once (they follow the tensors' in-place updates; a numpy array is fewer indirections
+    per tensor than a torch one) where all are contiguous CPU tensors of one float dtype numpy
+    has, else a ``torch.cat`` of 1-D views, else the flattening helper."""
 
-    __slots__ = ("views", "tensors")
+    __slots__ = ("arrays", "views", "tensors", "name", "total")
 
-    def __init__(self, tensors: Sequence[Tensor]):
-        self.tensors = list(tensors)
-        contiguous = all(t.is_contiguous() for t in self.tensors)
-        self.views = [t.detach().view(-1) for t in self.tensors] if contiguous else None
+    def __init__(self, tensors: Sequence[Tensor], name: str):
+        self.tensors, self.name = list(tensors), name
+        self.total = sum(t.numel() for t in self.tensors)
+        first = self.tensors[0]
+        simple = all(t.is_contiguous() and t.dtype == first.dtype for t in self.tensors)
+        self.views = [t.detach().view(-1) for t in self.tensors] if simple else None
+        self.arrays = None
+        if simple and first.device.type == "cpu" and first.dtype in _NUMPY_DTYPES:
+            try:
+                self.arrays = [t.numpy() for t in self.views]
+            except (TypeError, RuntimeError):  # a tensor numpy cannot view (conjugate, negative bit)
+                pass
 
     def __call__(self) -> Tensor:
+        if self.arrays is not None and len(self.arrays) > 1:
+            out = _SCRATCH.get(self.name, self.total, self.arrays[0].dtype)
+            return torch.from_numpy(np.concatenate(self.arrays, out=out))
         if self.views is None:
             return _flatten([t.detach() for t in self.tensors])
-        return self.views[0] if len(self.views) == 1 else torch.cat(self.views)
+        if len(self.views) == 1:
+            return self.views[0]
+        return _cat(self.views, self.total, self.name)
 
 
 class FlatRun:
     """The numpy path of :func:`adam_statistics` prepared for fixed moment tensors (a layout kept
-    across steps): their sizes, offsets and 1-D views are taken once; each call concatenates the
+    across steps): their sizes, offsets and views are taken once; each call concatenates the
     gradients and the moments as they are now and returns the same rows as
     ``adam_statistics(grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=..., flat=True)``."""
 
@@ -293,12 +353,13 @@ class FlatRun:
 
     def __init__(self, exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs=None):
         self.segments = Segments([t.numel() for t in exp_avgs])
-        self.m, self.v = _Concatenation(exp_avgs), _Concatenation(exp_avg_sqs)
-        self.v_den = None if max_exp_avg_sqs is None else _Concatenation(max_exp_avg_sqs)
+        self.m, self.v = _Concatenation(exp_avgs, "m"), _Concatenation(exp_avg_sqs, "v")
+        self.v_den = None if max_exp_avg_sqs is None else _Concatenation(max_exp_avg_sqs, "v_den")
         # Gradients have their parameter's shape: one cat of the tensors themselves where all are 1-D.
         self.grads_1d = all(t.dim() == 1 for t in exp_avgs)
 
     def __call__(self, grads: Sequence[Tensor], *, beta1: float, beta2: float, eps: float, step: int) -> Tensor:
+        kw = dict(beta1=beta1, beta2=beta2, eps=eps, step=step)
         compute_dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
 
         def host(t: Tensor) -> np.ndarray:
@@ -309,7 +370,7 @@ class FlatRun:
                 g = grads[0].detach().reshape(-1)
             elif self.grads_1d:
                 try:
-                    g = torch.cat(grads)
+                    g = _cat(grads, self.m.total, "g")
                 except RuntimeError:  # a gradient of another shape than its moments: flatten them
                     g = _flatten(grads)
             else:
@@ -319,6 +380,4 @@ class FlatRun:
         if not g.shape[0] == m.shape[0] == v.shape[0] == v_den.shape[0]:
             raise ValueError(f"gradients of {g.shape[0]} elements for moments of {m.shape[0]}, {v.shape[0]}")
         # the kernel writes into none of g, m, v: views of the optimizer's own tensors are safe
-        return self.segments.rows(
-            g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype
-        )
+        return self.segments.rows(g, m, v, v_den, compute_dtype=compute_dtype, **kw)
