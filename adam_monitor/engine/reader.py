@@ -13,15 +13,18 @@ collects them.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from itertools import chain, islice
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._runtime import host_values
-from ..diagnostics.compiled import fast_adam_statistics
+from ..diagnostics.compiled import StateLayout, fast_adam_statistics
 from ..diagnostics.reference import adam_direction, nadam_direction, radam_direction, radam_rectification
 from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
 from ..diagnostics.sharpness import curvature_sums
@@ -224,12 +227,14 @@ def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
 
 
 def _cpu_steps(raw: list) -> list[float] | None:
-    """The step counts as floats when all are CPU tensors (read through numpy views), else ``None``."""
-    try:
-        if all(isinstance(r, Tensor) and r.device.type == "cpu" and not r.requires_grad for r in raw):
-            return [float(r.numpy()) for r in raw]
-    except (TypeError, RuntimeError):  # a dtype numpy lacks: the stacked read handles it
-        pass
+    """The step counts as floats when all are CPU tensors (read in place through numpy: no sync,
+    no Python call per tensor), else ``None``."""
+    if all(isinstance(r, Tensor) and r.device.type == "cpu" for r in raw):
+        try:
+            with torch.no_grad():
+                return torch.stack(raw).to(torch.float64).numpy().tolist()
+        except (TypeError, RuntimeError):  # shapes that do not stack: the device read handles them
+            pass
     return None
 
 
@@ -260,6 +265,270 @@ def _nadam(grad: Tensor | None, state: dict, group: dict, step: float) -> Tensor
         momentum_decay=_as_float(group["momentum_decay"]),
         mu_product=_as_float(state["mu_product"]),
     )
+
+
+_GRAD = operator.attrgetter("grad")
+#: State entries whose tensors a layout holds: replaced ones (a loaded or moved state) rebuild it.
+_HELD = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _same_objects(a: Iterable, b: list) -> bool:
+    """Whether ``a`` yields exactly the objects of ``b``, in order (identity; one C-level pass)."""
+    return all(map(operator.is_, a, b))
+
+
+class _Bucket:
+    """Parameters of one step read together: one param group, device, dtype and step count."""
+
+    __slots__ = ("gi", "members", "positions", "rep", "params", "states", "in_order", "_take", "_index", "_views")
+
+    def __init__(self, layout: _Layout, members: list[int]):
+        self.gi = layout.cand_group[members[0]]
+        self.members = members  # candidate indices
+        self.rep = members[0]
+        self.positions = [layout.cand[c] for c in members]
+        self.params = [layout.params[i] for i in self.positions]
+        self.states = [layout.cand_states[c] for c in members]
+        self.in_order = self.positions == list(range(len(layout.params)))
+        self._take = operator.itemgetter(*self.positions) if len(self.positions) > 1 else None
+        self._index: dict[torch.device, Tensor] = {}
+        self._views = None
+
+    def grads(self, grads: list) -> list:
+        """This bucket's gradients out of the read's ``grads`` (one per parameter)."""
+        if self.in_order:
+            return grads
+        return [grads[self.positions[0]]] if self._take is None else list(self._take(grads))
+
+    def index(self, device: torch.device) -> Tensor:
+        """The rows' positions as an index tensor on ``device`` (made once)."""
+        index = self._index.get(device)
+        if index is None:
+            index = self._index[device] = host_values(self.positions, torch.long, device)
+        return index
+
+    def views(self, view, amsgrad: bool) -> tuple[list, list, list | None, StateLayout]:
+        """``(exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, their StateLayout)`` as the
+        statistics read them (``view``: the real view of complex or sharded tensors), made once;
+        ``UnsupportedOptimizer`` where a state is not Adam's."""
+        if self._views is None:
+            for state in self.states:
+                missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
+                if missing:
+                    raise UnsupportedOptimizer(
+                        f"its state has no {' or '.join(missing)} (keys: {sorted(state, key=str)}), so it is not Adam's state"
+                    )
+            m = [view(s["exp_avg"]) for s in self.states]
+            v = [view(s["exp_avg_sq"]) for s in self.states]
+            v_max = [view(s["max_exp_avg_sq"]) for s in self.states] if amsgrad else None
+            self._views = m, v, v_max, StateLayout(m, v, v_max)
+        return self._views
+
+
+class _Layout:
+    """What a read of the optimizer relies on between steps: its param groups and parameters,
+    which of them have a gradient and a state that counts steps (the candidates), their state
+    dicts and the tensors in them, and the buckets their statistics are read in.
+
+    A read checks it in a few passes that run in C (identity of the groups, the state dicts and
+    their tensors; which gradients are ``None``) and rebuilds it when anything changed: a loaded
+    or replaced state, a param group added, a parameter frozen or given a gradient, a state that
+    appears at a parameter's first step.
+    """
+
+    __slots__ = (
+        "groups_list",
+        "groups",
+        "params_lists",
+        "params",
+        "mask",
+        "state",
+        "state_len",
+        "state_values",
+        "amsgrad",
+        "pending",
+        "cand",
+        "cand_index",
+        "cand_group",
+        "cand_states",
+        "tensor_steps",
+        "raw",
+        "held",
+        "held_tensors",
+        "bucket_of",
+        "first",
+        "known",
+        "last",
+        "plans",
+    )
+
+    def __init__(self, reader: StepReader, grads: list, counts: dict[int, tuple]):
+        opt = reader.optimizer
+        self.groups_list = opt.param_groups
+        self.groups = list(self.groups_list)
+        self.params_lists = [g["params"] for g in self.groups]
+        self.params = reader.params
+        self.mask = [g is not None for g in grads]
+        self.state = opt.state
+        self.state_len = len(self.state)
+        self.state_values = list(self.state.values())
+        self.amsgrad = [g.get("amsgrad", False) for g in self.groups]
+        self.pending: list[tuple[Tensor, dict]] = []  # a gradient, no step count yet
+        self.cand: list[int] = []
+        self.cand_group: list[int] = []
+        self.cand_states: list[dict] = []
+        keys: dict[tuple, int] = {}
+        bucket_of = []
+        i = 0
+        for gi, group in enumerate(self.groups):
+            for p in group["params"]:
+                if grads[i] is not None:
+                    state = self.state.get(p)
+                    if not state or step_of(state, group) is None:
+                        self.pending.append((p, group))
+                    else:
+                        self.cand.append(i)
+                        self.cand_group.append(gi)
+                        self.cand_states.append(state)
+                        local = local_tensor(p)
+                        bucket_of.append(keys.setdefault((gi, local.device, local.dtype), len(keys)))
+                i += 1
+        self.cand_index = {i: c for c, i in enumerate(self.cand)}
+        self.bucket_of = np.array(bucket_of, dtype=np.int64)
+        starts = {}
+        self.first = np.array([starts.setdefault(b, c) for c, b in enumerate(bucket_of)], dtype=np.int64)
+        self.raw = [step_of(s, self.groups[gi]) for s, gi in zip(self.cand_states, self.cand_group)]
+        self.tensor_steps = all(isinstance(s.get("step"), Tensor) for s in self.cand_states)
+        # max_exp_avg_sq only where a group keeps it (amsgrad); the step count where it is a tensor
+        keys = (_HELD if any(self.amsgrad) else _HELD[:2]) + (("step",) if self.tensor_steps else ())
+        keys = [k for k in keys if all(k in s for s in self.cand_states)]
+        self.held = operator.itemgetter(*(keys * 2 if len(keys) == 1 else keys)) if keys else None  # tuples
+        self.held_tensors = list(chain.from_iterable(map(self.held, self.cand_states))) if keys else []
+        saved = [counts.get(id(self.params[i])) for i in self.cand]
+        self.last = np.array([math.nan if c is None else c[2] for c in saved], dtype=np.float64)
+        known = self.tensor_steps and all(c is not None and c[0] is r for c, r in zip(saved, self.raw))
+        self.known = np.array([c[1] for c in saved], dtype=np.float64) if known else None
+        self.plans: dict[bytes | None, list[_Bucket]] = {}
+
+    def current(self, optimizer: torch.optim.Optimizer, mask: list[bool]) -> bool:
+        """Whether the optimizer is still as this layout found it (see the class docstring)."""
+        groups, state = optimizer.param_groups, optimizer.state
+        if groups is not self.groups_list or len(groups) != len(self.groups) or not _same_objects(groups, self.groups):
+            return False
+        for group, params in zip(groups, self.params_lists):
+            if group["params"] is not params:
+                return False
+        if sum(map(len, self.params_lists)) != len(self.params) or mask != self.mask:
+            return False  # a parameter appended to a group's list
+        if not _same_objects(chain.from_iterable(self.params_lists), self.params):
+            return False  # a parameter replaced in its group
+        if (
+            state is not self.state
+            or len(state) != self.state_len
+            or not _same_objects(state.values(), self.state_values)
+        ):
+            return False
+        if [g.get("amsgrad", False) for g in groups] != self.amsgrad:
+            return False
+        for p, group in self.pending:  # a state that appeared at this parameter's first step
+            s = state.get(p)
+            if s and step_of(s, group) is not None:
+                return False
+        if self.held is None:
+            return True
+        try:  # the tensors of every state, in one pass
+            return _same_objects(chain.from_iterable(map(self.held, self.cand_states)), self.held_tensors)
+        except KeyError:  # an entry is gone
+            return False
+
+    def save_counts(self, counts: dict[int, tuple]) -> None:
+        """Hand what this layout knows of each candidate's count to the next layout, through
+        ``counts``: ``id(param) -> (its step tensor or None, the count it held, the last count read)``."""
+        known = self.known is not None
+        values = self.known.tolist() if known else [math.nan] * len(self.cand)
+        for i, r, k, last in zip(self.cand, self.raw, values, self.last.tolist()):
+            counts[id(self.params[i])] = (r if known else None, k, last)
+
+    def steps(self, optimizer: torch.optim.Optimizer, after_step: bool) -> np.ndarray:
+        """The candidates' step counts now (float64).
+
+        Reading them is a sync per step where they live on a device (fused, capturable), and a
+        Python call per tensor on the CPU. Without a GradScaler every ``step()`` adds one to the
+        count of each parameter with a gradient, so counts this layout knows (the same tensor
+        objects: a loaded state brings new ones) are one more now. Under a GradScaler a fused
+        kernel takes the increment back on an inf/NaN step, which only the device knows: the
+        scaler sets ``optimizer.found_inf`` for the duration of the step, and then they are read.
+        """
+        if not self.tensor_steps:
+            raw = [step_of(s, self.groups[gi]) for s, gi in zip(self.cand_states, self.cand_group)]
+            if isinstance(raw[0], Tensor):
+                return np.array(_cpu_steps(raw) or _read_steps(raw), dtype=np.float64)
+            return np.array([float(r) for r in raw], dtype=np.float64)
+        scaled = getattr(optimizer, "found_inf", None) is not None or getattr(optimizer, "grad_scale", None) is not None
+        if after_step and not scaled and self.known is not None:
+            steps = self.known + 1
+        else:
+            # CPU-resident counts are read in place
+            steps = np.array(_cpu_steps(self.raw) or _read_steps(self.raw), dtype=np.float64)
+        self.known = steps
+        return steps
+
+    def plan(self, stepped: np.ndarray, steps: np.ndarray) -> list[_Bucket]:
+        """The buckets of the stepped candidates: by bucket and step count. Counts that differ
+        within a bucket (a parameter unfrozen late) keep their pattern from step to step, so the
+        plan is kept by the pattern of the counts relative to each bucket's first."""
+        relative = steps - steps[self.first]
+        key = None if stepped.all() and not relative.any() else stepped.tobytes() + relative.tobytes()
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= 16:
+                self.plans.clear()
+            members: dict[tuple, list[int]] = {}
+            for c in np.flatnonzero(stepped).tolist():
+                members.setdefault((int(self.bucket_of[c]), float(relative[c])), []).append(c)
+            plan = self.plans[key] = [_Bucket(self, m) for m in members.values()]
+        return plan
+
+
+class _Stepped:
+    """What one read found stepped: its buckets and the step counts. Iterates as
+    ``(group index, group, param, state, step)`` in parameter order; false when nothing stepped."""
+
+    __slots__ = ("layout", "buckets", "steps", "stepped", "grads")
+
+    def __init__(self, layout: _Layout | None, buckets: list[_Bucket], steps, stepped, grads: list):
+        self.layout, self.buckets, self.steps, self.stepped, self.grads = layout, buckets, steps, stepped, grads
+
+    def __bool__(self) -> bool:
+        return bool(self.buckets)
+
+    def step(self, bucket: _Bucket) -> float:
+        return float(self.steps[bucket.rep])
+
+    def max_step(self) -> float:
+        return max(self.step(b) for b in self.buckets)
+
+    def _entries(self) -> list[tuple]:
+        entries = []
+        for b in self.buckets:
+            group, step = self.layout.groups[b.gi], self.step(b)
+            entries += [(pos, b.gi, group, p, s, step) for pos, p, s in zip(b.positions, b.params, b.states)]
+        entries.sort(key=operator.itemgetter(0))
+        return [e[1:] for e in entries]
+
+    def __iter__(self):
+        return iter(self._entries())
+
+    def find(self, position: int) -> tuple[dict, dict, float] | None:
+        """``(group, state, step)`` of the parameter at ``position`` if it stepped, else ``None``."""
+        layout = self.layout
+        c = layout.cand_index.get(position)
+        if c is None or not self.stepped[c]:
+            return None
+        return layout.groups[layout.cand_group[c]], layout.cand_states[c], float(self.steps[c])
+
+
+_NOTHING = _Stepped(None, [], None, None, [])
 
 
 class StepReader:
@@ -310,10 +579,10 @@ class StepReader:
     def _refresh_params(self) -> None:
         self.params: list[Tensor] = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._position = {id(p): i for i, p in enumerate(self.params)}
-        self._last_step: dict[int, float] = {}
-        # id(param) -> (its step tensor, the count it held at the last hook): device-resident counts
-        # (fused, capturable) known without a read.
-        self._known_step: dict[int, tuple[Tensor, float]] = {}
+        self._layout: _Layout | None = None
+        # id(param) -> (its step tensor, the count it held, the last count read), carried from one
+        # layout to the next: device-resident counts (fused, capturable) known without a read.
+        self._counts: dict[int, tuple] = {}
         groups = [shard_group(p) for p in self.params]
         sharded = [g for g in groups if g is not None]
         self._group = None
@@ -325,71 +594,39 @@ class StepReader:
             # rank contributes them to the sum.
             keep = [1.0 if (g is not None or rank == 0) else 0.0 for g in groups]
             self._replica_weight = keep
+            self._replica_rows: dict[torch.device, Tensor] = {}
         # Neither complex nor sharded (DTensor): real_view of every gradient and state tensor is the tensor.
         self._plain = not any(p.is_complex() or callable(getattr(p, "to_local", None)) for p in self.params)
 
-    def _check_params(self) -> None:
-        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
-            self._refresh_params()
+    def _read_layout(self) -> tuple[_Layout, list]:
+        """The layout of this read (the last one while the optimizer is as it found it) and
+        every parameter's gradient."""
+        grads = list(map(_GRAD, self.params))
+        layout = self._layout
+        if layout is not None and layout.current(self.optimizer, [g is not None for g in grads]):
+            return layout, grads
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if len(params) != len(self.params) or not _same_objects(params, self.params):
+            self._refresh_params()  # parameters added or replaced: counts start afresh
+            grads = list(map(_GRAD, self.params))
+        elif layout is not None:
+            layout.save_counts(self._counts)
+        self._layout = layout = _Layout(self, grads, self._counts)
+        return layout, grads
 
-    def _stepped(self, after_step: bool) -> list[tuple[int, dict, Tensor, dict, float]]:
-        """(group index, group, param, state, step) of the params whose step count advanced."""
-        candidates = []
-        for gi, group in enumerate(self.optimizer.param_groups):
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.optimizer.state.get(p)
-                if not state or step_of(state, group) is None:
-                    continue
-                candidates.append((gi, group, p, state))
-        if not candidates:
-            return []
-        raw = [step_of(s, g) for _, g, _, s in candidates]
-        steps = None
-        if isinstance(raw[0], Tensor):
-            # Counts this reader has seen are counted on the host: a read is a sync per step on a
-            # device, and a Python call per tensor on the CPU.
-            steps = self._counted_steps(candidates, raw) if after_step else None
-            if steps is None:
-                steps = _cpu_steps(raw) or _read_steps(raw)  # CPU-resident counts are read in place
-            for (_, _, p, _), r, step in zip(candidates, raw, steps):
-                self._known_step[id(p)] = (r, step)
-        if steps is None:
-            steps = [float(r) for r in raw]
-        out = []
-        for (gi, group, p, state), step in zip(candidates, steps):
-            # A step skipped by a GradScaler leaves the count unchanged (at 0 when the very first
-            # step is skipped, the state having just been created): not a step.
-            if step == 0 or step == self._last_step.get(id(p)):
-                continue
-            self._last_step[id(p)] = step
-            out.append((gi, group, p, state, step))
-        return out
-
-    def _counted_steps(self, candidates, raw) -> list[float] | None:
-        """Step counts from the host's own count where that is certain.
-
-        Reading them is a sync per step where they live on a device (fused, capturable), and a
-        Python call per tensor on the CPU. Without a GradScaler every ``step()`` adds one to the
-        count of each parameter with a gradient, so a count this reader has seen before (the same
-        tensor object: a loaded state brings new ones) is one more now. Under a GradScaler a fused
-        kernel takes the increment back on an inf/NaN step, which only the device knows: the
-        scaler sets ``optimizer.found_inf`` for the duration of the step, and then this returns
-        ``None`` (read them).
-        """
-        if (
-            getattr(self.optimizer, "found_inf", None) is not None
-            or getattr(self.optimizer, "grad_scale", None) is not None
-        ):
-            return None
-        steps = []
-        for (_, _, p, _), r in zip(candidates, raw):
-            known = self._known_step.get(id(p))
-            if known is None or known[0] is not r:
-                return None
-            steps.append(known[1] + 1)
-        return steps
+    def _stepped(self, after_step: bool) -> _Stepped:
+        """The params whose step count advanced, in buckets."""
+        layout, grads = self._read_layout()
+        if not layout.cand:
+            return _NOTHING
+        steps = layout.steps(self.optimizer, after_step)
+        # A step skipped by a GradScaler leaves the count unchanged (at 0 when the very first
+        # step is skipped, the state having just been created): not a step.
+        stepped = (steps != 0) & (steps != layout.last)
+        layout.last = steps
+        if not stepped.any():
+            return _NOTHING
+        return _Stepped(layout, layout.plan(stepped, steps), steps, stepped, grads)
 
     def read(self, *, after_step: bool = False) -> tuple[Tensor, int] | None:
         """Rows ``(len(params), NUM_STATS)`` (float64) for the step just taken and its step count.
@@ -398,7 +635,6 @@ class StepReader:
         ``after_step=True`` promises one call per ``optimizer.step()`` call, right after it (a step
         post-hook): step counts kept on the device are then known without reading them.
         """
-        self._check_params()
         stepped = self._stepped(after_step)
         if not stepped:
             if self._check is not None and self._check.consumed():
@@ -411,7 +647,7 @@ class StepReader:
         if self._check is not None:
             self._check.after_step(stepped)
         self._last_read = stepped
-        device = local_tensor(stepped[0][2]).device
+        device = local_tensor(stepped.buckets[0].params[0]).device
 
         def zeros() -> Tensor:
             return torch.zeros(len(self.params), NUM_STATS, dtype=torch.float64, device=device)
@@ -419,74 +655,73 @@ class StepReader:
         if self._in_step_statistics:
             rows = zeros()
             stats = self.optimizer.last_statistics
-            for _, _, p, _, _ in stepped:
-                row = stats.get(p)
-                if row is not None:
-                    rows[self._position[id(p)]] = row.to(device, non_blocking=True)
+            for bucket in stepped.buckets:
+                found = list(map(stats.get, bucket.params))
+                kept = [i for i, row in enumerate(found) if row is not None]
+                if not kept:
+                    continue
+                block = torch.stack([found[i].to(device) for i in kept]).to(torch.float64)
+                if len(kept) == len(found):
+                    index = bucket.index(device)
+                else:
+                    index = host_values([bucket.positions[i] for i in kept], torch.long, device)
+                rows.index_copy_(0, index, block)
         else:
             parts = list(self._adam_rows(stepped))
-            if len(parts) == 1 and parts[0][0] is None:  # one bucket holding every parameter in order
+            if len(parts) == 1 and parts[0][0].in_order:  # one bucket holding every parameter in order
                 rows = parts[0][1].to(device, non_blocking=True)
             else:
                 rows = zeros()
-                for positions, rows_part in parts:
-                    rows.index_copy_(
-                        0, host_values(positions, torch.long, device), rows_part.to(device, non_blocking=True)
-                    )
+                for bucket, rows_part in parts:
+                    rows.index_copy_(0, bucket.index(device), rows_part.to(device, non_blocking=True))
         if self._group is not None:
+            weight = self._replica_rows.get(device)
+            if weight is None:
+                weight = host_values(self._replica_weight, torch.float64, device).unsqueeze(1)
+                self._replica_rows[device] = weight
             # Step counts advance identically on every rank, so all ranks reach this collective.
-            rows.mul_(host_values(self._replica_weight, torch.float64, device).unsqueeze(1))
+            rows.mul_(weight)
             all_reduce(rows, self._group)
-        return rows, int(max(s for *_, s in stepped))
+        return rows, int(stepped.max_step())
 
-    def _adam_rows(self, stepped) -> Iterable[tuple[list[int] | None, Tensor]]:
-        buckets: dict[tuple, list] = defaultdict(list)
+    def _adam_rows(self, stepped: _Stepped) -> Iterable[tuple[_Bucket, Tensor]]:
         view = _same if self._plain else real_view
-        for gi, _group, p, state, step in stepped:
-            buckets[(gi, step, p.grad.device, p.grad.dtype)].append((p, state))
-        for members in buckets.values():
-            for _p, state in members:
-                missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
-                if missing:
-                    raise UnsupportedOptimizer(
-                        f"its state has no {' or '.join(missing)} (keys: {sorted(state, key=str)}), so it is not Adam's state"
-                    )
-        for (gi, step, _, _), members in buckets.items():
-            group = self.optimizer.param_groups[gi]
+        for bucket in stepped.buckets:
+            group = self.optimizer.param_groups[bucket.gi]
+            step = stepped.step(bucket)
             beta1, beta2, terms_step = adam_terms(self, group, step)
             eps = _as_float(group["eps"])
-            amsgrad = group.get("amsgrad", False)
+            exp_avgs, exp_avg_sqs, max_exp_avg_sqs, layout = bucket.views(view, group.get("amsgrad", False))
             if _gradient_as_is(self.rule, self.decoupled(group), group):
-                grads = [view(p.grad) for p, _ in members]
+                grads = bucket.grads(stepped.grads)
+                if not self._plain:
+                    grads = list(map(real_view, grads))
             else:
-                grads = [self._gradient_used(p, state, group, step) for p, state in members]
+                grads = [self._gradient_used(p, state, group, step) for p, state in zip(bucket.params, bucket.states)]
             rectified = self.rule != "radam" or radam_rectification(beta2, step) is not None
             if self.rule in ("radam", "sparse_adam"):
                 # These add ε to √v, not to √v̂: ε sets the step where √v̂ ≤ ε/√c2.
                 eps = eps / (1 - beta2**step) ** 0.5
             rows = fast_adam_statistics(
                 grads,
-                [view(s["exp_avg"]) for _, s in members],
-                [view(s["exp_avg_sq"]) for _, s in members],
+                exp_avgs,
+                exp_avg_sqs,
                 beta1=beta1,
                 beta2=beta2,
                 eps=eps,
                 step=int(terms_step),
-                max_exp_avg_sqs=[view(s["max_exp_avg_sq"]) for _, s in members] if amsgrad else None,
+                max_exp_avg_sqs=max_exp_avg_sqs,
+                layout=layout,
             )
             if self.rule != "adam":
                 # The moments' statistics hold; the update is this optimizer's own direction.
                 rows = rows.clone()
-                for i, ((p, state), g) in enumerate(zip(members, grads)):
+                for i, (p, state, g) in enumerate(zip(bucket.params, bucket.states, grads)):
                     u = self.direction(p, state, group, step, grad=g)
                     rows[i, UPDATE_SQ] = u.double().square().sum()
                 if not rectified:
                     rows[:, EPS_COUNT] = 0.0  # the step is the momentum alone: no ε in it
-            positions = [self._position[id(p)] for p, _ in members]
-            if len(positions) == len(self.params) and positions == list(range(len(self.params))):
-                yield None, rows  # rows already in parameter order: no scatter
-            else:
-                yield positions, rows
+            yield bucket, rows
 
     def _gradient_used(self, p: Tensor, state: dict, group: dict, step: float) -> Tensor:
         """The gradient the moments took in: ``p.grad`` (sign-flipped under ``maximize`` where the
@@ -701,7 +936,8 @@ class UpdateCheck:
             return  # the base's step inside the subclass's: the parameters before it are not the step's
         params = self.reader.params
         start = self._first % max(len(params), 1)
-        with_grad = [p for p in params[start:] + params[:start] if p.grad is not None][:VERIFIED_TENSORS]
+        turn = chain(params[start:], params[:start])
+        with_grad = list(islice((p for p in turn if p.grad is not None), VERIFIED_TENSORS))
         self._first = start + VERIFIED_TENSORS
         state = self.reader.optimizer.state
         self._samples = []
@@ -719,12 +955,13 @@ class UpdateCheck:
         (to float rounding), else ``UnsupportedOptimizer`` saying by how much they differ. A step
         at lr = 0 shows nothing, nor does the first (every coordinate ±1, as a sign or a masked
         update would also give): ``False``, the next one is checked."""
-        now = {id(p): (group, state, step) for _, group, p, state, step in stepped}
         seen = []
+        position = self.reader._position
         for p, before, m_before in self._samples:
-            if id(p) not in now:
+            found = stepped.find(position[id(p)]) if id(p) in position else None
+            if found is None:
                 continue
-            group, state, step = now[id(p)]
+            group, state, step = found
             if "exp_avg" not in state or "exp_avg_sq" not in state:
                 return False  # not Adam's state at all: the read says so
             if _as_float(group["lr"]) == 0 or step < 2:
