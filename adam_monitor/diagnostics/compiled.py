@@ -197,9 +197,11 @@ def fast_adam_statistics(
     # path's larger host cost overlaps the device's work in training (bench_monitor.py --load-ms,
     # figures in the README). Only a step with nothing else on the device, bound by the host, is
     # slower compiled.
-    use_compiled = compiled if compiled is not None else compiled_available()
     if layout is not None and (len(layout.state) > 2) != amsgrad:
         raise ValueError("fast_adam_statistics: the layout was built for another amsgrad setting")
+    if layout is not None and compiled is not False and not layout.large(MIN_COMPILED_NUMEL):
+        return layout.eager_rows(grads, kw)  # nothing to compile, whatever compiled_available says
+    use_compiled = compiled if compiled is not None else compiled_available()
     if layout is not None:
         large = layout.large(MIN_COMPILED_NUMEL) if use_compiled else []
     else:

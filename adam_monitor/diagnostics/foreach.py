@@ -40,20 +40,26 @@ class _Scratch(threading.local):
     that; larger calls allocate their own."""
 
     def __init__(self):
-        self.buffers: dict[tuple, np.ndarray] = {}
+        self.buffers: dict[tuple, np.ndarray] = {}  # (name, dtype) -> its buffer
+        self.views: dict[tuple, np.ndarray] = {}  # (name, dtype, total, rows) -> a view of it
 
     def get(self, name: str, total: int, dtype, rows: int = 0) -> np.ndarray:
         """A buffer of ``total`` elements (``(rows, total)`` with ``rows``) of ``dtype``; its
         content is whatever the last call left."""
+        key = (name, dtype, total, rows)
+        view = self.views.get(key)
+        if view is not None:
+            return view
         shape = (rows, total) if rows else (total,)
         if total > FLAT_MAX_NUMEL:
             return np.empty(shape, dtype=dtype)
-        key = (name, np.dtype(dtype))
-        buffer = self.buffers.get(key)
         size = max(rows, 1) * total
+        buffer = self.buffers.get(key[:2])
         if buffer is None or buffer.size < size:
-            buffer = self.buffers[key] = np.empty(size, dtype=dtype)
-        return buffer[:size].reshape(shape)
+            buffer = self.buffers[key[:2]] = np.empty(size, dtype=dtype)
+            self.views = {k: v for k, v in self.views.items() if k[:2] != key[:2]}  # views of the old one
+        view = self.views[key] = buffer[:size].reshape(shape)
+        return view
 
 
 _SCRATCH = _Scratch()

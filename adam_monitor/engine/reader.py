@@ -280,7 +280,19 @@ def _same_objects(a: Iterable, b: list) -> bool:
 class _Bucket:
     """Parameters of one step read together: one param group, device, dtype and step count."""
 
-    __slots__ = ("gi", "members", "positions", "rep", "params", "states", "in_order", "_take", "_index", "_views")
+    __slots__ = (
+        "gi",
+        "members",
+        "positions",
+        "rep",
+        "params",
+        "states",
+        "in_order",
+        "device",
+        "_take",
+        "_index",
+        "_views",
+    )
 
     def __init__(self, layout: _Layout, members: list[int]):
         self.gi = layout.cand_group[members[0]]
@@ -290,6 +302,7 @@ class _Bucket:
         self.params = [layout.params[i] for i in self.positions]
         self.states = [layout.cand_states[c] for c in members]
         self.in_order = self.positions == list(range(len(layout.params)))
+        self.device = local_tensor(self.params[0]).device
         self._take = operator.itemgetter(*self.positions) if len(self.positions) > 1 else None
         self._index: dict[torch.device, Tensor] = {}
         self._views = None
@@ -403,7 +416,14 @@ class _Layout:
         keys = (_HELD if any(self.amsgrad) else _HELD[:2]) + (("step",) if self.tensor_steps else ())
         keys = [k for k in keys if all(k in s for s in self.cand_states)]
         self.held = operator.itemgetter(*(keys * 2 if len(keys) == 1 else keys)) if keys else None  # tuples
-        self.held_tensors = list(chain.from_iterable(map(self.held, self.cand_states))) if keys else []
+        # Where every state holds these entries, one pass over the live state dicts checks them all
+        # (a dict replaced by one holding the same tensors reads the same); else the dicts' identity
+        # and the candidates' tensors are checked in two.
+        every = bool(keys) and all(all(k in s for k in keys) for s in self.state_values)
+        held_states = self.state_values if every else self.cand_states
+        self.held_tensors = list(chain.from_iterable(map(self.held, held_states))) if keys else []
+        if every:
+            self.state_values = None
         saved = [counts.get(id(self.params[i])) for i in self.cand]
         self.last = np.array([math.nan if c is None else c[2] for c in saved], dtype=np.float64)
         known = self.tensor_steps and all(c is not None and c[0] is r for c, r in zip(saved, self.raw))
@@ -422,11 +442,9 @@ class _Layout:
             return False  # a parameter appended to a group's list
         if not _same_objects(chain.from_iterable(self.params_lists), self.params):
             return False  # a parameter replaced in its group
-        if (
-            state is not self.state
-            or len(state) != self.state_len
-            or not _same_objects(state.values(), self.state_values)
-        ):
+        if state is not self.state or len(state) != self.state_len:
+            return False
+        if self.state_values is not None and not _same_objects(state.values(), self.state_values):
             return False
         if [g.get("amsgrad", False) for g in groups] != self.amsgrad:
             return False
@@ -436,8 +454,9 @@ class _Layout:
                 return False
         if self.held is None:
             return True
+        states = state.values() if self.state_values is None else self.cand_states
         try:  # the tensors of every state, in one pass
-            return _same_objects(chain.from_iterable(map(self.held, self.cand_states)), self.held_tensors)
+            return _same_objects(chain.from_iterable(map(self.held, states)), self.held_tensors)
         except KeyError:  # an entry is gone
             return False
 
@@ -647,7 +666,7 @@ class StepReader:
         if self._check is not None:
             self._check.after_step(stepped)
         self._last_read = stepped
-        device = local_tensor(stepped.buckets[0].params[0]).device
+        device = stepped.buckets[0].device
 
         def zeros() -> Tensor:
             return torch.zeros(len(self.params), NUM_STATS, dtype=torch.float64, device=device)
