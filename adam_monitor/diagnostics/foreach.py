@@ -72,13 +72,14 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     ten or more, and the foreach path makes some twenty of them."""
     sizes = [t.numel() for t in g]
 
-    def cat(ts: Sequence[Tensor]) -> np.ndarray:
+    def cat(ts: Sequence[Tensor], copy: bool = False) -> np.ndarray:
         if len(ts) == 1:
-            return ts[0].detach().numpy().reshape(-1)
+            flat = ts[0].detach().numpy().reshape(-1)
+            return flat.copy() if copy else flat
         with torch.no_grad():  # one call: the per-tensor flattening happens in C++, not Python
             return _flatten(ts).numpy()
 
-    g, m, v = cat(g), cat(m), cat(v)
+    g, m, v = cat(g, copy=True), cat(m, copy=True), cat(v)  # the statistics overwrite g and m
     v_den = v if v_den is None else cat(v_den)
     segments = Segments(sizes)
     return segments.rows(g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype)
@@ -100,11 +101,12 @@ class Segments:
         self.count_dtype = np.uint16 if largest < 1 << 16 else np.int32 if largest < 1 << 31 else np.int64
 
     def sums(self, terms: np.ndarray, dtype) -> np.ndarray:
-        """Per-tensor sums of each row of ``terms`` (``(k, total)``), accumulated in ``dtype``
-        (numpy casts in its own small buffers: the same sums as of a copy in ``dtype``)."""
+        """Per-tensor sums of ``terms`` (``(total,)``, or of each row of ``(k, total)``),
+        accumulated in ``dtype`` (numpy casts in its own small buffers: the same sums as of a copy
+        in ``dtype``)."""
         if len(self.sizes) == 1:
-            return terms.sum(1, dtype=dtype)[:, None]
-        return np.add.reduceat(terms, self.offsets, axis=1, dtype=dtype)
+            return terms.sum(-1, dtype=dtype)[..., None]
+        return np.add.reduceat(terms, self.offsets, axis=-1, dtype=dtype)
 
     def rows(self, g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> Tensor:
         """The rows ``(len(sizes), NUM_STATS)`` (float64), see :meth:`array`."""
@@ -112,34 +114,39 @@ class Segments:
         return torch.from_numpy(self.array(g, m, v, v_den, **kw))
 
     def array(self, g, m, v, v_den, *, beta1, beta2, eps, step, compute_dtype) -> np.ndarray:
-        """The rows ``(len(sizes), NUM_STATS)`` (float64, numpy). The sums of squares and ratios add up in
-        float64; the three counts are masks (``bool``) summed as integers, exact. Each mask is the
-        one the foreach path builds from ``sign(clamp_min(x, 0))``: ``x > 0`` is 1 exactly there
-        (NaN: neither)."""
+        """The rows ``(len(sizes), NUM_STATS)`` (float64, numpy) of the flat buffers ``g``, ``m``,
+        ``v``, ``v_den``; overwrites ``g`` and ``m`` (the caller's own copies), reads the others.
+
+        The sums of squares and ratios add up in float64, each as soon as its terms are made (in
+        the buffer the next one reuses: few buffers, which stay in the cache); the three counts are
+        masks (``bool``) summed as integers, exact. Each mask is the one the foreach path builds
+        from ``sign(clamp_min(x, 0))``: ``x > 0`` is 1 exactly there (NaN: neither)."""
         dt = g.dtype.type
         n, total = len(self.sizes), g.shape[0]
         c1 = 1 - beta1**step
         c2 = 1 - beta2**step
         eps_sq = max(float(eps) ** 2, torch.finfo(compute_dtype).tiny)
         has_previous = step > 1 and beta2 > 0  # β2 = 0: v_t = g_t² keeps nothing of v_{t-1}
-        terms = _SCRATCH.get("terms", total, g.dtype, 3 if has_previous else 2)
         # rows: has a gradient, ε does not dominate it (both), a previous moment to rebuild
         masks = _SCRATCH.get("masks", total, np.bool_, 3 if has_previous else 2)
+        work = _SCRATCH.get("work", total, g.dtype)
+        sums = []
         with np.errstate(all="ignore"):
-            denom = np.sqrt(v_den, out=_SCRATCH.get("denom", total, g.dtype))
+            denom = np.sqrt(v_den, out=work)
             np.divide(denom, dt(math.sqrt(c2)), out=denom)
             np.add(denom, dt(eps), out=denom)
-            u = np.divide(m, denom, out=terms[0])
+            u = np.divide(m, denom, out=m)
             np.multiply(u, u, out=u)
+            sums.append(self.sums(u, np.float64))
             np.greater(denom, dt(2 * eps), out=masks[1])  # √v̂ > ε
-            g2 = np.abs(g, out=_SCRATCH.get("g2", total, g.dtype))  # not g² > 0, which underflows for tiny gradients
-            np.greater(g2, dt(0.0), out=masks[0])
+            np.abs(g, out=work)  # not g² > 0, which underflows for tiny gradients
+            np.greater(work, dt(0.0), out=masks[0])
             np.logical_and(masks[1], masks[0], out=masks[1])
-            np.multiply(g, g, out=g2)
-            tv, tg2 = torch.from_numpy(v), torch.from_numpy(g2)
+            g2 = np.multiply(g, g, out=g)
+            tv, tg2, t_work = torch.from_numpy(v), torch.from_numpy(g2), torch.from_numpy(work)
             # clamp_min as the foreach path's: NaN stays NaN (numpy's maximum is slower at it)
-            floor = torch.clamp_min(tv, c2 * eps_sq, out=torch.from_numpy(denom)).numpy()
-            np.divide(g2, floor, out=terms[1])
+            floor = torch.clamp_min(tv, c2 * eps_sq, out=t_work).numpy()
+            sums.append(self.sums(np.divide(g2, floor, out=work), np.float64))
             if has_previous:
                 c2_prev = 1 - beta2 ** (step - 1)
                 scale = beta2 * c2_prev
@@ -147,12 +154,11 @@ class Segments:
                 # cancellation in w = v - (1-β2)·g² makes two roundings visible in the jump sums.
                 w_t = torch.add(tv, tg2, alpha=-(1 - beta2), out=torch.from_numpy(_SCRATCH.get("w", total, g.dtype)))
                 tol = reconstruction_tolerance(compute_dtype)
-                residue = torch.add(w_t, tv, alpha=-tol, out=torch.from_numpy(denom)).numpy()
+                residue = torch.add(w_t, tv, alpha=-tol, out=t_work).numpy()
                 np.greater(residue, dt(0.0), out=masks[2])
                 torch.clamp_min_(w_t, scale * eps_sq)
                 np.multiply(g2, masks[2], out=g2)
-                np.divide(g2, w_t.numpy(), out=terms[2])
-            sums = self.sums(terms, np.float64)
+                sums.append(self.sums(np.divide(g2, w_t.numpy(), out=work), np.float64))
             counts = self.sums(masks.view(np.uint8), self.count_dtype)
         rows = np.zeros((n, NUM_STATS), dtype=np.float64)
         rows[:, UPDATE_SQ] = sums[0] / (c1 * c1)
@@ -338,14 +344,15 @@ class _Concatenation:
             except (TypeError, RuntimeError):  # a tensor numpy cannot view (conjugate, negative bit)
                 pass
 
-    def __call__(self) -> Tensor:
-        if self.arrays is not None and len(self.arrays) > 1:
+    def __call__(self, copy: bool = False) -> Tensor:
+        """The flat copy, or with one tensor its 1-D view unless ``copy`` (the caller overwrites it)."""
+        if self.views is not None and len(self.views) == 1:
+            return self.views[0].clone() if copy else self.views[0]
+        if self.arrays is not None:
             out = _SCRATCH.get(self.name, self.total, self.arrays[0].dtype)
             return torch.from_numpy(np.concatenate(self.arrays, out=out))
         if self.views is None:
             return _flatten([t.detach() for t in self.tensors])
-        if len(self.views) == 1:
-            return self.views[0]
         return _cat(self.views, self.total, self.name)
 
 
@@ -373,7 +380,7 @@ class FlatRun:
 
         with torch.no_grad():  # no copy here requires grad, whatever the gradients do
             if len(grads) == 1:
-                g = grads[0].detach().reshape(-1)
+                g = grads[0].detach().reshape(-1).clone()
             elif self.grads_1d:
                 try:
                     g = _cat(grads, self.m.total, "g")
@@ -381,9 +388,9 @@ class FlatRun:
                     g = _flatten(grads)
             else:
                 g = _flatten(grads)
-            g, m, v = host(g), host(self.m()), host(self.v())
+            g, m, v = host(g), host(self.m(copy=True)), host(self.v())
             v_den = v if self.v_den is None else host(self.v_den())
         if not g.shape[0] == m.shape[0] == v.shape[0] == v_den.shape[0]:
             raise ValueError(f"gradients of {g.shape[0]} elements for moments of {m.shape[0]}, {v.shape[0]}")
-        # the kernel writes into none of g, m, v: views of the optimizer's own tensors are safe
+        # g and m are this call's own copies, which the statistics overwrite; v may be the optimizer's
         return self.segments.rows(g, m, v, v_den, compute_dtype=compute_dtype, **kw)

@@ -231,3 +231,22 @@ def test_steps_without_any_gradient_report_no_eps_dominance_and_no_alert():
     assert math.isnan(diagnostics_from_statistics(rows[0])[3])
     metrics, _ = log_point("adam", rows, ["w"], skipped=0, alert_count=0, per_parameter=True)
     assert "adam/eps_dominance" not in metrics and "adam_per_parameter/eps_dominance/w" not in metrics
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_flat_paths_leave_the_gradients_and_moments_as_they_were(count, amsgrad):
+    """The numpy kernel works in place in its own copies of g and m, never in the caller's."""
+    from adam_monitor.diagnostics.compiled import StateLayout, fast_adam_statistics
+
+    lists, kw, maxes = stepped_state(torch.float32, steps=3, amsgrad=amsgrad)
+    lists = [ts[:count] for ts in lists]
+    maxes = maxes[:count] if amsgrad else None
+    before = [[t.clone() for t in ts] for ts in lists + ([maxes] if amsgrad else [])]
+    layout = StateLayout(lists[1], lists[2], maxes)
+    flat = adam_statistics(*lists, **kw, max_exp_avg_sqs=maxes, flat=True)
+    for _ in range(2):  # the prepared path twice: its views of the moments are kept between calls
+        prepared = fast_adam_statistics(*lists, **kw, max_exp_avg_sqs=maxes, layout=layout, compiled=False)
+        assert torch.equal(prepared, flat)
+    for ts, saved in zip(lists + ([maxes] if amsgrad else []), before):
+        assert all(torch.equal(t, s) for t, s in zip(ts, saved))
