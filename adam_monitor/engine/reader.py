@@ -693,6 +693,7 @@ class StepReader:
                 rows = zeros()
                 for bucket, rows_part in parts:
                     rows.index_copy_(0, bucket.index(device), rows_part.to(device, non_blocking=True))
+        stepped.grads = None  # kept until the next read, they would outlive a zero_grad(set_to_none=True)
         if self._group is not None:
             weight = self._replica_rows.get(device)
             if weight is None:

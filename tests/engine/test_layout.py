@@ -289,3 +289,19 @@ def test_complex_parameters_read_through_views_kept_across_steps(impl):
         fresh, fresh_step = StepReader(opt).read()
         assert step == fresh_step and torch.equal(rows, fresh)
         assert rows[0, -1] == 2 * 15  # every real and imaginary part a coordinate
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_read_keeps_no_gradient_alive(impl):
+    """zero_grad(set_to_none=True) frees the gradients before the next backward: nothing the
+    reader keeps between steps may hold them."""
+    import gc
+    import weakref
+
+    run = Checked(params_of((5, 3), (7,)), impl)
+    for _ in range(2):
+        run.step()
+    grads = [weakref.ref(p.grad) for p in run.params()]
+    run.opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(g() is None for g in grads)
