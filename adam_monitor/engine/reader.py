@@ -667,6 +667,22 @@ class StepReader:
             self._check.after_step(stepped)
         self._last_read = stepped
         device = stepped.buckets[0].device
+        try:
+            rows = self._rows(stepped, device)
+        finally:
+            stepped.grads = None  # kept until the next read, they would outlive a zero_grad(set_to_none=True)
+        if self._group is not None:
+            weight = self._replica_rows.get(device)
+            if weight is None:
+                weight = host_values(self._replica_weight, torch.float64, device).unsqueeze(1)
+                self._replica_rows[device] = weight
+            # Step counts advance identically on every rank, so all ranks reach this collective.
+            rows.mul_(weight)
+            all_reduce(rows, self._group)
+        return rows, int(stepped.max_step())
+
+    def _rows(self, stepped: _Stepped, device: torch.device) -> Tensor:
+        """The rows of the stepped parameters (the others zero), on ``device``."""
 
         def zeros() -> Tensor:
             return torch.zeros(len(self.params), NUM_STATS, dtype=torch.float64, device=device)
@@ -693,16 +709,7 @@ class StepReader:
                 rows = zeros()
                 for bucket, rows_part in parts:
                     rows.index_copy_(0, bucket.index(device), rows_part.to(device, non_blocking=True))
-        stepped.grads = None  # kept until the next read, they would outlive a zero_grad(set_to_none=True)
-        if self._group is not None:
-            weight = self._replica_rows.get(device)
-            if weight is None:
-                weight = host_values(self._replica_weight, torch.float64, device).unsqueeze(1)
-                self._replica_rows[device] = weight
-            # Step counts advance identically on every rank, so all ranks reach this collective.
-            rows.mul_(weight)
-            all_reduce(rows, self._group)
-        return rows, int(stepped.max_step())
+        return rows
 
     def _adam_rows(self, stepped: _Stepped) -> Iterable[tuple[_Bucket, Tensor]]:
         view = _same if self._plain else real_view
