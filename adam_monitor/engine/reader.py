@@ -98,6 +98,40 @@ def step_of(state: dict, group: dict):
     return state["step"] if "step" in state else group.get("step")
 
 
+#: The moment tensors of Adam's state, by their torch names.
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def quantized(t) -> bool:
+    """Whether ``t`` is a moment kept in a low-bit tensor subclass that dequantizes itself
+    (torchao's 8-bit, 4-bit and FP8 optimizer state): a tensor type of its own with a
+    ``dequantize`` of its own (DTensor and plain tensors have torch's)."""
+    kind = type(t)
+    return isinstance(t, Tensor) and kind.dequantize is not Tensor.dequantize
+
+
+def dequantized(state: dict) -> dict:
+    """``state`` with its quantized moments as the float32 tensors they stand for (a new dict);
+    ``state`` itself where none is quantized."""
+    if not any(quantized(state.get(k)) for k in MOMENT_KEYS):
+        return state
+    return {k: (v.dequantize(torch.float32) if quantized(v) else v) for k, v in state.items()}
+
+
+def moment_dtype(t: Tensor) -> torch.dtype:
+    """The float format whose rounding matches that of moment ``t``: its dtype, or for a quantized
+    moment the format of its resolution (a 256-level code: bfloat16's 8 significant bits; a 16-level
+    code or FP8: float8_e4m3fn's 4)."""
+    if not quantized(t):
+        return t.dtype
+    codes = getattr(t, "codes", None)
+    if isinstance(codes, Tensor) and codes.dtype.is_floating_point:
+        return codes.dtype
+    qmap = getattr(t, "qmap", None)
+    levels = qmap.numel() if isinstance(qmap, Tensor) else 16
+    return torch.bfloat16 if levels >= 256 else torch.float8_e4m3fn
+
+
 def _gradient_as_is(rule: str, decoupled: bool, group: dict) -> bool:
     """Whether the gradient a step of ``group`` used is ``p.grad`` itself (no L2 decay folded in,
     no sign the direction needs, not sparse)."""
@@ -342,6 +376,8 @@ class StepReader:
                 state = self.optimizer.state.get(p)
                 if not state or step_of(state, group) is None:
                     continue
+                if self.foreign:
+                    state = dequantized(state)  # another library's state may be low-bit (torchao)
                 candidates.append((gi, group, p, state))
         if not candidates:
             return []
@@ -663,6 +699,49 @@ def _head_direction(reader: StepReader, p: Tensor, state: dict, group: dict, ste
     )
 
 
+def _low_bit_direction(
+    reader: StepReader, p: Tensor, before: Tensor, moments: tuple[Tensor, Tensor], group: dict, step: float
+) -> Tensor:
+    """Adam's direction on the first coordinates of ``p`` from the moments before its step (as
+    they dequantized) and the gradient it took in: the float values a low-bit optimizer steps with
+    and then rounds back into its codes, which the codes after the step hold only to their resolution."""
+    beta1, beta2, terms_step = adam_terms(reader, group, step)
+    n = before.numel()
+    grad = _head(p.grad, n).double()
+    if group.get("maximize", False):
+        grad = -grad
+    if reader.l2_folded.get(id(group), False):
+        grad = grad + _as_float(group.get("weight_decay", 0.0)) * before.double()
+    raw1 = debiased_beta(beta1, step) if reader.debiased else beta1
+    raw2 = debiased_beta(beta2, step) if reader.debiased else beta2
+    m = raw1 * moments[0].double() + (1 - raw1) * grad
+    v = raw2 * moments[1].double() + (1 - raw2) * grad.square()
+    return adam_direction(
+        m,
+        v,
+        bias_correction1=1 - beta1**terms_step,
+        bias_correction2=1 - beta2**terms_step,
+        eps=_as_float(group["eps"]),
+    )
+
+
+def _check_low_bit(reader: StepReader, p: Tensor, state: dict, group: dict, step: float, stepped: Tensor) -> None:
+    """The direction read from a low-bit state after its step against the one the step took
+    (``stepped``): the moments' codes must hold it to their own resolution (4 units of the float
+    format of the same resolution, :func:`moment_dtype`). FP8 codes with one scale per block flush
+    a block's small second moments to 0, and the direction read there is ε-sized: refused."""
+    read = _head_direction(reader, p, state, group, step, stepped.numel()).double()
+    resolution = 4 * torch.finfo(moment_dtype(reader.optimizer.state[p]["exp_avg_sq"])).eps
+    drift = float((read - stepped).norm() / stepped.norm().clamp_min(1e-300))
+    if not drift <= resolution:
+        name = type(reader.optimizer).__name__
+        raise UnsupportedOptimizer(
+            f"the low-bit state of {name} does not hold the moments its step used (the direction read from it "
+            f"differs from the step's by {drift:.0%} RMS at step {int(step)}, beyond its {resolution:.0%} "
+            "resolution), so its diagnostics would be wrong"
+        )
+
+
 def _kept(reader: StepReader, before: Tensor, after: Tensor, u: Tensor, group: dict) -> Tensor:
     """What of ``before`` the step kept, decoupled weight decay being the only other change: torch's
     ``(1 − η·λ)``; for another class the factor fits the step best within ``[1 − λ, 1]`` (forms of
@@ -701,14 +780,19 @@ class UpdateCheck:
             return  # the base's step inside the subclass's: the parameters before it are not the step's
         params = self.reader.params
         start = self._first % max(len(params), 1)
-        with_grad = [p for p in params[start:] + params[:start] if p.grad is not None][:VERIFIED_TENSORS]
-        self._first = start + VERIFIED_TENSORS
         state = self.reader.optimizer.state
+        with_grad = [p for p in params[start:] + params[:start] if p.grad is not None]
+        if not self.verified and self.reader.foreign:
+            # Low-bit state first: the step read before it is checked would be the least certain.
+            with_grad.sort(key=lambda p: not quantized(state.get(p, {}).get("exp_avg_sq")))
+        with_grad = with_grad[:VERIFIED_TENSORS]
+        self._first = start + VERIFIED_TENSORS
         self._samples = []
         for p in with_grad:
-            m, v = (state.get(p, {}).get(k) for k in ("exp_avg", "exp_avg_sq"))
+            kept = state.get(p, {})
+            m, v = (dequantized(kept).get(k) for k in ("exp_avg", "exp_avg_sq"))
             moments = (_head(m), _head(v)) if isinstance(m, Tensor) and isinstance(v, Tensor) else None
-            self._samples.append((p, _head(p), moments))
+            self._samples.append((p, _head(p), moments, quantized(kept.get("exp_avg"))))
 
     def consumed(self) -> bool:
         """Whether the step just taken cleared every gradient it was given."""
@@ -720,8 +804,8 @@ class UpdateCheck:
         at lr = 0 shows nothing, nor does the first (every coordinate ±1, as a sign or a masked
         update would also give): ``False``, the next one is checked."""
         now = {id(p): (group, state, step) for _, group, p, state, step in stepped}
-        seen = []
-        for p, before, m_before in self._samples:
+        seen, low_bit = [], set()
+        for p, before, m_before, coded in self._samples:
             if id(p) not in now:
                 continue
             group, state, step = now[id(p)]
@@ -729,17 +813,28 @@ class UpdateCheck:
                 return False  # not Adam's state at all: the read says so
             if _as_float(group["lr"]) == 0 or step < 2:
                 return False  # Adam's first step is sign descent, which many other updates agree with
+            if coded and (m_before is None or self.reader.rule != "adam" or group.get("amsgrad", False)):
+                return False  # a low-bit state's step is rebuilt from the moments before it, Adam's only
+            if coded:
+                low_bit.add(id(p))
             seen.append((p, before, m_before, group, state, step))
         if not seen:
             return False
         self._samples = []
         if self.reader.foreign:
-            _learn_gradient_form(self.reader, seen)
+            # A low-bit moment's one-step increment is below its resolution: the form is learned
+            # on full-precision state only (torchao keeps small tensors so).
+            _learn_gradient_form(self.reader, [x for x in seen if id(x[0]) not in low_bit])
         measured, rebuilt, rounding = [], [], []
-        for p, before, _, group, state, step in seen:
+        for p, before, m_before, group, state, step in seen:
             lr = _as_float(group["lr"])
             after = real_view(p.detach()).reshape(-1)[: before.numel()]
-            u = _head_direction(self.reader, p, state, group, step, before.numel()).double()
+            if id(p) in low_bit:
+                # What the step computed in float before rounding its moments back into their codes.
+                u = _low_bit_direction(self.reader, p, before, m_before, group, step).double()
+                _check_low_bit(self.reader, p, state, group, step, u)
+            else:
+                u = _head_direction(self.reader, p, state, group, step, before.numel()).double()
             measured.append(((_kept(self.reader, before, after, u, group) - after) / lr).double())
             rebuilt.append(u)
             rounding.append(_rounding(before.dtype, before, after) / lr)
