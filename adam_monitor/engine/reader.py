@@ -25,6 +25,7 @@ from ..diagnostics.compiled import fast_adam_statistics
 from ..diagnostics.reference import adam_direction, nadam_direction, radam_direction, radam_rectification
 from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
 from ..diagnostics.sharpness import curvature_sums
+from .moments import dequantized, low_bit, state_dtype
 
 __all__ = [
     "StepReader",
@@ -96,40 +97,6 @@ def step_of(state: dict, group: dict):
     """A parameter's step count: in its state (torch), else in its param group (optimi,
     pytorch-optimizer); ``None`` where neither holds one."""
     return state["step"] if "step" in state else group.get("step")
-
-
-#: The moment tensors of Adam's state, by their torch names.
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def quantized(t) -> bool:
-    """Whether ``t`` is a moment kept in a low-bit tensor subclass that dequantizes itself
-    (torchao's 8-bit, 4-bit and FP8 optimizer state): a tensor type of its own with a
-    ``dequantize`` of its own (DTensor and plain tensors have torch's)."""
-    kind = type(t)
-    return isinstance(t, Tensor) and kind.dequantize is not Tensor.dequantize
-
-
-def dequantized(state: dict) -> dict:
-    """``state`` with its quantized moments as the float32 tensors they stand for (a new dict);
-    ``state`` itself where none is quantized."""
-    if not any(quantized(state.get(k)) for k in MOMENT_KEYS):
-        return state
-    return {k: (v.dequantize(torch.float32) if quantized(v) else v) for k, v in state.items()}
-
-
-def moment_dtype(t: Tensor) -> torch.dtype:
-    """The float format whose rounding matches that of moment ``t``: its dtype, or for a quantized
-    moment the format of its resolution (a 256-level code: bfloat16's 8 significant bits; a 16-level
-    code or FP8: float8_e4m3fn's 4)."""
-    if not quantized(t):
-        return t.dtype
-    codes = getattr(t, "codes", None)
-    if isinstance(codes, Tensor) and codes.dtype.is_floating_point:
-        return codes.dtype
-    qmap = getattr(t, "qmap", None)
-    levels = qmap.numel() if isinstance(qmap, Tensor) else 16
-    return torch.bfloat16 if levels >= 256 else torch.float8_e4m3fn
 
 
 def _gradient_as_is(rule: str, decoupled: bool, group: dict) -> bool:
@@ -376,8 +343,7 @@ class StepReader:
                 state = self.optimizer.state.get(p)
                 if not state or step_of(state, group) is None:
                     continue
-                if self.foreign:
-                    state = dequantized(state)  # another library's state may be low-bit (torchao)
+                state = dequantized(state) if self.foreign else state  # another library's may be low-bit
                 candidates.append((gi, group, p, state))
         if not candidates:
             return []
@@ -577,6 +543,7 @@ class StepReader:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 state = self.optimizer.state.get(p)
+                state = dequantized(state) if state and self.foreign else state
                 if not state or "exp_avg" not in state:
                     continue
                 if self._in_step_statistics and hasattr(self.optimizer, "direction"):
@@ -731,7 +698,7 @@ def _check_low_bit(reader: StepReader, p: Tensor, state: dict, group: dict, step
     format of the same resolution, :func:`moment_dtype`). FP8 codes with one scale per block flush
     a block's small second moments to 0, and the direction read there is ε-sized: refused."""
     read = _head_direction(reader, p, state, group, step, stepped.numel()).double()
-    resolution = 4 * torch.finfo(moment_dtype(reader.optimizer.state[p]["exp_avg_sq"])).eps
+    resolution = 4 * torch.finfo(state_dtype(reader.optimizer.state[p], p.dtype)).eps
     drift = float((read - stepped).norm() / stepped.norm().clamp_min(1e-300))
     if not drift <= resolution:
         name = type(reader.optimizer).__name__
@@ -784,7 +751,7 @@ class UpdateCheck:
         with_grad = [p for p in params[start:] + params[:start] if p.grad is not None]
         if not self.verified and self.reader.foreign:
             # Low-bit state first: the step read before it is checked would be the least certain.
-            with_grad.sort(key=lambda p: not quantized(state.get(p, {}).get("exp_avg_sq")))
+            with_grad.sort(key=lambda p: not low_bit(state.get(p, {})))
         with_grad = with_grad[:VERIFIED_TENSORS]
         self._first = start + VERIFIED_TENSORS
         self._samples = []
@@ -792,7 +759,7 @@ class UpdateCheck:
             kept = state.get(p, {})
             m, v = (dequantized(kept).get(k) for k in ("exp_avg", "exp_avg_sq"))
             moments = (_head(m), _head(v)) if isinstance(m, Tensor) and isinstance(v, Tensor) else None
-            self._samples.append((p, _head(p), moments, quantized(kept.get("exp_avg"))))
+            self._samples.append((p, _head(p), moments, low_bit(kept)))
 
     def consumed(self) -> bool:
         """Whether the step just taken cleared every gradient it was given."""

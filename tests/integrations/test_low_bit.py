@@ -1,8 +1,9 @@
-"""torchao's low-bit AdamW, read from its dequantized state.
+"""Low-bit Adams (torchao's 8-bit, 4-bit and FP8 AdamW, bitsandbytes' 8-bit and 32-bit AdamW), read
+from their dequantized state.
 
-Its moments live in 8-bit, 4-bit or FP8 codes with one scale per block; its step computes the new
-moments in float from the dequantized old ones and the gradient, steps with them, and then rounds
-them back into the codes. So the update check rebuilds the step from the moments before it (exact
+Their moments live in low-bit codes with one scale per block (bitsandbytes: ``state1``/``state2``);
+the step computes the new moments in float from the dequantized old ones and the gradient, steps
+with them, and then rounds them back into the codes. So the update check rebuilds the step from the moments before it (exact
 to float rounding), and the rows, read from the codes after it, hold the step to the codes'
 resolution. FP8's block scale flushes a block's small second moments to 0: refused.
 """
@@ -15,9 +16,11 @@ import torch
 from adam_monitor import Monitor
 from adam_monitor.alerts import InstabilityWarning
 from adam_monitor.diagnostics.rows import COUNT, UPDATE_SQ
-from adam_monitor.engine.reader import StepReader, UnsupportedOptimizer, moment_dtype, quantized
+from adam_monitor.engine.moments import dequantized, low_bit, state_dtype
+from adam_monitor.engine.reader import StepReader, UnsupportedOptimizer
 
 ao = pytest.importorskip("torchao.optim")
+bnb = pytest.importorskip("bitsandbytes")
 
 LR = 1e-3
 
@@ -30,7 +33,8 @@ def params():
 
 def train(opt, ps, steps, reader=None, spread=0.0):
     """Per step: (rows, step, unverified) of ``reader`` (if given) and each tensor's applied update
-    over the lr. Gradient coordinates spread over ``spread`` decades of scale."""
+    over the lr, decoupled decay taken out. Gradient coordinates spread over ``spread`` decades of scale."""
+    kept = 1 - LR * opt.param_groups[0].get("weight_decay", 0.0)  # decoupled decay (bitsandbytes' Adam too)
     out = []
     for t in range(1, steps + 1):
         for p in ps:
@@ -38,37 +42,54 @@ def train(opt, ps, steps, reader=None, spread=0.0):
             p.grad = torch.randn_like(p) * scale * (1 + t % 5) * 1e-2
         before = [p.detach().clone() for p in ps]
         opt.step()
-        applied = [(b - p.detach()).double() / LR for b, p in zip(before, ps)]
+        applied = [(kept * b.double() - p.detach().double()) / LR for b, p in zip(before, ps)]
         out.append(((*reader.read(), reader.unverified) if reader is not None else None, applied))
     return out
 
 
-@pytest.mark.parametrize("name, resolution", [("AdamW8bit", 1e-3), ("AdamW4bit", 2e-2)])
-def test_low_bit_adamw_is_read_to_its_resolution(name, resolution):
+#: name -> (make, the codes' resolution of update_rms measured here, whether the big tensor is low-bit)
+LOW_BIT = {
+    "torchao.AdamW8bit": (lambda ps: ao.AdamW8bit(ps, lr=LR, weight_decay=0.0), 1e-3, True),
+    "torchao.AdamW4bit": (lambda ps: ao.AdamW4bit(ps, lr=LR, weight_decay=0.0), 2e-2, True),
+    "bitsandbytes.AdamW8bit": (lambda ps: bnb.optim.AdamW8bit(ps, lr=LR, weight_decay=0.0), 1e-3, True),
+    "bitsandbytes.Adam8bit-decay": (lambda ps: bnb.optim.Adam8bit(ps, lr=LR, weight_decay=1e-2), 1e-3, True),
+    "bitsandbytes.PagedAdamW8bit": (lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=LR, weight_decay=0.0), 1e-3, True),
+    "bitsandbytes.AdamW": (lambda ps: bnb.optim.AdamW(ps, lr=LR, weight_decay=0.0), 0.0, False),
+}
+
+
+@pytest.mark.parametrize("name", LOW_BIT)
+def test_low_bit_adamw_is_read_to_its_resolution(name):
+    make, resolution, coded = LOW_BIT[name]
     ps = params()
-    opt = getattr(ao, name)(ps, lr=LR, weight_decay=0.0)
+    opt = make(ps)
     reader = StepReader(opt)
     for t, ((rows, step, unverified), applied) in enumerate(train(opt, ps, 40, reader), start=1):
         assert step == t and unverified == (t == 1)
         if t == 1:
             continue  # not recorded (what the update is shows from the second step)
-        assert quantized(opt.state[ps[0]]["exp_avg"]) and not quantized(opt.state[ps[1]]["exp_avg"])
+        assert low_bit(opt.state[ps[0]]) == coded and not low_bit(opt.state[ps[1]])
         for i, u in enumerate(applied):
             read = (rows[i, UPDATE_SQ] / rows[i, COUNT]).sqrt()
             true = u.square().mean().sqrt()
             # the low-bit tensor to the codes' resolution; the full-precision one to float32's rounding of p
             rounding = 4 * torch.finfo(torch.float32).eps * ps[i].detach().abs().max() / (LR * true)
-            tolerance = resolution if i == 0 else float(rounding)
+            tolerance = resolution if i == 0 and coded else float(rounding)
             assert abs(read / true - 1) <= tolerance, (t, i, float(read), float(true))
 
 
 def test_low_bit_state_sets_the_rounding_margin_of_the_bound_test():
     ps = params()
-    for name, dtype in [("AdamW8bit", torch.bfloat16), ("AdamW4bit", torch.float8_e4m3fn)]:
-        opt = getattr(ao, name)(ps, lr=LR)
+    for make, dtype in [
+        (ao.AdamW8bit, torch.bfloat16),
+        (ao.AdamW4bit, torch.float8_e4m3fn),
+        (bnb.optim.AdamW8bit, torch.bfloat16),
+        (bnb.optim.AdamW, torch.float32),
+    ]:
+        opt = make(ps, lr=LR)
         train(opt, ps, 1)
-        assert moment_dtype(opt.state[ps[0]]["exp_avg_sq"]) == dtype
-        assert moment_dtype(opt.state[ps[1]]["exp_avg_sq"]) == torch.float32
+        assert state_dtype(opt.state[ps[0]], torch.float32) == dtype
+        assert state_dtype(opt.state[ps[1]], torch.float64) == torch.float32
 
 
 def test_fp8_state_that_flushes_second_moments_is_refused():
@@ -124,3 +145,22 @@ def test_a_low_bit_optimizer_with_another_update_is_refused():
     reader = StepReader(opt)
     with pytest.raises(UnsupportedOptimizer, match="update is not Adam's"):
         train(opt, ps, 3, reader)
+
+
+def test_bitsandbytes_codes_dequantize_as_its_own_function_does():
+    torch.manual_seed(0)
+    for numel in (4096, 5000, 70_000):  # whole blocks, a last partial block, many blocks
+        p = torch.nn.Parameter(torch.randn(numel))
+        opt = bnb.optim.AdamW8bit([p], lr=LR)
+        p.grad = torch.randn_like(p) * torch.logspace(-4, 0, numel)
+        opt.step()
+        state = opt.state[p]
+        ours = dequantized(state)
+        for name, (codes, qmap, absmax) in [
+            ("exp_avg", ("state1", "qmap1", "absmax1")),
+            ("exp_avg_sq", ("state2", "qmap2", "absmax2")),
+        ]:
+            theirs = bnb.functional.dequantize_blockwise(
+                state[codes], absmax=state[absmax], code=state[qmap], blocksize=256
+            )
+            torch.testing.assert_close(ours[name], theirs, rtol=0, atol=0)
