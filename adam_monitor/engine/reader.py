@@ -695,7 +695,7 @@ def _low_bit_direction(
 def _check_low_bit(reader: StepReader, p: Tensor, state: dict, group: dict, step: float, stepped: Tensor) -> None:
     """The direction read from a low-bit state after its step against the one the step took
     (``stepped``): the moments' codes must hold it to their own resolution (4 units of the float
-    format of the same resolution, :func:`moment_dtype`). FP8 codes with one scale per block flush
+    format of the same resolution, :func:`~adam_monitor.engine.moments.state_dtype`). FP8 codes with one scale per block flush
     a block's small second moments to 0, and the direction read there is ε-sized: refused."""
     read = _head_direction(reader, p, state, group, step, stepped.numel()).double()
     resolution = 4 * torch.finfo(state_dtype(reader.optimizer.state[p], p.dtype)).eps
@@ -757,7 +757,8 @@ class UpdateCheck:
         self._samples = []
         for p in with_grad:
             kept = state.get(p, {})
-            m, v = (dequantized(kept).get(k) for k in ("exp_avg", "exp_avg_sq"))
+            readable = dequantized(kept)
+            m, v = readable.get("exp_avg"), readable.get("exp_avg_sq")
             moments = (_head(m), _head(v)) if isinstance(m, Tensor) and isinstance(v, Tensor) else None
             self._samples.append((p, _head(p), moments, low_bit(kept)))
 
@@ -771,7 +772,7 @@ class UpdateCheck:
         at lr = 0 shows nothing, nor does the first (every coordinate ±1, as a sign or a masked
         update would also give): ``False``, the next one is checked."""
         now = {id(p): (group, state, step) for _, group, p, state, step in stepped}
-        seen, low_bit = [], set()
+        seen, coded_ids = [], set()
         for p, before, m_before, coded in self._samples:
             if id(p) not in now:
                 continue
@@ -783,7 +784,7 @@ class UpdateCheck:
             if coded and (m_before is None or self.reader.rule != "adam" or group.get("amsgrad", False)):
                 return False  # a low-bit state's step is rebuilt from the moments before it, Adam's only
             if coded:
-                low_bit.add(id(p))
+                coded_ids.add(id(p))
             seen.append((p, before, m_before, group, state, step))
         if not seen:
             return False
@@ -791,12 +792,12 @@ class UpdateCheck:
         if self.reader.foreign:
             # A low-bit moment's one-step increment is below its resolution: the form is learned
             # on full-precision state only (torchao keeps small tensors so).
-            _learn_gradient_form(self.reader, [x for x in seen if id(x[0]) not in low_bit])
+            _learn_gradient_form(self.reader, [x for x in seen if id(x[0]) not in coded_ids])
         measured, rebuilt, rounding = [], [], []
         for p, before, m_before, group, state, step in seen:
             lr = _as_float(group["lr"])
             after = real_view(p.detach()).reshape(-1)[: before.numel()]
-            if id(p) in low_bit:
+            if id(p) in coded_ids:
                 # What the step computed in float before rounding its moments back into their codes.
                 u = _low_bit_direction(self.reader, p, before, m_before, group, step).double()
                 _check_low_bit(self.reader, p, state, group, step, u)
