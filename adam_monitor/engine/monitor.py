@@ -29,6 +29,7 @@ from ..alerts.records import Alert, InstabilityError, Thresholds
 from ..alerts.rules import AlertRules
 from ..diagnostics.rows import NUM_STATS, rows_with_grad_count
 from .metrics import log_point
+from .moments import state_dtype
 from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_parameters, unwrap_optimizer
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
@@ -51,7 +52,7 @@ def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> A
     if tracked.reader.rule in ("nadam", "radam") or not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
     state = tracked.optimizer.state
-    dtypes = [state.get(p, {}).get("exp_avg", p).dtype for g in groups for p in g["params"]]
+    dtypes = [state_dtype(state.get(p, {}), p.dtype) for g in groups for p in g["params"]]
     return AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds, state_dtypes=dtypes)
 
 

@@ -28,6 +28,7 @@ from ..diagnostics.compiled import StateLayout, fast_adam_statistics
 from ..diagnostics.reference import adam_direction, nadam_direction, radam_direction, radam_rectification
 from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
 from ..diagnostics.sharpness import curvature_sums
+from .moments import dequantized, foreign_moments, low_bit, state_dtype
 
 __all__ = [
     "StepReader",
@@ -289,6 +290,7 @@ class _Bucket:
         "states",
         "in_order",
         "device",
+        "coded",
         "_take",
         "_index",
         "_views",
@@ -302,6 +304,8 @@ class _Bucket:
         self.params = [layout.params[i] for i in self.positions]
         self.states = [layout.cand_states[c] for c in members]
         self.in_order = self.positions == list(range(len(layout.params)))
+        # Moments another library keeps as codes or under its own names, read afresh at each step.
+        self.coded = any(layout.cand_coded[c] for c in members)
         self.device = local_tensor(self.params[0]).device
         self._take = operator.itemgetter(*self.positions) if len(self.positions) > 1 else None
         self._index: dict[torch.device, Tensor] = {}
@@ -320,21 +324,25 @@ class _Bucket:
             index = self._index[device] = host_values(self.positions, torch.long, device)
         return index
 
-    def views(self, view, amsgrad: bool) -> tuple[list, list, list | None, StateLayout]:
-        """``(exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, their StateLayout)`` as the
-        statistics read them (``view``: the real view of complex or sharded tensors), made once;
+    def views(self, view, amsgrad: bool, states: list[dict]) -> tuple[list, list, list | None, StateLayout]:
+        """``(exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, their StateLayout)`` of ``states``
+        (this read's, :meth:`_Stepped.states`) as the statistics read them (``view``: the real view
+        of complex or sharded tensors), made once where they are the optimizer's own tensors;
         ``UnsupportedOptimizer`` where a state is not Adam's."""
-        if self._views is None:
-            for state in self.states:
+        if self._views is None or self.coded:
+            for state in states:
                 missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
                 if missing:
                     raise UnsupportedOptimizer(
                         f"its state has no {' or '.join(missing)} (keys: {sorted(state, key=str)}), so it is not Adam's state"
                     )
-            m = [view(s["exp_avg"]) for s in self.states]
-            v = [view(s["exp_avg_sq"]) for s in self.states]
-            v_max = [view(s["max_exp_avg_sq"]) for s in self.states] if amsgrad else None
-            self._views = m, v, v_max, StateLayout(m, v, v_max)
+            m = [view(s["exp_avg"]) for s in states]
+            v = [view(s["exp_avg_sq"]) for s in states]
+            v_max = [view(s["max_exp_avg_sq"]) for s in states] if amsgrad else None
+            views = m, v, v_max, StateLayout(m, v, v_max)
+            if self.coded:
+                return views  # the dequantized copies of one read are not kept past it
+            self._views = views
         return self._views
 
 
@@ -364,6 +372,7 @@ class _Layout:
         "cand_index",
         "cand_group",
         "cand_states",
+        "cand_coded",
         "tensor_steps",
         "raw",
         "held",
@@ -407,6 +416,7 @@ class _Layout:
                         bucket_of.append(keys.setdefault((gi, local.device, local.dtype), len(keys)))
                 i += 1
         self.cand_index = {i: c for c, i in enumerate(self.cand)}
+        self.cand_coded = list(map(foreign_moments, self.cand_states)) if reader.foreign else [False] * len(self.cand)
         self.bucket_of = np.array(bucket_of, dtype=np.int64)
         starts = {}
         self.first = np.array([starts.setdefault(b, c) for c, b in enumerate(bucket_of)], dtype=np.int64)
@@ -513,10 +523,33 @@ class _Stepped:
     """What one read found stepped: its buckets and the step counts. Iterates as
     ``(group index, group, param, state, step)`` in parameter order; false when nothing stepped."""
 
-    __slots__ = ("layout", "buckets", "steps", "stepped", "grads")
+    __slots__ = ("layout", "buckets", "steps", "stepped", "grads", "_readable")
 
     def __init__(self, layout: _Layout | None, buckets: list[_Bucket], steps, stepped, grads: list):
         self.layout, self.buckets, self.steps, self.stepped, self.grads = layout, buckets, steps, stepped, grads
+        self._readable: dict[int, dict] = {}  # candidate -> its state dequantized, for this read
+
+    def state(self, c: int) -> dict:
+        """Candidate ``c``'s state with its moments as torch's tensors (low-bit codes dequantized
+        once per read, until :meth:`let_go`)."""
+        state = self.layout.cand_states[c]
+        if not self.layout.cand_coded[c]:
+            return state
+        readable = self._readable.get(c)
+        if readable is None:
+            readable = self._readable[c] = dequantized(state)
+        return readable
+
+    def states(self, bucket: _Bucket) -> list[dict]:
+        """The states of ``bucket``'s parameters as :meth:`state` reads them."""
+        return list(map(self.state, bucket.members)) if bucket.coded else bucket.states
+
+    def let_go(self) -> None:
+        """Drop what the read held that would outlive it: the gradients (they would outlive a
+        ``zero_grad(set_to_none=True)``) and the dequantized moments (float32 copies of the
+        parameters, on the optimizers that keep low-bit state to save them)."""
+        self.grads = None
+        self._readable = {}
 
     def __bool__(self) -> bool:
         return bool(self.buckets)
@@ -531,7 +564,7 @@ class _Stepped:
         entries = []
         for b in self.buckets:
             group, step = self.layout.groups[b.gi], self.step(b)
-            entries += [(pos, b.gi, group, p, s, step) for pos, p, s in zip(b.positions, b.params, b.states)]
+            entries += [(pos, b.gi, group, p, s, step) for pos, p, s in zip(b.positions, b.params, self.states(b))]
         entries.sort(key=operator.itemgetter(0))
         return [e[1:] for e in entries]
 
@@ -544,7 +577,7 @@ class _Stepped:
         c = layout.cand_index.get(position)
         if c is None or not self.stepped[c]:
             return None
-        return layout.groups[layout.cand_group[c]], layout.cand_states[c], float(self.steps[c])
+        return layout.groups[layout.cand_group[c]], self.state(c), float(self.steps[c])
 
 
 _NOTHING = _Stepped(None, [], None, None, [])
@@ -670,7 +703,7 @@ class StepReader:
         try:
             rows = self._rows(stepped, device)
         finally:
-            stepped.grads = None  # kept until the next read, they would outlive a zero_grad(set_to_none=True)
+            stepped.let_go()
         if self._group is not None:
             weight = self._replica_rows.get(device)
             if weight is None:
@@ -718,13 +751,14 @@ class StepReader:
             step = stepped.step(bucket)
             beta1, beta2, terms_step = adam_terms(self, group, step)
             eps = _as_float(group["eps"])
-            exp_avgs, exp_avg_sqs, max_exp_avg_sqs, layout = bucket.views(view, group.get("amsgrad", False))
+            states = stepped.states(bucket)
+            exp_avgs, exp_avg_sqs, max_exp_avg_sqs, layout = bucket.views(view, group.get("amsgrad", False), states)
             if _gradient_as_is(self.rule, self.decoupled(group), group):
                 grads = bucket.grads(stepped.grads)
                 if not self._plain:
                     grads = list(map(real_view, grads))
             else:
-                grads = [self._gradient_used(p, state, group, step) for p, state in zip(bucket.params, bucket.states)]
+                grads = [self._gradient_used(p, state, group, step) for p, state in zip(bucket.params, states)]
             rectified = self.rule != "radam" or radam_rectification(beta2, step) is not None
             if self.rule in ("radam", "sparse_adam"):
                 # These add ε to √v, not to √v̂: ε sets the step where √v̂ ≤ ε/√c2.
@@ -743,7 +777,7 @@ class StepReader:
             if self.rule != "adam":
                 # The moments' statistics hold; the update is this optimizer's own direction.
                 rows = rows.clone()
-                for i, (p, state, g) in enumerate(zip(bucket.params, bucket.states, grads)):
+                for i, (p, state, g) in enumerate(zip(bucket.params, states, grads)):
                     u = self.direction(p, state, group, step, grad=g)
                     rows[i, UPDATE_SQ] = u.double().square().sum()
                 if not rectified:
@@ -803,6 +837,7 @@ class StepReader:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 state = self.optimizer.state.get(p)
+                state = dequantized(state) if state and self.foreign else state
                 if not state or "exp_avg" not in state:
                     continue
                 if self._in_step_statistics and hasattr(self.optimizer, "direction"):
@@ -925,6 +960,49 @@ def _head_direction(reader: StepReader, p: Tensor, state: dict, group: dict, ste
     )
 
 
+def _low_bit_direction(
+    reader: StepReader, p: Tensor, before: Tensor, moments: tuple[Tensor, Tensor], group: dict, step: float
+) -> Tensor:
+    """Adam's direction on the first coordinates of ``p`` from the moments before its step (as
+    they dequantized) and the gradient it took in: the float values a low-bit optimizer steps with
+    and then rounds back into its codes, which the codes after the step hold only to their resolution."""
+    beta1, beta2, terms_step = adam_terms(reader, group, step)
+    n = before.numel()
+    grad = _head(p.grad, n).double()
+    if group.get("maximize", False):
+        grad = -grad
+    if reader.l2_folded.get(id(group), False):
+        grad = grad + _as_float(group.get("weight_decay", 0.0)) * before.double()
+    raw1 = debiased_beta(beta1, step) if reader.debiased else beta1
+    raw2 = debiased_beta(beta2, step) if reader.debiased else beta2
+    m = raw1 * moments[0].double() + (1 - raw1) * grad
+    v = raw2 * moments[1].double() + (1 - raw2) * grad.square()
+    return adam_direction(
+        m,
+        v,
+        bias_correction1=1 - beta1**terms_step,
+        bias_correction2=1 - beta2**terms_step,
+        eps=_as_float(group["eps"]),
+    )
+
+
+def _check_low_bit(reader: StepReader, p: Tensor, state: dict, group: dict, step: float, stepped: Tensor) -> None:
+    """The direction read from a low-bit state after its step against the one the step took
+    (``stepped``): the moments' codes must hold it to their own resolution (4 units of the float
+    format of the same resolution, :func:`~adam_monitor.engine.moments.state_dtype`). FP8 codes with one scale per block flush
+    a block's small second moments to 0, and the direction read there is ε-sized: refused."""
+    read = _head_direction(reader, p, state, group, step, stepped.numel()).double()
+    resolution = 4 * torch.finfo(state_dtype(reader.optimizer.state[p], p.dtype)).eps
+    drift = float((read - stepped).norm() / stepped.norm().clamp_min(1e-300))
+    if not drift <= resolution:
+        name = type(reader.optimizer).__name__
+        raise UnsupportedOptimizer(
+            f"the low-bit state of {name} does not hold the moments its step used (the direction read from it "
+            f"differs from the step's by {drift:.0%} RMS at step {int(step)}, beyond its {resolution:.0%} "
+            "resolution), so its diagnostics would be wrong"
+        )
+
+
 def _kept(reader: StepReader, before: Tensor, after: Tensor, u: Tensor, group: dict) -> Tensor:
     """What of ``before`` the step kept, decoupled weight decay being the only other change: torch's
     ``(1 − η·λ)``; for another class the factor fits the step best within ``[1 − λ, 1]`` (forms of
@@ -963,15 +1041,20 @@ class UpdateCheck:
             return  # the base's step inside the subclass's: the parameters before it are not the step's
         params = self.reader.params
         start = self._first % max(len(params), 1)
-        turn = chain(params[start:], params[:start])
-        with_grad = list(islice((p for p in turn if p.grad is not None), VERIFIED_TENSORS))
-        self._first = start + VERIFIED_TENSORS
         state = self.reader.optimizer.state
+        turn = (p for p in chain(params[start:], params[:start]) if p.grad is not None)
+        if not self.verified and self.reader.foreign:
+            # Low-bit state first: the step read before it is checked would be the least certain.
+            turn = sorted(turn, key=lambda p: not low_bit(state.get(p, {})))
+        with_grad = list(islice(turn, VERIFIED_TENSORS))
+        self._first = start + VERIFIED_TENSORS
         self._samples = []
         for p in with_grad:
-            m, v = (state.get(p, {}).get(k) for k in ("exp_avg", "exp_avg_sq"))
+            kept = state.get(p, {})
+            readable = dequantized(kept)
+            m, v = readable.get("exp_avg"), readable.get("exp_avg_sq")
             moments = (_head(m), _head(v)) if isinstance(m, Tensor) and isinstance(v, Tensor) else None
-            self._samples.append((p, _head(p), moments))
+            self._samples.append((p, _head(p), moments, low_bit(kept)))
 
     def consumed(self) -> bool:
         """Whether the step just taken cleared every gradient it was given."""
@@ -982,9 +1065,9 @@ class UpdateCheck:
         (to float rounding), else ``UnsupportedOptimizer`` saying by how much they differ. A step
         at lr = 0 shows nothing, nor does the first (every coordinate ±1, as a sign or a masked
         update would also give): ``False``, the next one is checked."""
-        seen = []
+        seen, coded_ids = [], set()
         position = self.reader._position
-        for p, before, m_before in self._samples:
+        for p, before, m_before, coded in self._samples:
             found = stepped.find(position[id(p)]) if id(p) in position else None
             if found is None:
                 continue
@@ -993,17 +1076,28 @@ class UpdateCheck:
                 return False  # not Adam's state at all: the read says so
             if _as_float(group["lr"]) == 0 or step < 2:
                 return False  # Adam's first step is sign descent, which many other updates agree with
+            if coded and (m_before is None or self.reader.rule != "adam" or group.get("amsgrad", False)):
+                return False  # a low-bit state's step is rebuilt from the moments before it, Adam's only
+            if coded:
+                coded_ids.add(id(p))
             seen.append((p, before, m_before, group, state, step))
         if not seen:
             return False
         self._samples = []
         if self.reader.foreign:
-            _learn_gradient_form(self.reader, seen)
+            # A low-bit moment's one-step increment is below its resolution: the form is learned
+            # on full-precision state only (torchao keeps small tensors so).
+            _learn_gradient_form(self.reader, [x for x in seen if id(x[0]) not in coded_ids])
         measured, rebuilt, rounding = [], [], []
-        for p, before, _, group, state, step in seen:
+        for p, before, m_before, group, state, step in seen:
             lr = _as_float(group["lr"])
             after = real_view(p.detach()).reshape(-1)[: before.numel()]
-            u = _head_direction(self.reader, p, state, group, step, before.numel()).double()
+            if id(p) in coded_ids:
+                # What the step computed in float before rounding its moments back into their codes.
+                u = _low_bit_direction(self.reader, p, before, m_before, group, step).double()
+                _check_low_bit(self.reader, p, state, group, step, u)
+            else:
+                u = _head_direction(self.reader, p, state, group, step, before.numel()).double()
             measured.append(((_kept(self.reader, before, after, u, group) - after) / lr).double())
             rebuilt.append(u)
             rounding.append(_rounding(before.dtype, before, after) / lr)

@@ -124,6 +124,22 @@ def test_scalars_are_the_applied_updates_on_the_global_step_axis(tmp_path, monke
     assert alert_records(tmp_path / "tb") == []
 
 
+@pytest.mark.parametrize(
+    "optim, resolution", [("adamw_bnb_8bit", 1e-3), ("adamw_torch_8bit", 1e-3), ("adamw_torch_4bit", 3e-2)]
+)
+def test_the_trainers_low_bit_optimizers_are_read_to_their_resolution(tmp_path, monkeypatch, optim, resolution):
+    # bitsandbytes' and torchao's: another library's class, verified from its second step on
+    pytest.importorskip("bitsandbytes" if "bnb" in optim else "torchao")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    recorder = UpdateRecorder()
+    train(tmp_path, [recorder, AdamMonitorCallback(log_every_n_steps=1)], learning_rate=1e-2, optim=optim)
+    logged = scalars(tmp_path / "tb")
+    assert [s for s, _ in logged["adam/update_rms"]] == list(range(2, 13))
+    errors = [abs(v - recorder.rms[s]) / recorder.rms[s] for s, v in logged["adam/update_rms"]]
+    assert max(errors) < resolution
+    assert alert_records(tmp_path / "tb") == []
+
+
 def test_gradient_accumulation_logs_once_per_optimizer_step_beside_the_trainers_logs(tmp_path):
     # No TENSORBOARD_LOGGING_DIR: transformers 5 picks output_dir/runs/<time>_<host> itself.
     callback = AdamMonitorCallback()
