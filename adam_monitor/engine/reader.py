@@ -583,6 +583,24 @@ class _Stepped:
 _NOTHING = _Stepped(None, [], None, None, [])
 
 
+def _check_counted(layout: _Layout, optimizer: torch.optim.Optimizer) -> None:
+    """``UnsupportedOptimizer`` where a step gave a parameter a state but no step count (in it or
+    in its param group): its moments could never be read, and saying nothing would look like a
+    monitor that works."""
+    for p, _ in layout.pending:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        name, keys = type(optimizer).__name__, sorted(state, key=str)
+        missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
+        what = f"no {' or '.join(missing)} and " if missing else ""
+        hint = ": a schedule-free optimizer's z and averaged iterate replace Adam's momentum" if "z" in state else ""
+        raise UnsupportedOptimizer(
+            f"the state of {name} has {what}no step count (its keys: {keys}; its param group has no 'step' "
+            f"either), so it is not Adam's state{hint}"
+        )
+
+
 class StepReader:
     """Statistics rows for the last step of one optimizer, one row per parameter.
 
@@ -670,6 +688,7 @@ class StepReader:
         """The params whose step count advanced, in buckets."""
         layout, grads = self._read_layout()
         if not layout.cand:
+            _check_counted(layout, self.optimizer)
             return _NOTHING
         steps = layout.steps(self.optimizer, after_step)
         # A step skipped by a GradScaler leaves the count unchanged (at 0 when the very first

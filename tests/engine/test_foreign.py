@@ -25,11 +25,16 @@ class HandAdam(torch.optim.Optimizer):
         self.sign = how.get("sign", False)
         self.debiased = how.get("debiased", False)  # moments kept bias-corrected, as optimi keeps them
         self.yogi = how.get("yogi", False)  # Yogi's second moment: v − (1 − β2)·sign(v − g²)·g²
+        self.counted = how.get("counted", True)  # False: the step count kept where no reader looks
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            group["step"] = t = group.get("step", 0) + 1
+            t = group.get("step", getattr(self, "_count", 0)) + 1
+            if self.counted:
+                group["step"] = t
+            else:
+                self._count = t
             b1, b2, lr, wd, eps = (group[k] for k in ("beta1", "beta2", "lr", "weight_decay", "eps"))
             for p in group["params"]:
                 if p.grad is None:
@@ -193,6 +198,16 @@ def test_a_second_moment_that_is_not_adams_is_named():
     model = torch.nn.Linear(8, 1)
     values, messages = run(HandAdam(model.parameters(), beta2=0.999, yogi=True), model, 3)
     assert values == {} and len(messages) == 1 and "second moment of HandAdam is not" in messages[0]
+
+
+def test_a_state_that_counts_no_steps_is_named_not_left_silent():
+    # Its moments are Adam's, but no reader can tell how many steps they have taken in: rather
+    # than read nothing for the whole run, the monitor says so at the first step.
+    model = torch.nn.Linear(8, 1)
+    values, messages = run(HandAdam(model.parameters(), counted=False), model, 3)
+    assert values == {} and len(messages) == 1
+    assert "stopped monitoring HandAdam" in messages[0] and "no step count" in messages[0], messages
+    assert "'exp_avg', 'exp_avg_sq'" in messages[0]
 
 
 def test_groups_that_are_not_adams_say_what_is_missing():

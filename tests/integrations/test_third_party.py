@@ -16,6 +16,7 @@ from adam_monitor.engine.reader import StepReader
 
 optimi = pytest.importorskip("optimi")
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+schedulefree = pytest.importorskip("schedulefree")
 
 LR = 1e-2
 
@@ -84,7 +85,17 @@ NOT_READ = {
     "pytorch_optimizer.ADOPT": (lambda ps: pytorch_optimizer.ADOPT(ps, lr=LR), "first moment of ADOPT"),
     "pytorch_optimizer.AdaBelief": (lambda ps: pytorch_optimizer.AdaBelief(ps, lr=LR), "no exp_avg_sq"),
     "pytorch_optimizer.Adan": (lambda ps: pytorch_optimizer.Adan(ps, lr=LR), "has 3 betas"),
+    # in training mode, as its users must put it: p holds the interpolation y, the state z and v
+    "schedulefree.AdamWScheduleFree": (
+        lambda ps: _training(schedulefree.AdamWScheduleFree(ps, lr=LR)),
+        "no exp_avg and no step count (its keys: ['exp_avg_sq', 'z']",
+    ),
 }
+
+
+def _training(opt):
+    opt.train()
+    return opt
 
 
 @pytest.mark.parametrize("name", NOT_READ)
