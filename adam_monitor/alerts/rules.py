@@ -149,18 +149,23 @@ def _first_worst(new: np.ndarray, score: np.ndarray) -> int:
 
 
 class JumpModel(NamedTuple):
-    """Per-subject betas and their powers on the grid of steps after a jump (``_jump_grid``)."""
+    """The betas of the subjects, once per distinct pair (most runs have one), their powers on the
+    grid of steps after a jump (``_jump_grid``), and each subject's pair."""
 
-    beta1: np.ndarray  # [S]
-    beta2: np.ndarray  # [S]
-    beta1_k: np.ndarray  # [S, K]
-    beta2_k: np.ndarray  # [S, K]
+    beta1: np.ndarray  # [P]
+    beta2: np.ndarray  # [P]
+    beta1_k: np.ndarray  # [P, K]
+    beta2_k: np.ndarray  # [P, K]
+    pair_of: np.ndarray  # [S]: each subject's row of the above
 
 
 def jump_model(subject_betas: Sequence[tuple[float, float]]) -> JumpModel:
     ks = np.array(_jump_grid(), dtype=np.float64)
     b = np.array(subject_betas, dtype=np.float64).reshape(-1, 2)
-    return JumpModel(np.ascontiguousarray(b[:, 0]), np.ascontiguousarray(b[:, 1]), b[:, :1] ** ks, b[:, 1:] ** ks)
+    pairs, pair_of = np.unique(b, axis=0, return_inverse=True)
+    pairs = pairs.reshape(-1, 2)
+    beta1, beta2 = np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
+    return JumpModel(beta1, beta2, pairs[:, :1] ** ks, pairs[:, 1:] ** ks, pair_of.reshape(-1))
 
 
 def jump_updates(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +174,8 @@ def jump_updates(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.
     β2 = 0 (no v̂_{t-1}: v̂_t = g_t² makes the staleness 1 whatever the gradients did).
 
     Inverts the staleness for a (see :class:`AlertRules`) and evaluates the jump formula with bias
-    corrections for a gradient that stays at its new scale.
+    corrections for a gradient that stays at its new scale. What depends on the betas alone is
+    computed once per pair of them.
     """
     if step < 2:
         return np.zeros((len(stale_sq), model.beta1_k.shape[1])), np.full_like(stale_sq, math.nan)
@@ -177,15 +183,19 @@ def jump_updates(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.
     p1, p2 = b1 ** (step - 1), b2 ** (step - 1)  # β^(t-1)
     c2 = 1 - p2 * b2  # c2(t)
     prev = c2 - (1 - b2)  # β2·c2(t-1)
-    room = np.maximum(c2 - (1 - b2) * stale_sq, np.finfo(np.float64).tiny)
-    x = np.clip(prev * stale_sq / room, 0.0, 1e12)
-    a = np.sqrt(x)[:, None]
     w1 = model.beta1_k * (1 - p1)[:, None] / (1 - p1[:, None] * model.beta1_k)
     w2 = model.beta2_k * (1 - p2)[:, None] / (1 - p2[:, None] * model.beta2_k)
+    memoryless = b2 == 0
+    if len(b1) > 1:  # per subject
+        of = model.pair_of
+        b2, c2, prev, w1, w2, memoryless = b2[of], c2[of], prev[of], w1[of], w2[of], memoryless[of]
+    room = np.maximum(c2 - (1 - b2) * stale_sq, np.finfo(np.float64).tiny)
+    x = np.clip(prev * stale_sq / room, 0.0, 1e12)
+    a = np.sqrt(x)
     with np.errstate(divide="ignore", invalid="ignore"):
-        u = (w1 + (1 - w1) * a) / np.sqrt(w2 + (1 - w2) * a * a)
-    memoryless = (b2 == 0)[:, None]
-    return np.where(memoryless, 0.0, u), np.where(memoryless[:, 0], math.nan, a[:, 0])
+        u = (w1 + (1 - w1) * a[:, None]) / np.sqrt(w2 + (1 - w2) * (a * a)[:, None])
+    memoryless = np.broadcast_to(memoryless, a.shape)
+    return np.where(memoryless[:, None], 0.0, u), np.where(memoryless, math.nan, a)
 
 
 def predicted_peak(step: int, stale_sq: np.ndarray, model: JumpModel) -> tuple[np.ndarray, np.ndarray]:

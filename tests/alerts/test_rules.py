@@ -13,6 +13,7 @@ from adam_monitor.alerts.rules import (
     eps_dominance,
     gradient_growth,
     jump_model,
+    jump_updates,
     nonfinite,
     predicted_peak,
     stale_second_moment,
@@ -315,6 +316,20 @@ def test_predicted_peak_matches_the_jump_formula_at_steady_state():
     assert peak[0] == pytest.approx(jump_peak(0.9, b2, a)[1], rel=2e-2)  # geometric grid of k
     peak, jump = predicted_peak(1, stale_sq, jump_model([(0.9, b2)]))
     assert peak[0] == 0 and math.isnan(jump[0])  # step 1: no v̂_{t-1} to be stale
+
+
+def test_jump_updates_of_subjects_with_different_betas_are_each_their_own():
+    # The terms that depend on the betas alone are computed once per distinct pair: each subject
+    # must still get its own pair's, in whatever order the pairs come.
+    betas = [(0.9, 0.999), (0.9, 0.95), (0.95, 0.0), (0.0, 0.99), (0.9, 0.999), (0.5, 0.2)]
+    stale_sq = np.array([0.0, 0.3, 1.0, 2.5, 40.0, 0.9])
+    for t in (2, 3, 10, 500, 10**6):
+        u, a = jump_updates(t, stale_sq, jump_model(betas))
+        for i, pair in enumerate(betas):
+            alone_u, alone_a = jump_updates(t, stale_sq[i : i + 1], jump_model([pair]))
+            np.testing.assert_allclose(u[i], alone_u[0], rtol=1e-14, atol=0)
+            np.testing.assert_allclose(a[i], alone_a[0], rtol=1e-14, atol=0)  # NaN where β2 = 0
+        assert np.all(u[2] == 0) and math.isnan(a[2])
 
 
 def test_rule_state_survives_a_beta_schedule():
