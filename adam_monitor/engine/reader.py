@@ -205,12 +205,24 @@ def update_rule(optimizer: torch.optim.Optimizer) -> tuple[str, bool] | None:
     return None
 
 
+#: Adafactor's groups (torch's ``beta2_decay``, transformers' ``decay_rate``): what it keeps instead of Adam's state.
+_ADAFACTOR = (
+    "{name} factors its second moment (Adafactor): it keeps a matrix's v as its row and column means, a "
+    "coordinate's v̂ rebuilt from them, no first moment (transformers': unless beta1 is set), and by "
+    "default scales its steps by each parameter's RMS, so neither Adam's update nor the staleness of a "
+    "coordinate's v̂ can be read from it; adam_monitor.optim.Adam(beta2_schedule='adafactor', "
+    "update_clip=1.0) is Adam with Adafactor's β2 schedule and update clipping, and is monitored"
+)
+
+
 def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     """Why this optimizer cannot be monitored, or ``None`` if it can (checks the configuration only)."""
     if _records_statistics(optimizer):
         return None
     name = type(optimizer).__name__
     for i, group in enumerate(optimizer.param_groups):
+        if "betas" not in group and ("beta2_decay" in group or "decay_rate" in group):
+            return _ADAFACTOR.format(name=name)
         missing = [k for k in ("betas", "eps") if k not in group]
         if "betas" in missing and "beta1" in group and "beta2" in group:
             missing.remove("betas")

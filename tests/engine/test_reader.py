@@ -11,6 +11,7 @@ import torch
 from adam_monitor import Monitor
 from adam_monitor.diagnostics import EPS_COUNT, tensor_statistics
 from adam_monitor.engine.reader import StepReader, UnsupportedOptimizer
+from adam_monitor.optim import Adam
 
 IMPLEMENTATIONS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 DECAY = {"none": (torch.optim.Adam, 0.0), "adam-l2": (torch.optim.Adam, 0.1), "adamw": (torch.optim.AdamW, 0.1)}
@@ -128,6 +129,31 @@ def test_an_optimizer_without_adam_state_warns_once_and_training_goes_on(make, t
     assert len(messages) == 1
     assert type(opt).__name__ in messages[0] and "exp_avg" in messages[0]
     assert monitor.compute() == {} and monitor.optimizers == []
+
+
+def _transformers_adafactor(ps):
+    optimization = pytest.importorskip("transformers.optimization")
+    return optimization.Adafactor(ps, lr=1e-3, relative_step=False, scale_parameter=False)
+
+
+@pytest.mark.parametrize("make", [torch.optim.Adafactor, _transformers_adafactor], ids=["torch", "transformers"])
+def test_adafactor_is_named_for_what_it_keeps_and_pointed_to_a_monitored_equivalent(make):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = make([p])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = Monitor(opt, log_every_n_steps=1)
+        for _ in range(3):
+            p.grad = torch.randn(4, 3)
+            opt.step()
+        monitor.close()
+    messages = [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
+    assert len(messages) == 1 and "factors its second moment (Adafactor)" in messages[0], messages
+    assert monitor.compute() == {} and monitor.optimizers == []
+    # the equivalent it names exists as written, and is read
+    assert "adam_monitor.optim.Adam(beta2_schedule='adafactor', update_clip=1.0)" in messages[0]
+    equivalent = Adam([torch.nn.Parameter(torch.randn(4, 3))], beta2_schedule="adafactor", update_clip=1.0)
+    assert StepReader(equivalent).rule == "in_step"
 
 
 def test_an_adam_subclass_with_other_state_keys_is_dropped_with_one_warning():
