@@ -82,6 +82,24 @@ class Checked:
         return self.reader._layout
 
 
+def stepped_with_random_gradients(opt, params, steps: int):
+    """Steps 1 … ``steps`` of ``opt``, each with new random gradients, yielding each step's number after it."""
+    for t in range(1, steps + 1):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        yield t
+
+
+def started(impl: str, *shapes, steps: int):
+    """Parameters of ``shapes`` and a checked run of ``impl`` over them, ``steps`` steps in."""
+    params = params_of(*shapes)
+    run = Checked(params, impl)
+    for _ in range(steps):
+        run.step()
+    return params, run
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_the_layout_is_kept_while_nothing_changes(impl):
     run = Checked(params_of((5, 3), (7,), (4,)), impl)
@@ -143,10 +161,7 @@ def test_a_param_group_added_mid_run(impl):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_a_param_frozen_after_some_steps_then_unfrozen(impl):
-    params = params_of((5, 3), (7,), (4,))
-    run = Checked(params, impl)
-    for _ in range(3):
-        run.step()
+    params, run = started(impl, (5, 3), (7,), (4,), steps=3)
     for _ in range(3):
         run.step(none=params[1:2])  # frozen: its count stays at 3
     layouts = set()
@@ -179,10 +194,7 @@ def test_a_param_without_a_gradient_at_first_gets_its_state_later(impl):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_state_dicts_and_state_tensors_replaced_in_place(impl):
     """As moving a state to a device does: new dicts under the same keys, or one tensor of one dict."""
-    params = params_of((5, 3), (7,))
-    run = Checked(params, impl)
-    for _ in range(3):
-        run.step()
+    params, run = started(impl, (5, 3), (7,), steps=3)
     state = run.opt.state
     state[params[0]] = {k: v.clone() for k, v in state[params[0]].items()}
     run.step()
@@ -195,10 +207,7 @@ def test_state_dicts_and_state_tensors_replaced_in_place(impl):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_a_parameter_replaced_in_its_group(impl):
-    params = params_of((5, 3), (7,))
-    run = Checked(params, impl)
-    for _ in range(3):
-        run.step()
+    params, run = started(impl, (5, 3), (7,), steps=3)
     replacement = params_of((7,))[0]
     run.opt.param_groups[0]["params"][1] = replacement
     for _ in range(3):
@@ -226,10 +235,7 @@ def test_amsgrad_and_several_groups(impl):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_a_parameter_appended_to_a_groups_list(impl):
-    params = params_of((5, 3), (7,))
-    run = Checked(params, impl)
-    for _ in range(2):
-        run.step()
+    params, run = started(impl, (5, 3), (7,), steps=2)
     run.opt.param_groups[0]["params"].append(params_of((3,))[0])
     for _ in range(2):
         run.step()
@@ -244,10 +250,7 @@ def test_a_group_dict_replaced_where_the_step_count_lives_in_it():
     params = params_of((5, 3), (7,))
     opt = HandAdam(params)
     reader = StepReader(opt)
-    for t in range(1, 7):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
+    for t in stepped_with_random_gradients(opt, params, 6):
         if t == 3:
             opt.param_groups[0] = dict(opt.param_groups[0])  # a copy: the old dict no longer counts
         if t > 3:
@@ -279,10 +282,7 @@ def test_complex_parameters_read_through_views_kept_across_steps(impl):
     params = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.complex128)), params_of((7,))[0]]
     opt = torch.optim.AdamW(params, betas=(0.9, 0.95), **IMPLEMENTATIONS[impl])
     reader = StepReader(opt)
-    for t in range(1, 7):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
+    for t in stepped_with_random_gradients(opt, params, 6):
         if t == 3:
             opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         rows, step = reader.read(after_step=True)
