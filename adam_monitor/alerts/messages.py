@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .records import Thresholds
 
 if TYPE_CHECKING:
-    from .rules import EpsFinding, GrowthFinding, NonfiniteFinding, SpikeFinding, StaleFinding
+    from .rules import EpsFinding, FreshFinding, GrowthFinding, NonfiniteFinding, SpikeFinding, StaleFinding
 
 __all__ = [
     "describe_subject",
@@ -21,6 +21,7 @@ __all__ = [
     "stale_message",
     "spike_message",
     "growth_message",
+    "fresh_message",
     "eps_message",
     "EPISODE_FIXES",
     "evidence_message",
@@ -100,6 +101,20 @@ def growth_message(finding: GrowthFinding, names: Sequence[str], subject_betas: 
     )
 
 
+def fresh_message(finding: FreshFinding, step: int, names: Sequence[str], th: Thresholds) -> str:
+    others = finding.count - 1
+    also = f" ({others} more tensor{'s' if others > 1 else ''} started at this step)" if others > 0 else ""
+    return (
+        f"{names[finding.tensor]}: took its first optimizer step at step {step}, with a fresh Adam state, "
+        f"and moved its coordinates by {finding.move:.3g} (lr x update RMS), {finding.move / finding.peers:.3g}x "
+        f"the {finding.peers:.3g} of the tensors already training (threshold {th.fresh_ratio:g}x). A fresh "
+        "state's first steps are sign descent: every coordinate moves by about lr until m_hat averages out the "
+        "gradient's noise. Harmless where lr is small against the scale of its weights; otherwise it throws off "
+        "the layers adapted to them and the loss jumps within a few steps. If it does: warm it up: give it a "
+        f"param group of its own whose lr ramps up from about 0 when it starts training.{also}"
+    )
+
+
 def eps_message(finding: EpsFinding, names: Sequence[str], th: Thresholds) -> str:
     head = (
         f"{names[finding.tensor]}: eps sets the step of {finding.fraction:.0%} of its coordinates that got a "
@@ -124,11 +139,13 @@ EPISODE_FIXES = {
     "stale_second_moment": "lower beta2 (e.g. 0.95), clip the update (StableAdamW / update_clip) or lower the learning rate",
     "update_rms_spike": "lower the learning rate or clip the update (update_clip / StableAdamW)",
     "gradient_growth": "raise eps (it caps the effective step lr/(sqrt(v_hat)+eps)), lower the learning rate, or clip the update",
+    "fresh_state": "warm up the tensor that started: ramp its param group's lr up from about 0 when it starts training",
 }
 _EVIDENCE = {
     "stale_second_moment": "the gradient outran Adam's second moment",
     "update_rms_spike": "the update RMS jumped",
     "gradient_growth": "its gradient is growing geometrically against sqrt(v_hat)",
+    "fresh_state": "it took its first step with a fresh Adam state, far larger than its peers'",
 }
 
 

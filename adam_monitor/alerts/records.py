@@ -108,6 +108,13 @@ class Thresholds:
             passed (stale v̂ after a gradient-scale jump: ×2–5 per step). It opens no after-alert
             window. ``math.inf`` turns it off.
         fast_growth_steps: see ``fast_growth_ratio``.
+        fresh_ratio: ``fresh_state`` fires when a tensor takes its first step while others have
+            trained for 1/(1-``spike_decay``) steps, and that step moves its coordinates (lr × update
+            RMS) more than this multiple of the RMS move of theirs. A fresh Adam state's first step is
+            sign descent (|m̂/√v̂| = 1 = B_1: every coordinate moves by lr), where the tensors it
+            joins average their gradient's noise in m̂ (update RMS ≈ √((1-β1)/(1+β1)) = 0.23 at
+            β1 = 0.9 on pure noise, up to 1 on a steady signal): at their lr it moves 1–4× as far,
+            and a new tensor whose lr is ramped up stays below them. 2 is "twice as far as its peers".
     """
 
     stale_peak: float = 2.0
@@ -127,6 +134,7 @@ class Thresholds:
     growth_floor: float = 0.05
     fast_growth_ratio: float = 2.5
     fast_growth_steps: int = 2
+    fresh_ratio: float = 2.0
 
     def __post_init__(self):
         # Each field's type first, then its range: a comparison with a wrong type must not be
@@ -163,6 +171,7 @@ class Thresholds:
         check("fast_growth_ratio", self.fast_growth_ratio > 1, "a number > 1 (math.inf turns it off)")
         check("fast_growth_steps", self.fast_growth_steps >= 1, "an int >= 1")
         check("after_alert_window", self.after_alert_window >= 0, "an int >= 0")
+        check("fresh_ratio", self.fresh_ratio > 0, "a number > 0 (math.inf turns it off)")
 
 
 class InstabilityWarning(UserWarning):

@@ -5,7 +5,7 @@ sums per tensor) to the host in one transfer and keeps its running state there a
 the rules are a few dozen operations on arrays of one entry per subject, cheaper on the host than
 as many tiny device kernels. Each rule is a function of that step's host arrays, its own state and
 the thresholds, returning a named finding or ``None`` (:func:`nonfinite`, :func:`stale_second_moment`,
-:func:`update_rms_spike`, :func:`gradient_growth`, :func:`eps_dominance`); the text of the alerts is
+:func:`update_rms_spike`, :func:`gradient_growth`, :func:`fresh_state`, :func:`eps_dominance`); the text of the alerts is
 in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``, ``beta_order``) in
 :mod:`adam_monitor.alerts.configuration`. Rules (severity):
 
@@ -27,6 +27,13 @@ in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``,
   least ``growth_floor`` of √v̂; or by a large factor on two steps in a row (an oscillation that
   would spike before the slower test sees it). Within a window after a spike precursor, shorter
   bursts count: such a run keeps spiking.
+* ``fresh_state`` (info): a tensor took its first step (a frozen layer unfrozen, a parameter
+  that got no gradient until now) while the others had trained for a while, and moved far more
+  than they do: a fresh Adam state's first step is sign descent (every coordinate moves by lr),
+  where the tensors it joins move by lr × their update RMS (about a quarter of lr on a noisy
+  gradient). Whether the loss follows depends on lr against the scale of the weights, which the
+  rows do not hold: a regime to know (and the cause of the precursor alerts that follow), not a
+  forecast. Its episode's fix is a warmup of that tensor's lr.
 * ``eps_dominance`` (info): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
   regime, not a spike precursor: Adam has become SGD with lr η/ε there (fine when meant: ε that
   large is what keeps a converged full-batch run stable; harmful under gradient underflow).
@@ -61,8 +68,10 @@ __all__ = [
     "StaleFinding",
     "SpikeFinding",
     "GrowthFinding",
+    "FreshFinding",
     "EpsFinding",
     "subjects",
+    "carry_over",
     "jump_model",
     "jump_updates",
     "predicted_peak",
@@ -72,6 +81,7 @@ __all__ = [
     "stale_second_moment",
     "update_rms_spike",
     "gradient_growth",
+    "fresh_state",
     "eps_dominance",
 ]
 
@@ -267,6 +277,13 @@ class GrowthFinding(NamedTuple):
     count: int
 
 
+class FreshFinding(NamedTuple):
+    tensor: int  # the tensor whose first step moved the most against its peers
+    move: float  # its lr × update RMS
+    peers: float  # the RMS of lr × update over the coordinates of the tensors trained for a while
+    count: int
+
+
 class EpsFinding(NamedTuple):
     tensor: int
     fraction: float  # of the coordinates with a gradient, those with √v̂ ≤ ε
@@ -391,6 +408,32 @@ def gradient_growth(q: Subjects, in_window: bool, state: State, th: Thresholds) 
     return finding, full
 
 
+def fresh_state(rows: np.ndarray, lrs: np.ndarray, state: State, th: Thresholds) -> FreshFinding | None:
+    """Per tensor (never pooled: a first step is sign-sized on any tensor, however small): its first
+    step moved its coordinates by lr × update RMS more than ``fresh_ratio`` × the RMS move of the
+    coordinates of the tensors that have stepped 1/(1-``spike_decay``) times (the baseline of
+    ``update_rms_spike``). ``lrs`` holds each tensor's lr (NaN where unknown: not judged). At the
+    start of a run no tensor has trained yet, and nothing is judged: a run's own warmup is not
+    this rule's business."""
+    count = rows[:, COUNT]
+    stepped = count > 0
+    seen = state["fresh_seen"]
+    state["fresh_seen"] = np.where(stepped, seen + 1, seen)
+    first = stepped & (seen == 0)
+    warm = stepped & (seen >= 1 / (1 - th.spike_decay))
+    if not first.any() or not warm.any():
+        return None
+    move_sq = lrs * lrs * rows[:, UPDATE_SQ]  # Σ over each tensor's coordinates of (lr·u)²
+    ok = warm & np.isfinite(move_sq)
+    peers = math.sqrt(move_sq[ok].sum() / count[ok].sum()) if ok.any() else math.nan
+    move = np.sqrt(move_sq / np.where(stepped, count, 1.0))
+    new = first & (move > th.fresh_ratio * peers)
+    if not new.any():
+        return None
+    t = _first_worst(new, move_sq)  # the tensor that moved the most in all (its first step's are all ≈ lr)
+    return FreshFinding(tensor=t, move=float(move[t]), peers=peers, count=int(new.sum()))
+
+
 def eps_dominance(step: int, q: Subjects, state: State, th: Thresholds) -> EpsFinding | None:
     """Per tensor (never pooled): more than ``eps_fraction`` of the coordinates that got a gradient
     under ε for ``eps_steps`` steps in a row; the episode lasts while the fraction stays above
@@ -430,6 +473,8 @@ def _initial_state(n: int, s: int) -> dict[str, State]:
             "growth_active": np.zeros(s, dtype=bool),
         },
         "eps": {"eps_run": np.zeros(n, dtype=np.float64), "eps_active": np.zeros(n, dtype=bool)},
+        # per tensor: the steps on which it had coordinates, since the rules started
+        "fresh": {"fresh_seen": np.zeros(n, dtype=np.float64)},
         # the last step of the window after a precursor alert
         "window": {"alerted_until": np.zeros((), dtype=np.float64)},
         # the episode the precursor alerts of one event share: its cause (an EPISODE_RULES index, -1:
@@ -443,8 +488,9 @@ def _initial_state(n: int, s: int) -> dict[str, State]:
     }
 
 
-#: The precursor rules whose alerts one event raises together, as one episode.
-EPISODE_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth")
+#: The precursor rules whose alerts one event raises together, as one episode (new rules go last:
+#: a saved episode names its cause by its index here).
+EPISODE_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "fresh_state")
 
 
 def join_episode(step: int, alerts: list[Alert], names: Sequence[str], state: State, window: int) -> list[Alert]:
@@ -486,6 +532,33 @@ def _confirm_stale_cause(step: int, alerts: list[Alert], precursors: list[int], 
             state["episode_cause"] = np.array(float(EPISODE_RULES.index("stale_second_moment")))
             state["episode_tensor"] = np.array(float(names.index(alerts[i].parameter)))
             return
+
+
+def carry_over(old: AlertRules, new: AlertRules) -> None:
+    """Give ``new``, rules rebuilt for a changed set of tensors (a param group added, a parameter
+    added or dropped), the state of ``old`` that still applies: each tensor's running state goes
+    with its name; the pools of small tensors, whose members changed, start afresh; the state of
+    the whole optimizer (the window after an alert, an open NaN episode) carries over, and an
+    open episode stays open where the tensor it started on is still watched."""
+    index = {name: i for i, name in enumerate(old.names)}
+    src = np.array([index.get(name, -1) for name in new.names], dtype=np.int64)
+    kept, n_old, n_new = src >= 0, len(old.names), len(new.names)
+    for rule, state in new._state.items():
+        for key, value in state.items():
+            before = old._state[rule].get(key)
+            if before is None:
+                continue
+            if value.ndim == 0:
+                state[key] = before.copy()
+            elif len(before) in (n_old, n_old + len(old._pool_betas)):  # per tensor, or per subject
+                value[:n_new][kept] = before[src[kept]]
+    episode = new._state["episode"]
+    moved = np.flatnonzero(src == int(episode["episode_tensor"]))  # where the episode's tensor is now
+    if moved.size:
+        episode["episode_tensor"] = np.array(float(moved[0]))
+    else:
+        episode["episode_cause"] = np.array(-1.0)  # its tensor is gone: the next alert opens a new episode
+    new.last_step = old.last_step
 
 
 class AlertRules:
@@ -622,8 +695,11 @@ class AlertRules:
         self.last_step = last_step
 
     # ------------------------------------------------------------------ rules
-    def observe(self, step: int, rows: Tensor) -> list[Alert]:
+    def observe(self, step: int, rows: Tensor, lrs: Sequence[float] | np.ndarray | None = None) -> list[Alert]:
         """Check one optimizer step's rows ``(len(names), NUM_STATS)``; returns the new alerts.
+
+        ``lrs``: the lr each tensor stepped with (NaN where unknown); ``None`` means one lr for all,
+        as in an optimizer with a single param group. Only ``fresh_state`` reads it.
 
         The rows reach the host in one transfer; the rules are a few dozen numpy operations on
         arrays of one entry per subject, far cheaper than as many tiny device kernels.
@@ -632,6 +708,11 @@ class AlertRules:
             raise ValueError(
                 f"AlertRules.observe: rows must have shape ({len(self.names)}, {NUM_STATS}) (one row per "
                 f"named tensor), got {tuple(rows.shape)}; rebuild AlertRules when parameters change"
+            )
+        lrs = np.ones(len(self.names)) if lrs is None else np.asarray(lrs, dtype=np.float64)
+        if lrs.shape != (len(self.names),):
+            raise ValueError(
+                f"AlertRules.observe: lrs must hold one lr per named tensor ({len(self.names)}), got shape {lrs.shape}"
             )
         step = int(step)
         host = rows.detach().to(torch.float64).cpu().numpy()  # the one host transfer of this step
@@ -645,6 +726,7 @@ class AlertRules:
             spike = update_rms_spike(q, bound_t, st["spike"], th, self._margins)
             growth, full_growth = gradient_growth(q, step <= window["alerted_until"], st["growth"], th)
             eps = eps_dominance(step, q, st["eps"], th)
+            fresh = fresh_state(host, lrs, st["fresh"], th)
         # The window opens (or is extended) by a new stale or spike alert, or by a step on which the
         # growth met the full growth_steps; not by the alerts of short bursts inside it: were they to
         # extend it, the noise bursts of a healthy minibatch run would keep it open for good once
@@ -652,12 +734,13 @@ class AlertRules:
         if stale is not None or spike is not None or full_growth:
             window["alerted_until"] = np.array(float(step + th.after_alert_window))
         self.last_step = step
-        return self._alerts(step, bad, stale, spike, growth, eps)
+        return self._alerts(step, bad, fresh, stale, spike, growth, eps)
 
     def _alerts(
         self,
         step: int,
         bad: NonfiniteFinding | None,
+        fresh: FreshFinding | None,
         stale: StaleFinding | None,
         spike: SpikeFinding | None,
         growth: GrowthFinding | None,
@@ -673,6 +756,9 @@ class AlertRules:
         if bad is not None:
             text = messages.nonfinite_message(bad, step, names)
             add("nonfinite", "error", bad.tensor, bad.tensor, text, bad.value, math.inf)
+        if fresh is not None:  # first: a fresh state's sign-sized step explains what the others then see
+            text = messages.fresh_message(fresh, step, names, th)
+            add("fresh_state", "info", fresh.tensor, fresh.tensor, text, fresh.move / fresh.peers, th.fresh_ratio)
         if stale is not None:
             text = messages.stale_message(stale, names, betas, th)
             add("stale_second_moment", "warning", stale.subject, stale.member, text, stale.peak, th.stale_peak)

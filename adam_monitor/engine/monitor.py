@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,7 +27,7 @@ from .._runtime import HostCopy, is_rank_zero
 from ..alerts.configuration import configuration_alerts_by_group
 from ..alerts.log import AlertLog, summary_table
 from ..alerts.records import Alert, InstabilityError, Thresholds
-from ..alerts.rules import AlertRules
+from ..alerts.rules import AlertRules, carry_over
 from ..diagnostics.rows import NUM_STATS, rows_with_grad_count
 from .metrics import log_point
 from .moments import state_dtype
@@ -46,14 +47,37 @@ def _bounded_by_adam(group: dict) -> bool:
     return group.get("normalize", "adam") == "adam"
 
 
-def _rules_for(tracked: _Tracked, names: list[str], thresholds: Thresholds) -> AlertRules:
+def _rules_for(
+    tracked: _Tracked, named: dict[int, str], thresholds: Thresholds, previous: AlertRules | None = None
+) -> AlertRules:
+    """Rules for the optimizer's current tensors (named from ``named``); those of ``previous`` (rules
+    for an earlier set of them: a param group added, say) keep their running state."""
     groups = tracked.optimizer.param_groups
     per_tensor = [betas_of(g) for g in groups for _ in g["params"]]
     if tracked.reader.rule in ("nadam", "radam") or not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
     state = tracked.optimizer.state
     dtypes = [state_dtype(state.get(p, {}), p.dtype) for g in groups for p in g["params"]]
-    return AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds, state_dtypes=dtypes)
+    names = tracked.parameter_names(named)
+    rules = AlertRules(names, optimizer=tracked.label, betas=per_tensor, thresholds=thresholds, state_dtypes=dtypes)
+    if previous is not None:
+        carry_over(previous, rules)
+    return rules
+
+
+def _tensor_lrs(optimizer: torch.optim.Optimizer, n: int) -> np.ndarray | None:
+    """Each parameter's lr, in the rules' order (every group's parameters in turn), read in the
+    step's post-hook: the lr the step used, before a scheduler moves it. NaN for an lr kept in a
+    device tensor, which reading would cost a host sync each step; ``None`` where the groups do not
+    hold ``n`` parameters."""
+    lrs, sizes = [], []
+    for group in optimizer.param_groups:
+        lr = group.get("lr", math.nan)
+        if isinstance(lr, Tensor):
+            lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else math.nan
+        lrs.append(float(lr) if isinstance(lr, (int, float)) else math.nan)
+        sizes.append(len(group["params"]))
+    return np.repeat(np.array(lrs, dtype=np.float64), sizes) if sum(sizes) == n else None
 
 
 def _optimizers(optimizer) -> tuple[list[torch.optim.Optimizer], list[dict]]:
@@ -163,7 +187,7 @@ def _saved_rules(tracked: _Tracked, entry: dict, named: dict[int, str], options:
     """Rules built for ``tracked`` holding the saved rules' state of ``entry`` (``None`` if it has none)."""
     if entry.get("rules") is None:
         return None
-    rules = _rules_for(tracked, tracked.parameter_names(named), options.thresholds)
+    rules = _rules_for(tracked, named, options.thresholds)
     rules.load_state_dict(entry["rules"])
     return rules
 
@@ -404,8 +428,8 @@ class Monitor:
         tracked.applied += 1
         if tracked.rules is None or len(tracked.rules.names) != rows.shape[0]:
             self._drain(tracked, wait=True)  # earlier steps go to the rules they were made for
-            tracked.rules = _rules_for(tracked, tracked.parameter_names(self._named), self.options.thresholds)
-        tracked.unchecked.append((step, self._axis(step), HostCopy(rows)))
+            tracked.rules = _rules_for(tracked, self._named, self.options.thresholds, tracked.rules)
+        tracked.unchecked.append((step, self._axis(step), HostCopy(rows), _tensor_lrs(tracked.optimizer, len(rows))))
         tracked.accumulate(rows, step)
         tracked.sharpness.observe(tracked.reader, step)
         if tracked.applied == 1:
@@ -421,8 +445,8 @@ class Monitor:
         """Run the rules on the steps whose rows have reached the host, in step order (all of
         them with ``wait``), and hand their alerts to the policy."""
         while tracked.unchecked and (wait or tracked.unchecked[0][2].ready()):
-            step, x, copy = tracked.unchecked.popleft()
-            self._policy.handle(tracked.rules.observe(step, copy.wait()), x)
+            step, x, copy, lrs = tracked.unchecked.popleft()
+            self._policy.handle(tracked.rules.observe(step, copy.wait(), lrs), x)
 
     def check_alerts(self) -> list[Alert]:
         """Run the rules on every step they have not seen yet (``blocking_alerts=False`` on CUDA

@@ -150,6 +150,7 @@ class Record:
     grad_norms: np.ndarray  # [T] of the backpropagated (weighted) loss, before clipping
     update_norms: np.ndarray  # [T] ‖θ_t − θ_{t−1}‖
     betas: np.ndarray  # [T, G, 2] each group's betas at the step
+    lrs: np.ndarray  # [T, G] each group's lr at the step
     read_steps: np.ndarray  # [K] the optimizer step count of each read
     read_at: np.ndarray  # [K] the harness step t (1-based) of each read
     rows: np.ndarray  # [K, n, NUM_STATS] float64
@@ -173,6 +174,10 @@ class Record:
         found = {name: zscore_alerts(getattr(self, attr).tolist()) for name, attr in BASELINES.items()}
         found["sharpness >= edge"] = crossings(self.sharpness.tolist(), 1.0, 0.5)
         return found
+
+    def tensor_lrs(self, t: int) -> np.ndarray:
+        """Per tensor the lr of its group at harness step ``t``."""
+        return self.lrs[t - 1][self.group_of]
 
     def tensor_betas(self, t: int) -> list[tuple[float, float]]:
         """Per tensor the betas of its group at harness step ``t``."""
@@ -242,7 +247,7 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
         pairs = [_group_betas(opt)[gi] for gi in group_of]
         rules = AlertRules(names, optimizer=label, betas=pairs, thresholds=live)
         live_alerts = configuration_alerts(_group_betas(opt), optimizer=label, step=1)
-    losses, grad_norms, update_norms, betas, sharpness = [], [], [], [], []
+    losses, grad_norms, update_norms, betas, lrs, sharpness = [], [], [], [], [], []
     curvature = _Curvature(opt)
     read_steps, read_at, rows = [], [], []
     for t in range(1, setup.steps + 1):
@@ -253,6 +258,7 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
             torch.nn.utils.clip_grad_norm_(params, setup.clip)  # the statistics see the clipped gradient
         before = [p.detach().clone() for p in params]
         betas.append(_group_betas(opt))  # the betas this step uses (after_step may change them)
+        lrs.append([_as_float(g["lr"]) for g in opt.param_groups])
         opt.step()
         update_norms.append(_norm(p.detach() - b for p, b in zip(params, before)))
         sharpness.append(curvature.after_step())
@@ -262,7 +268,7 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
             read_steps.append(result[1])
             read_at.append(t)
             if rules is not None:
-                live_alerts += rules.observe(result[1], result[0])
+                live_alerts += rules.observe(result[1], result[0], np.array(lrs[-1])[group_of])
         if setup.after_step is not None:
             setup.after_step(t)
         opt.zero_grad()
@@ -280,6 +286,7 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
         grad_norms=np.array(grad_norms, dtype=np.float64),
         update_norms=np.array(update_norms, dtype=np.float64),
         betas=np.array(betas, dtype=np.float64).reshape(len(betas), len(opt.param_groups), 2),
+        lrs=np.array(lrs, dtype=np.float64).reshape(len(lrs), len(opt.param_groups)),
         read_steps=np.array(read_steps, dtype=np.int64),
         read_at=np.array(read_at, dtype=np.int64),
         rows=np.array(rows, dtype=np.float64).reshape(len(rows), n, -1),
@@ -292,7 +299,18 @@ def train(family: Family, variant: str, seed: int, live: Thresholds | None = Non
 # ------------------------------------------------------------------------------------------------
 # the cache of records
 
-_ARRAYS = ("group_of", "losses", "grad_norms", "update_norms", "betas", "read_steps", "read_at", "rows", "sharpness")
+_ARRAYS = (
+    "group_of",
+    "losses",
+    "grad_norms",
+    "update_norms",
+    "betas",
+    "lrs",
+    "read_steps",
+    "read_at",
+    "rows",
+    "sharpness",
+)
 _META = ("family", "variant", "seed", "names", "optimizer", "adam_groups", "seconds")
 
 
@@ -413,7 +431,7 @@ class _Replayer:
         alerts = []
         if self.betas is None or not np.array_equal(record.betas[t - 1], self.betas):
             alerts += self.configure(step, t)
-        return alerts + self.rules.observe(step, torch.from_numpy(record.rows[k]))
+        return alerts + self.rules.observe(step, torch.from_numpy(record.rows[k]), record.tensor_lrs(t))
 
 
 def replay(record: Record, thresholds: Thresholds | None = None) -> list[Alert]:
