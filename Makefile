@@ -17,6 +17,9 @@ unexport PYTHONDONTWRITEBYTECODE
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check -c constraints-dev.txt -e '.[dev]'
+	# timm's optimizers import only torch; timm itself needs torchvision, whose PyPI build is for
+	# torch's CUDA build and does not load with the CPU build pinned here. So timm comes without it.
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check --no-deps -c constraints-dev.txt timm
 	touch $(STAMP)
 
 demo: $(STAMP)

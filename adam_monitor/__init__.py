@@ -19,6 +19,7 @@ _LAZY = {
     "InstabilityWarning": "adam_monitor.alerts.records",
     "Monitor": "adam_monitor.engine.monitor",
     "Thresholds": "adam_monitor.alerts.records",
+    "register_direction": "adam_monitor.engine.directions",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

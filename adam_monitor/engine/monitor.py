@@ -54,7 +54,7 @@ def _rules_for(
     for an earlier set of them: a param group added, say) keep their running state."""
     groups = tracked.optimizer.param_groups
     per_tensor = [betas_of(g) for g in groups for _ in g["params"]]
-    if tracked.reader.rule in ("nadam", "radam") or not all(_bounded_by_adam(g) for g in groups):
+    if tracked.reader.rule in ("nadam", "radam", "registered") or not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
     state = tracked.optimizer.state
     dtypes = [state_dtype(state.get(p, {}), p.dtype) for g in groups for p in g["params"]]

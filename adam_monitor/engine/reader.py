@@ -28,6 +28,7 @@ from ..diagnostics.compiled import StateLayout, fast_adam_statistics
 from ..diagnostics.reference import adam_direction, nadam_direction, radam_direction, radam_rectification
 from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
 from ..diagnostics.sharpness import curvature_sums
+from .directions import registered_direction
 from .moments import dequantized, foreign_moments, low_bit, state_dtype
 
 __all__ = [
@@ -105,7 +106,7 @@ def step_of(state: dict, group: dict):
 def _gradient_as_is(rule: str, decoupled: bool, group: dict) -> bool:
     """Whether the gradient a step of ``group`` used is ``p.grad`` itself (no L2 decay folded in,
     no sign the direction needs, not sparse)."""
-    if (rule == "nadam" and group.get("maximize", False)) or rule == "sparse_adam":
+    if (rule in ("nadam", "registered") and group.get("maximize", False)) or rule == "sparse_adam":
         return False
     return not group.get("weight_decay", 0.0) or decoupled
 
@@ -198,8 +199,12 @@ def nested_step(optimizer: torch.optim.Optimizer) -> bool:
 def update_rule(optimizer: torch.optim.Optimizer) -> tuple[str, bool] | None:
     """``(rule, overridden)`` of the nearest class in ``UPDATE_RULES`` ``optimizer`` is, with
     ``overridden`` when its class has a ``step`` of its own (its update may not be the rule's);
+    ``("registered", True)`` where the nearest is one with a direction registered
+    (:func:`~adam_monitor.engine.directions.register_direction`), whose steps are always checked;
     ``None`` for any other optimizer."""
     for base in type(optimizer).__mro__:
+        if registered_direction(base) is not None:
+            return "registered", True
         if base in UPDATE_RULES:
             return UPDATE_RULES[base], _function(type(optimizer).step) is not _function(base.step)
     return None
@@ -637,7 +642,9 @@ class StepReader:
             # verified to be Adam's, like a torch subclass with a step of its own.
             found = update_rule(optimizer)
             self.rule, self.overridden = found or ("adam", True)
-        self.foreign = not self._in_step_statistics and update_rule(optimizer) is None
+        # Not torch's: how its moments took in the gradient, and its form of decay, are learned.
+        self.foreign = not self._in_step_statistics and update_rule(optimizer) in (None, ("registered", True))
+        self._registered = next(filter(None, map(registered_direction, type(optimizer).__mro__)), None)
         # id(group) -> whether a foreign class's step folds L2 decay into the gradient its moments
         # take in (found by the update check; torch's classes say so in their groups).
         self.l2_folded: dict[int, bool] = {}
@@ -823,8 +830,14 @@ class StepReader:
         decoupled = self.decoupled(group)
         used = -grad if group.get("maximize", False) else grad
         if not wd or decoupled:
-            # Only NAdam's direction reads g itself; the sign changes no statistic.
-            return used if self.rule == "nadam" else grad
+            # Only NAdam's and registered directions read g itself; the sign changes no statistic.
+            return used if self.rule in ("nadam", "registered") else grad
+        if self.rule == "registered":
+            raise UnsupportedOptimizer(
+                f"the moments of {type(self.optimizer).__name__} took in L2 weight decay (g + λ·p), and a "
+                "registered direction is read only with decoupled weight decay or none (the gradient it needs "
+                "holds p before the step, which is gone after it)"
+            )
         param = real_view(p.detach())
         lr = _as_float(group["lr"])
         if self.rule == "nadam":
@@ -838,7 +851,10 @@ class StepReader:
     def direction(self, p: Tensor, state: dict, group: dict, step: float, *, grad: Tensor | None = None) -> Tensor:
         """The direction of ``p``'s last step (the applied step over the lr, decoupled decay
         excluded), rebuilt from state: Adam's ``m̂_t / (√v̂_t + ε)``, RAdam's rectified one, or
-        NAdam's, which also needs the gradient the step used (``grad``; rebuilt when not given)."""
+        NAdam's or a registered one, which also need the gradient the step used (``grad``; rebuilt
+        when not given)."""
+        if self.rule == "registered":
+            return _registered_direction(self, p, state, group, step, grad)
         beta1, beta2 = betas_of(group)
         if self.rule == "nadam":
             return _nadam(self._gradient_used(p, state, group, step) if grad is None else grad, state, group, step)
@@ -887,6 +903,25 @@ class StepReader:
         if self._check is not None:
             self._check.remove()
             self._check = None
+
+
+def _registered_direction(reader: StepReader, p: Tensor, state: dict, group: dict, step: float, grad) -> Tensor:
+    """The direction registered for the reader's class; what it gets wrong (an error, another
+    shape) is reported as the reason the optimizer cannot be read, never raised into the step."""
+    grad = reader._gradient_used(p, state, group, step) if grad is None else grad
+    name = type(reader.optimizer).__name__
+    try:
+        u = reader._registered(state, grad, group, step)
+    except Exception as error:
+        raise UnsupportedOptimizer(
+            f"the direction registered for {name} raised {type(error).__name__}: {error}"
+        ) from None
+    if not isinstance(u, Tensor) or u.numel() != grad.numel():
+        got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise UnsupportedOptimizer(
+            f"the direction registered for {name} returned {got} for a parameter of shape {tuple(grad.shape)}"
+        )
+    return real_view(u).reshape(grad.shape)
 
 
 def curvature(reader: StepReader) -> Tensor | None:
@@ -1139,9 +1174,15 @@ class UpdateCheck:
             base = next((b.__name__ for b in type(self.reader.optimizer).__mro__ if b in UPDATE_RULES), "Adam")
             kind = "a step() of its own" if not self.reader.foreign else "a step()"
             at = f"at step {int(seen[0][-1])} " if self.verified else ""
+            differs = f"{float(error / size) if size > 0 else math.inf:.1%} RMS"
+            if self.reader.rule == "registered":
+                raise UnsupportedOptimizer(
+                    f"the step of {name} is not the direction registered for it ({at}the step it applied differs "
+                    f"from that direction by {differs}), so its diagnostics would be wrong"
+                )
             raise UnsupportedOptimizer(
                 f"{name} has {kind} whose update is not {base}'s ({at}the step it applied differs from {base}'s, "
-                f"rebuilt from its state, by {float(error / size) if size > 0 else math.inf:.1%} RMS), so its "
+                f"rebuilt from its state, by {differs}), so its "
                 "diagnostics would be wrong"
             )
         return True
