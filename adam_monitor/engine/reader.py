@@ -609,12 +609,22 @@ def _check_counted(layout: _Layout, optimizer: torch.optim.Optimizer) -> None:
         if not state:
             continue
         name, keys = type(optimizer).__name__, sorted(state, key=str)
+        group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), {})
+        counted = "step" in state or "step" in group
         missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
-        what = f"no {' or '.join(missing)} and " if missing else ""
-        hint = ": a schedule-free optimizer's z and averaged iterate replace Adam's momentum" if "z" in state else ""
+        lacks = ([f"no {' or '.join(missing)}"] if missing else []) + ([] if counted else ["no step count"])
+        lacks = lacks or ["no moments the reader could pair with a step count"]
+        where = f"its keys: {keys}" + ("" if counted else "; its param group has no 'step' either")
+        if "z" in state:
+            hint = ": a schedule-free optimizer's z and averaged iterate replace Adam's momentum"
+        elif state and all(isinstance(k, int) for k in state):
+            hint = (
+                ": it keeps one state per view of each parameter (HeavyBall's chainable optimizers), in keys of its own"
+            )
+        else:
+            hint = ""
         raise UnsupportedOptimizer(
-            f"the state of {name} has {what}no step count (its keys: {keys}; its param group has no 'step' "
-            f"either), so it is not Adam's state{hint}"
+            f"the state of {name} has {' and '.join(lacks)} ({where}), so it is not Adam's state{hint}"
         )
 
 

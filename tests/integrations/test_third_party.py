@@ -17,6 +17,7 @@ from adam_monitor.engine.reader import StepReader
 optimi = pytest.importorskip("optimi")
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 schedulefree = pytest.importorskip("schedulefree")
+heavyball = pytest.importorskip("heavyball")
 
 LR = 1e-2
 
@@ -89,6 +90,12 @@ NOT_READ = {
     "schedulefree.AdamWScheduleFree": (
         lambda ps: _training(schedulefree.AdamWScheduleFree(ps, lr=LR)),
         "no exp_avg and no step count (its keys: ['exp_avg_sq', 'z']",
+    ),
+    # its step drops p.grad by default; kept, its state is one dict per view of each parameter
+    "heavyball.AdamW": (lambda ps: heavyball.AdamW(ps, lr=LR), "consume_grad=False"),
+    "heavyball.AdamW-consume_grad=False": (
+        lambda ps: heavyball.AdamW(ps, lr=LR, consume_grad=False),
+        "no exp_avg or exp_avg_sq (its keys: [0]), so it is not Adam's state: it keeps one state per view",
     ),
 }
 
