@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 from .records import Thresholds
 
 if TYPE_CHECKING:
-    from .rules import EpsFinding, FreshFinding, GrowthFinding, NonfiniteFinding, SpikeFinding, StaleFinding
+    from .rules import (
+        EpsFinding,
+        FreshFinding,
+        GrowthFinding,
+        NonfiniteFinding,
+        SpikeFinding,
+        StaleFinding,
+        StepSizeFinding,
+    )
 
 __all__ = [
     "describe_subject",
@@ -22,6 +30,7 @@ __all__ = [
     "spike_message",
     "growth_message",
     "fresh_message",
+    "step_size_message",
     "eps_message",
     "EPISODE_FIXES",
     "evidence_message",
@@ -115,6 +124,22 @@ def fresh_message(finding: FreshFinding, step: int, names: Sequence[str], th: Th
     )
 
 
+def step_size_message(finding: StepSizeFinding, step: int, names: Sequence[str], th: Thresholds) -> str:
+    ratio = finding.move / finding.largest
+    name, lr, before = names[finding.tensor], finding.lr, finding.lr_before
+    if before == before and lr > (1 + 1e-6) * before:
+        cause = f"the lr of {name} went from {before:.3g} to {lr:.3g} at this step ({lr / before:.3g}x)"
+    else:
+        cause = f"the lr of {name} did not rise at this step (the update itself grew most there)"
+    return (
+        f"{name}: at step {step} the parameters trained so far moved by {finding.move:.3g} (lr x update RMS over "
+        f"their coordinates), {ratio:.3g}x their largest move on any step before ({finding.largest:.3g}; "
+        f"threshold {th.step_size_ratio:g}x): {cause}. A step size the run has never taken: harmless where the "
+        "new lr is small against the loss's curvature; otherwise the loss rises or spikes within a few steps. "
+        "If it does: raise the lr gradually (a ramp over about 1/(1-beta2) steps lets v_hat and the weights adapt)."
+    )
+
+
 def eps_message(finding: EpsFinding, names: Sequence[str], th: Thresholds) -> str:
     head = (
         f"{names[finding.tensor]}: eps sets the step of {finding.fraction:.0%} of its coordinates that got a "
@@ -140,12 +165,14 @@ EPISODE_FIXES = {
     "update_rms_spike": "lower the learning rate or clip the update (update_clip / StableAdamW)",
     "gradient_growth": "raise eps (it caps the effective step lr/(sqrt(v_hat)+eps)), lower the learning rate, or clip the update",
     "fresh_state": "warm up the tensor that started: ramp its param group's lr up from about 0 when it starts training",
+    "step_size_jump": "raise the lr gradually (a ramp over about 1/(1-beta2) steps) instead of at once",
 }
 _EVIDENCE = {
     "stale_second_moment": "the gradient outran Adam's second moment",
     "update_rms_spike": "the update RMS jumped",
     "gradient_growth": "its gradient is growing geometrically against sqrt(v_hat)",
     "fresh_state": "it took its first step with a fresh Adam state, far larger than its peers'",
+    "step_size_jump": "the parameters moved farther than on any step before",
 }
 
 

@@ -115,6 +115,14 @@ class Thresholds:
             joins average their gradient's noise in m̂ (update RMS ≈ √((1-β1)/(1+β1)) = 0.23 at
             β1 = 0.9 on pure noise, up to 1 on a steady signal): at their lr it moves 1–4× as far,
             and a new tensor whose lr is ramped up stays below them. 2 is "twice as far as its peers".
+        step_size_ratio: ``step_size_jump`` fires when the parameters of the tensors that have
+            trained for 1/(1-``spike_decay``) steps move (lr × update RMS, over all their
+            coordinates) more than this multiple of their largest move on any earlier step (judged
+            once that largest move has seen as many steps). A step size the run has never taken:
+            an lr raised at once, not ramped. A warmup, a schedule's restart to an lr the run has
+            trained at, and the update RMS moving between about a quarter of 1 (a noisy gradient)
+            and 1 (a steady one), which the momentum spreads over several steps, stay below it:
+            each step a little above the largest before. ``math.inf`` turns it off.
     """
 
     stale_peak: float = 2.0
@@ -135,6 +143,7 @@ class Thresholds:
     fast_growth_ratio: float = 2.5
     fast_growth_steps: int = 2
     fresh_ratio: float = 2.0
+    step_size_ratio: float = 2.0
 
     def __post_init__(self):
         # Each field's type first, then its range: a comparison with a wrong type must not be
@@ -172,6 +181,7 @@ class Thresholds:
         check("fast_growth_steps", self.fast_growth_steps >= 1, "an int >= 1")
         check("after_alert_window", self.after_alert_window >= 0, "an int >= 0")
         check("fresh_ratio", self.fresh_ratio > 0, "a number > 0 (math.inf turns it off)")
+        check("step_size_ratio", self.step_size_ratio > 1, "a number > 1 (math.inf turns it off)")
 
 
 class InstabilityWarning(UserWarning):

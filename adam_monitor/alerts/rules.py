@@ -5,7 +5,8 @@ sums per tensor) to the host in one transfer and keeps its running state there a
 the rules are a few dozen operations on arrays of one entry per subject, cheaper on the host than
 as many tiny device kernels. Each rule is a function of that step's host arrays, its own state and
 the thresholds, returning a named finding or ``None`` (:func:`nonfinite`, :func:`stale_second_moment`,
-:func:`update_rms_spike`, :func:`gradient_growth`, :func:`fresh_state`, :func:`eps_dominance`); the text of the alerts is
+:func:`update_rms_spike`, :func:`gradient_growth`, :func:`fresh_state`, :func:`step_size_jump`,
+:func:`eps_dominance`); the text of the alerts is
 in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``, ``beta_order``) in
 :mod:`adam_monitor.alerts.configuration`. Rules (severity):
 
@@ -34,6 +35,11 @@ in :mod:`adam_monitor.alerts.messages`, the betas' own rules (``beta_coupling``,
   gradient). Whether the loss follows depends on lr against the scale of the weights, which the
   rows do not hold: a regime to know (and the cause of the precursor alerts that follow), not a
   forecast. Its episode's fix is a warmup of that tensor's lr.
+* ``step_size_jump`` (info): the parameters of the tensors that have trained for a while moved
+  (lr × update RMS) more than twice as far as on any step before: an lr raised at once. Whether
+  the loss follows depends on the new lr against the curvature, which the rows do not hold: a
+  regime to know and the cause of the precursor alerts that follow, not a forecast. Its
+  episode's fix is to raise the lr gradually.
 * ``eps_dominance`` (info): √v̂ ≤ ε on most coordinates of a tensor for many steps in a row. A
   regime, not a spike precursor: Adam has become SGD with lr η/ε there (fine when meant: ε that
   large is what keeps a converged full-batch run stable; harmful under gradient underflow).
@@ -284,6 +290,14 @@ class FreshFinding(NamedTuple):
     count: int
 
 
+class StepSizeFinding(NamedTuple):
+    tensor: int  # the tensor whose move grew the most against its own largest before
+    move: float  # lr × update RMS over the coordinates of the tensors trained for a while
+    largest: float  # their largest move on an earlier step
+    lr: float  # the named tensor's lr at this step
+    lr_before: float  # and at the step before (NaN: not known)
+
+
 class EpsFinding(NamedTuple):
     tensor: int
     fraction: float  # of the coordinates with a gradient, those with √v̂ ≤ ε
@@ -434,6 +448,40 @@ def fresh_state(rows: np.ndarray, lrs: np.ndarray, state: State, th: Thresholds)
     return FreshFinding(tensor=t, move=float(move[t]), peers=peers, count=int(new.sum()))
 
 
+def step_size_jump(rows: np.ndarray, lrs: np.ndarray, seen: np.ndarray, state: State, th: Thresholds):
+    """The RMS move lr × u over the coordinates of the tensors that have stepped 1/(1-spike_decay)
+    times (``seen``: their steps before this one, ``fresh_state``'s count) above ``step_size_ratio`` ×
+    its largest on an earlier step, once that largest has seen as many steps, where the lrs alone
+    made it ``step_size_ratio`` × what it would have been at the lrs of the step before (an update
+    that grows by itself is ``update_rms_spike``'s). Per tensor too, to name the one whose move grew
+    most against its own largest. NaN lrs are left out."""
+    count = rows[:, COUNT]
+    move_sq = lrs * lrs * rows[:, UPDATE_SQ]
+    lr_before = state["jump_lr"]
+    before_sq = lr_before * lr_before * rows[:, UPDATE_SQ]
+    warm = (count > 0) & (seen >= 1 / (1 - th.spike_decay)) & np.isfinite(move_sq)
+    state["jump_lr"] = np.where(count > 0, lrs, lr_before)
+    if not warm.any():
+        return None
+    move = math.sqrt(move_sq[warm].sum() / count[warm].sum())
+    known = warm & np.isfinite(before_sq)
+    # numpy scalars: a move from an lr of 0 is an infinite factor, not an error
+    by_lr = float(np.sqrt(move_sq[known].sum() / before_sq[known].sum())) if known.any() else math.nan
+    own = np.sqrt(move_sq / np.where(warm, count, 1.0))
+    largest, judged, own_largest = (
+        float(state["jump_largest"]),
+        float(state["jump_steps"]),
+        state["jump_tensor_largest"],
+    )
+    state["jump_largest"] = np.array(max(largest, move))
+    state["jump_steps"] = np.array(judged + 1)
+    state["jump_tensor_largest"] = np.where(warm, np.maximum(own_largest, own), own_largest)
+    if judged < 1 / (1 - th.spike_decay) or not (move > th.step_size_ratio * largest and by_lr > th.step_size_ratio):
+        return None
+    t = _first_worst(warm, np.where(own_largest > 0, own / np.maximum(own_largest, 1e-300), 0.0))
+    return StepSizeFinding(tensor=t, move=move, largest=largest, lr=float(lrs[t]), lr_before=float(lr_before[t]))
+
+
 def eps_dominance(step: int, q: Subjects, state: State, th: Thresholds) -> EpsFinding | None:
     """Per tensor (never pooled): more than ``eps_fraction`` of the coordinates that got a gradient
     under ε for ``eps_steps`` steps in a row; the episode lasts while the fraction stays above
@@ -475,6 +523,14 @@ def _initial_state(n: int, s: int) -> dict[str, State]:
         "eps": {"eps_run": np.zeros(n, dtype=np.float64), "eps_active": np.zeros(n, dtype=bool)},
         # per tensor: the steps on which it had coordinates, since the rules started
         "fresh": {"fresh_seen": np.zeros(n, dtype=np.float64)},
+        # the largest RMS move of the tensors trained for a while, the steps it has seen, each
+        # tensor's own largest, and each tensor's lr at the step it last stepped
+        "jump": {
+            "jump_largest": np.zeros(()),
+            "jump_steps": np.zeros(()),
+            "jump_tensor_largest": np.zeros(n, dtype=np.float64),
+            "jump_lr": np.full(n, math.nan),
+        },
         # the last step of the window after a precursor alert
         "window": {"alerted_until": np.zeros((), dtype=np.float64)},
         # the episode the precursor alerts of one event share: its cause (an EPISODE_RULES index, -1:
@@ -490,7 +546,7 @@ def _initial_state(n: int, s: int) -> dict[str, State]:
 
 #: The precursor rules whose alerts one event raises together, as one episode (new rules go last:
 #: a saved episode names its cause by its index here).
-EPISODE_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "fresh_state")
+EPISODE_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "fresh_state", "step_size_jump")
 
 
 def join_episode(step: int, alerts: list[Alert], names: Sequence[str], state: State, window: int) -> list[Alert]:
@@ -699,7 +755,7 @@ class AlertRules:
         """Check one optimizer step's rows ``(len(names), NUM_STATS)``; returns the new alerts.
 
         ``lrs``: the lr each tensor stepped with (NaN where unknown); ``None`` means one lr for all,
-        as in an optimizer with a single param group. Only ``fresh_state`` reads it.
+        as in an optimizer with a single param group. Only ``fresh_state`` and ``step_size_jump`` read it.
 
         The rows reach the host in one transfer; the rules are a few dozen numpy operations on
         arrays of one entry per subject, far cheaper than as many tiny device kernels.
@@ -726,6 +782,9 @@ class AlertRules:
             spike = update_rms_spike(q, bound_t, st["spike"], th, self._margins)
             growth, full_growth = gradient_growth(q, step <= window["alerted_until"], st["growth"], th)
             eps = eps_dominance(step, q, st["eps"], th)
+            jump = step_size_jump(
+                host, lrs, st["fresh"]["fresh_seen"], st["jump"], th
+            )  # before fresh_state counts this step
             fresh = fresh_state(host, lrs, st["fresh"], th)
         # The window opens (or is extended) by a new stale or spike alert, or by a step on which the
         # growth met the full growth_steps; not by the alerts of short bursts inside it: were they to
@@ -734,12 +793,13 @@ class AlertRules:
         if stale is not None or spike is not None or full_growth:
             window["alerted_until"] = np.array(float(step + th.after_alert_window))
         self.last_step = step
-        return self._alerts(step, bad, fresh, stale, spike, growth, eps)
+        return self._alerts(step, bad, jump, fresh, stale, spike, growth, eps)
 
     def _alerts(
         self,
         step: int,
         bad: NonfiniteFinding | None,
+        jump: StepSizeFinding | None,
         fresh: FreshFinding | None,
         stale: StaleFinding | None,
         spike: SpikeFinding | None,
@@ -756,7 +816,10 @@ class AlertRules:
         if bad is not None:
             text = messages.nonfinite_message(bad, step, names)
             add("nonfinite", "error", bad.tensor, bad.tensor, text, bad.value, math.inf)
-        if fresh is not None:  # first: a fresh state's sign-sized step explains what the others then see
+        if jump is not None:  # first: a step size never taken before explains what the others then see
+            text = messages.step_size_message(jump, step, names, th)
+            add("step_size_jump", "info", jump.tensor, jump.tensor, text, jump.move / jump.largest, th.step_size_ratio)
+        if fresh is not None:  # so does a fresh state's sign-sized step
             text = messages.fresh_message(fresh, step, names, th)
             add("fresh_state", "info", fresh.tensor, fresh.tensor, text, fresh.move / fresh.peers, th.fresh_ratio)
         if stale is not None:

@@ -32,7 +32,7 @@ exit status:
 Severities: error (the run is broken or must be: NaN/Inf, beta1^2 >= beta2), warning (a
 precursor: a loss spike predicted within the next steps), info (a regime worth knowing, not a
 danger: eps sets a tensor's step, beta1 >= beta2 chosen on purpose, a tensor that starts training
-late at full lr). info is listed, never fails.
+late at full lr, an lr raised at once). info is listed, never fails.
 A last line cut short (a run killed mid-write, or still writing) is reported and counted as an
 alert with the severity still readable in it, 'error' where the cut took it.
 """

@@ -64,7 +64,7 @@ ZOOM_BEFORE, ZOOM_AFTER = 30, 70
 EPISODE_WINDOW = Thresholds().after_alert_window
 #: The precursor rules, which share episodes (``adam_monitor.alerts.rules.EPISODE_RULES``; not
 #: imported from there, which would load torch for a plot).
-PRECURSOR_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "fresh_state")
+PRECURSOR_RULES = ("stale_second_moment", "update_rms_spike", "gradient_growth", "fresh_state", "step_size_jump")
 #: A series whose values all lie within this of zero is drawn on a fixed y range, not autoscaled
 #: to its rounding noise.
 FLAT = 1e-6
