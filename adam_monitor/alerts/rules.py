@@ -291,7 +291,7 @@ class FreshFinding(NamedTuple):
 
 
 class StepSizeFinding(NamedTuple):
-    tensor: int  # the tensor whose move grew the most against its own largest before
+    tensor: int  # the tensor that moved the most among those whose lr rose
     move: float  # lr × update RMS over the coordinates of the tensors trained for a while
     largest: float  # their largest move on an earlier step
     lr: float  # the named tensor's lr at this step
@@ -453,32 +453,29 @@ def step_size_jump(rows: np.ndarray, lrs: np.ndarray, seen: np.ndarray, state: S
     times (``seen``: their steps before this one, ``fresh_state``'s count) above ``step_size_ratio`` ×
     its largest on an earlier step, once that largest has seen as many steps, where the lrs alone
     made it ``step_size_ratio`` × what it would have been at the lrs of the step before (an update
-    that grows by itself is ``update_rms_spike``'s). Per tensor too, to name the one whose move grew
-    most against its own largest. NaN lrs are left out."""
-    count = rows[:, COUNT]
-    move_sq = lrs * lrs * rows[:, UPDATE_SQ]
+    that grows by itself is ``update_rms_spike``'s). Names the tensor that moved the most among
+    those whose lr rose that much. NaN lrs are left out."""
+    count, update_sq = rows[:, COUNT], rows[:, UPDATE_SQ]
     lr_before = state["jump_lr"]
-    before_sq = lr_before * lr_before * rows[:, UPDATE_SQ]
-    warm = (count > 0) & (seen >= 1 / (1 - th.spike_decay)) & np.isfinite(move_sq)
-    state["jump_lr"] = np.where(count > 0, lrs, lr_before)
+    stepped = count > 0
+    state["jump_lr"] = np.where(stepped, lrs, lr_before)
+    move_sq = lrs * lrs * update_sq  # Σ over each tensor's coordinates of (lr·u)²
+    warm = stepped & (seen >= 1 / (1 - th.spike_decay)) & np.isfinite(move_sq)
     if not warm.any():
         return None
     move = math.sqrt(move_sq[warm].sum() / count[warm].sum())
-    known = warm & np.isfinite(before_sq)
-    # numpy scalars: a move from an lr of 0 is an infinite factor, not an error
-    by_lr = float(np.sqrt(move_sq[known].sum() / before_sq[known].sum())) if known.any() else math.nan
-    own = np.sqrt(move_sq / np.where(warm, count, 1.0))
-    largest, judged, own_largest = (
-        float(state["jump_largest"]),
-        float(state["jump_steps"]),
-        state["jump_tensor_largest"],
-    )
+    largest, judged = float(state["jump_largest"]), float(state["jump_steps"])
     state["jump_largest"] = np.array(max(largest, move))
     state["jump_steps"] = np.array(judged + 1)
-    state["jump_tensor_largest"] = np.where(warm, np.maximum(own_largest, own), own_largest)
-    if judged < 1 / (1 - th.spike_decay) or not (move > th.step_size_ratio * largest and by_lr > th.step_size_ratio):
+    if judged < 1 / (1 - th.spike_decay) or not move > th.step_size_ratio * largest:
         return None
-    t = _first_worst(warm, np.where(own_largest > 0, own / np.maximum(own_largest, 1e-300), 0.0))
+    before_sq = lr_before * lr_before * update_sq
+    known = warm & np.isfinite(before_sq)
+    # numpy scalars: a move from an lr of 0 is an infinite factor, not an error
+    if not (known.any() and np.sqrt(move_sq[known].sum() / before_sq[known].sum()) > th.step_size_ratio):
+        return None
+    rose = known & (lrs > th.step_size_ratio * lr_before)
+    t = _first_worst(rose if rose.any() else known, move_sq)
     return StepSizeFinding(tensor=t, move=move, largest=largest, lr=float(lrs[t]), lr_before=float(lr_before[t]))
 
 
@@ -523,14 +520,9 @@ def _initial_state(n: int, s: int) -> dict[str, State]:
         "eps": {"eps_run": np.zeros(n, dtype=np.float64), "eps_active": np.zeros(n, dtype=bool)},
         # per tensor: the steps on which it had coordinates, since the rules started
         "fresh": {"fresh_seen": np.zeros(n, dtype=np.float64)},
-        # the largest RMS move of the tensors trained for a while, the steps it has seen, each
-        # tensor's own largest, and each tensor's lr at the step it last stepped
-        "jump": {
-            "jump_largest": np.zeros(()),
-            "jump_steps": np.zeros(()),
-            "jump_tensor_largest": np.zeros(n, dtype=np.float64),
-            "jump_lr": np.full(n, math.nan),
-        },
+        # the largest RMS move of the tensors trained for a while, the steps it has seen, and each
+        # tensor's lr at the step it last stepped
+        "jump": {"jump_largest": np.zeros(()), "jump_steps": np.zeros(()), "jump_lr": np.full(n, math.nan)},
         # the last step of the window after a precursor alert
         "window": {"alerted_until": np.zeros((), dtype=np.float64)},
         # the episode the precursor alerts of one event share: its cause (an EPISODE_RULES index, -1:
