@@ -1,5 +1,5 @@
-"""What many tests share: a BoringModel with a configurable Adam, one quiet Trainer, and a block
-in which any warning fails the test."""
+"""What many tests share: a BoringModel with a configurable Adam, one quiet Trainer, a block in
+which any warning fails the test, a monitored plain loop, and an update spike after a run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,33 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import TensorBoardLogger
+
+
+def monitored_run(opt, model, steps):
+    """``steps`` steps of ``model`` (8 inputs) on a squared output under a Monitor: (its values,
+    the adam-monitor warnings)."""
+    from adam_monitor import Monitor
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = Monitor(opt, named_parameters=model.named_parameters(), log_every_n_steps=None)
+        for _ in range(steps):
+            model(torch.randn(16, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        values = monitor.compute()
+        monitor.close()
+    return values, [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
+
+
+def with_update_spike_at_the_end(rules, runs):
+    """``rules`` observe ``runs`` of (step, rows, lrs); on the last, the first tensor's update RMS is
+    5x its own (an update_rms_spike). Returns (the alerts before, the last step's)."""
+    before = [a for step, rows, lrs in runs[:-1] for a in rules.observe(step, rows, lrs)]
+    step, rows, lrs = runs[-1]
+    rows = rows.clone()
+    rows[0, 0] *= 25.0
+    return before, rules.observe(step, rows, lrs)
 
 
 @contextlib.contextmanager

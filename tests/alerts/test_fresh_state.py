@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from support import no_warnings
+from support import no_warnings, with_update_spike_at_the_end
 
 from adam_monitor import Monitor
 from adam_monitor.alerts import AlertRules, Thresholds
@@ -102,12 +102,8 @@ def test_a_resumed_rules_state_knows_which_tensors_have_trained():
 def test_what_the_peers_then_show_is_evidence_with_the_fresh_states_fix():
     rules = AlertRules(["w", "b", "late"], optimizer="Adam", betas=(0.9, 0.999))
     runs = list(noise_run(start_at=60, steps=61))
-    first = [a for step, rows, lrs in runs[:-1] for a in rules.observe(step, rows, lrs)]
+    first, alerts = with_update_spike_at_the_end(rules, runs)  # then w's update RMS jumps 5x
     assert [(a.rule, a.step) for a in first] == [("fresh_state", 60)]
-    step, rows, lrs = runs[-1]
-    rows = rows.clone()
-    rows[0, 0] *= 25.0  # the step after, w's update RMS jumps 5x: update_rms_spike
-    alerts = rules.observe(step, rows, lrs)
     assert [a.rule for a in alerts] == ["update_rms_spike"]
     text = alerts[0].message
     assert "evidence of the episode that started at step 60 with fresh_state on late" in text

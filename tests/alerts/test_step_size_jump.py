@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from support import with_update_spike_at_the_end
 
 from adam_monitor import Monitor
 from adam_monitor.alerts import AlertRules, Thresholds
@@ -108,16 +109,10 @@ def test_a_resumed_rules_state_knows_the_largest_step_size_so_far():
 def test_the_alerts_that_follow_are_evidence_with_its_fix():
     rules = AlertRules(["w", "b"], optimizer="Adam", betas=(0.9, 0.999))
     runs = list(noise_run(lambda t: LR * (10 if t >= 70 else 1), steps=71))
-    first = [a for step, rows, lrs in runs[:-1] for a in rules.observe(step, rows, lrs)]
-    assert [(a.rule, a.step) for a in first] == [("step_size_jump", 70)]
-    step, rows, lrs = runs[-1]
-    rows = rows.clone()
-    rows[0, 0] *= 25.0  # the step after, w's update RMS jumps 5x: update_rms_spike
-    alerts = rules.observe(step, rows, lrs)
-    assert [a.rule for a in alerts] == ["update_rms_spike"]
-    text = alerts[0].message
-    assert "evidence of the episode that started at step 70 with step_size_jump on w" in text
-    assert "raise the lr gradually" in text
+    first, (spike,) = with_update_spike_at_the_end(rules, runs)  # then w's update RMS jumps 5x
+    assert [(a.rule, a.step) for a in (*first, spike)] == [("step_size_jump", 70), ("update_rms_spike", 71)]
+    for part in ("evidence of the episode that started at step 70 with step_size_jump on w", "raise the lr gradually"):
+        assert part in spike.message
 
 
 def test_a_monitored_loop_whose_lr_is_raised_at_once_records_it_and_passes_the_gate():

@@ -16,16 +16,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-for _path in (HERE.parents[1], HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Its models and set-up: the same data and harness, the seeds outside the benchmark's.
+from fresh_state_check import SEEDS, SPIKE, Family, Setup, bench, fh  # noqa: E402
 
-import families_healthy as fh  # noqa: E402
-import spike_scenarios as bench  # noqa: E402
-from families import SPIKE, Family, Setup  # noqa: E402
-
-SEEDS = (5, 6, 7)
 RAMP = 100
 FACTORS = (10, 100)
 

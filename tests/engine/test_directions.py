@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from support import monitored_run
 
 from adam_monitor import Monitor, register_direction
 from adam_monitor.diagnostics import tensor_statistics
@@ -125,19 +126,6 @@ def test_a_class_registered_by_its_dotted_name_and_its_subclasses_are_read(regis
     check_rebuilt_update(Subclass(params), params, steps=5)
 
 
-def run(opt, model, steps):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        monitor = Monitor(opt, named_parameters=model.named_parameters(), log_every_n_steps=None)
-        for _ in range(steps):
-            model(torch.randn(16, 8)).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-        values = monitor.compute()
-        monitor.close()
-    return values, [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
-
-
 def test_the_monitor_logs_the_update_rms_of_the_steps_a_registered_direction_applied(registry):
     register_direction(NesterovAdam, nesterov)
     torch.manual_seed(0)
@@ -160,7 +148,7 @@ def test_the_monitor_logs_the_update_rms_of_the_steps_a_registered_direction_app
 
 def test_unregistered_it_is_refused_as_not_adams(registry):
     model = torch.nn.Linear(8, 1)
-    values, messages = run(NesterovAdam(model.parameters()), model, 4)
+    values, messages = monitored_run(NesterovAdam(model.parameters()), model, 4)
     assert values == {} and len(messages) == 1
     assert "NesterovAdam has a step() whose update is not Adam's" in messages[0]
 
@@ -169,7 +157,7 @@ def test_a_step_that_is_not_the_registered_direction_is_refused_by_how_much(regi
     register_direction(NesterovAdam, nesterov)
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
-    values, messages = run(NesterovAdam(model.parameters(), clamp=True), model, 4)
+    values, messages = monitored_run(NesterovAdam(model.parameters(), clamp=True), model, 4)
     assert values == {} and len(messages) == 1
     assert "the step of NesterovAdam is not the direction registered for it" in messages[0]
     assert "% RMS" in messages[0] and "Training goes on" in messages[0]
@@ -191,7 +179,7 @@ def test_a_faulty_registered_direction_stops_the_monitoring_not_the_run(registry
     register_direction(NesterovAdam, direction)
     model = torch.nn.Linear(8, 1)
     opt = NesterovAdam(model.parameters())
-    values, messages = run(opt, model, 4)
+    values, messages = monitored_run(opt, model, 4)
     assert values == {} and len(messages) == 1 and expected in messages[0], messages
     assert opt.state[model.weight]["step"].item() == 4, "training went on"
 
@@ -199,7 +187,7 @@ def test_a_faulty_registered_direction_stops_the_monitoring_not_the_run(registry
 def test_moments_that_took_in_l2_decay_are_named(registry):
     register_direction(NesterovAdam, nesterov)
     model = torch.nn.Linear(8, 1)
-    values, messages = run(NesterovAdam(model.parameters(), weight_decay=WD, decay="l2"), model, 4)
+    values, messages = monitored_run(NesterovAdam(model.parameters(), weight_decay=WD, decay="l2"), model, 4)
     assert values == {} and len(messages) == 1
     assert "took in L2 weight decay" in messages[0] and "only with decoupled weight decay or none" in messages[0]
 
@@ -280,6 +268,6 @@ def test_timm_nadamw_with_caution_is_refused():
     nadamw = timm_optim("nadamw")
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
-    values, messages = run(nadamw.NAdamW(model.parameters(), lr=1e-3, caution=True), model, 4)
+    values, messages = monitored_run(nadamw.NAdamW(model.parameters(), lr=1e-3, caution=True), model, 4)
     assert values == {} and len(messages) == 1
     assert "the step of NAdamW is not the direction registered for it" in messages[0]

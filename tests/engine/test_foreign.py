@@ -4,12 +4,10 @@
 count in the param group, ``beta1``/``beta2`` keys, and each of the forms of weight decay they use.
 """
 
-import warnings
-
 import pytest
 import torch
+from support import monitored_run
 
-from adam_monitor import Monitor
 from adam_monitor.diagnostics import tensor_statistics
 from adam_monitor.engine.reader import StepReader, UnsupportedOptimizer, unsupported_reason
 
@@ -116,27 +114,14 @@ def test_its_rows_match_an_independent_computation_once_verified(decay, debiased
                 torch.testing.assert_close(rows[i], expected, rtol=1e-9, atol=1e-12)
 
 
-def run(opt, model, steps):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        monitor = Monitor(opt, named_parameters=model.named_parameters(), log_every_n_steps=None)
-        for _ in range(steps):
-            model(torch.randn(16, 8)).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-        values = monitor.compute()
-        monitor.close()
-    return values, [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
-
-
 def test_it_is_checked_at_every_step_and_an_update_that_departs_later_is_found_at_once():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    values, messages = run(HandAdam(model.parameters(), lr=1e-3), model, 200)
+    values, messages = monitored_run(HandAdam(model.parameters(), lr=1e-3), model, 200)
     assert messages == [] and values["adam/update_rms"] > 0
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    _, messages = run(HandAdam(model.parameters(), lr=1e-3, clamp_from=150), model, 200)
+    _, messages = monitored_run(HandAdam(model.parameters(), lr=1e-3, clamp_from=150), model, 200)
     assert len(messages) == 1 and "stopped monitoring HandAdam" in messages[0]
     assert "at step 150 " in messages[0] and "not Adam's" in messages[0]
 
@@ -158,19 +143,19 @@ def test_an_optimizer_that_wraps_another_is_read_as_itself():
                 p.lerp_(b, 0.5)
 
     model = torch.nn.Linear(8, 1)
-    values, messages = run(Blend(model.parameters()), model, 4)
+    values, messages = monitored_run(Blend(model.parameters()), model, 4)
     assert values == {} and len(messages) == 1 and "Blend has a step() whose update is not Adam's" in messages[0]
 
 
 def test_an_update_that_is_not_adams_is_not_read():
     model = torch.nn.Linear(8, 1)
-    values, messages = run(HandAdam(model.parameters(), sign=True), model, 4)
+    values, messages = monitored_run(HandAdam(model.parameters(), sign=True), model, 4)
     assert values == {} and len(messages) == 1 and "HandAdam has a step() whose update is not Adam's" in messages[0]
 
 
 def test_a_step_that_consumes_the_gradient_is_named():
     model = torch.nn.Linear(8, 1)
-    values, messages = run(HandAdam(model.parameters(), consume=True), model, 3)
+    values, messages = monitored_run(HandAdam(model.parameters(), consume=True), model, 3)
     assert values == {} and len(messages) == 1
     assert "cleared the gradients it was given" in messages[0] and "consume_grad=False" in messages[0]
 
@@ -188,7 +173,7 @@ def test_moments_that_took_in_another_gradient_are_named():
                 p.grad = g
 
     model = torch.nn.Linear(8, 1)
-    _, messages = run(Clipped(model.parameters()), model, 3)
+    _, messages = monitored_run(Clipped(model.parameters()), model, 3)
     assert len(messages) == 1 and "first moment of Clipped took in neither the gradient" in messages[0]
 
 
@@ -196,7 +181,7 @@ def test_a_second_moment_that_is_not_adams_is_named():
     # Its direction is Adam's m̂/(√v̂+ε), and v differs from Adam's by (1 − β2)·v a step: the
     # check compares what v took in, not v.
     model = torch.nn.Linear(8, 1)
-    values, messages = run(HandAdam(model.parameters(), beta2=0.999, yogi=True), model, 3)
+    values, messages = monitored_run(HandAdam(model.parameters(), beta2=0.999, yogi=True), model, 3)
     assert values == {} and len(messages) == 1 and "second moment of HandAdam is not" in messages[0]
 
 
@@ -204,7 +189,7 @@ def test_a_state_that_counts_no_steps_is_named_not_left_silent():
     # Its moments are Adam's, but no reader can tell how many steps they have taken in: rather
     # than read nothing for the whole run, the monitor says so at the first step.
     model = torch.nn.Linear(8, 1)
-    values, messages = run(HandAdam(model.parameters(), counted=False), model, 3)
+    values, messages = monitored_run(HandAdam(model.parameters(), counted=False), model, 3)
     assert values == {} and len(messages) == 1
     assert "stopped monitoring HandAdam" in messages[0] and "no step count" in messages[0], messages
     assert "'exp_avg', 'exp_avg_sq'" in messages[0]
