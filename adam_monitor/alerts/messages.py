@@ -127,10 +127,7 @@ def fresh_message(finding: FreshFinding, step: int, names: Sequence[str], th: Th
 def step_size_message(finding: StepSizeFinding, step: int, names: Sequence[str], th: Thresholds) -> str:
     ratio = finding.move / finding.largest
     name, lr, before = names[finding.tensor], finding.lr, finding.lr_before
-    if before == before and lr > (1 + 1e-6) * before:
-        cause = f"the lr of {name} went from {before:.3g} to {lr:.3g} at this step ({lr / before:.3g}x)"
-    else:
-        cause = f"the lr of {name} did not rise at this step (the update itself grew most there)"
+    cause = f"the lr of {name} went from {before:.3g} to {lr:.3g} at this step ({lr / before:.3g}x)"
     return (
         f"{name}: at step {step} the parameters trained so far moved by {finding.move:.3g} (lr x update RMS over "
         f"their coordinates), {ratio:.3g}x their largest move on any step before ({finding.largest:.3g}; "

@@ -295,7 +295,7 @@ class StepSizeFinding(NamedTuple):
     move: float  # lr × update RMS over the coordinates of the tensors trained for a while
     largest: float  # their largest move on an earlier step
     lr: float  # the named tensor's lr at this step
-    lr_before: float  # and at the step before (NaN: not known)
+    lr_before: float  # and at the step before
 
 
 class EpsFinding(NamedTuple):

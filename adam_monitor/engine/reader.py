@@ -641,6 +641,7 @@ class StepReader:
             raise UnsupportedOptimizer(reason)
         self.optimizer = optimizer
         self._in_step_statistics = _records_statistics(optimizer)
+        found = None if self._in_step_statistics else update_rule(optimizer)
         if self._in_step_statistics:
             optimizer.record_statistics = True
             # Another reader (a second Monitor, an AdamDiagnostics) may share the optimizer: the
@@ -650,10 +651,9 @@ class StepReader:
         else:
             # Another class whose groups and state are Adam's is read as Adam once its update is
             # verified to be Adam's, like a torch subclass with a step of its own.
-            found = update_rule(optimizer)
             self.rule, self.overridden = found or ("adam", True)
         # Not torch's: how its moments took in the gradient, and its form of decay, are learned.
-        self.foreign = not self._in_step_statistics and update_rule(optimizer) in (None, ("registered", True))
+        self.foreign = not self._in_step_statistics and (found is None or self.rule == "registered")
         self._registered = next(filter(None, map(registered_direction, type(optimizer).__mro__)), None)
         # id(group) -> whether a foreign class's step folds L2 decay into the gradient its moments
         # take in (found by the update check; torch's classes say so in their groups).
