@@ -34,7 +34,7 @@ from .moments import state_dtype
 from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_parameters, unwrap_optimizer
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
-from .reader import StepReader, UnsupportedOptimizer, betas_of, nested_step
+from .reader import StepReader, UnsupportedOptimizer, nested_step
 from .sharpness import SharpnessSampler
 from .tensorboard import TensorBoardSink
 
@@ -53,7 +53,7 @@ def _rules_for(
     """Rules for the optimizer's current tensors (named from ``named``); those of ``previous`` (rules
     for an earlier set of them: a param group added, say) keep their running state."""
     groups = tracked.optimizer.param_groups
-    per_tensor = [betas_of(g) for g in groups for _ in g["params"]]
+    per_tensor = [tracked.reader.betas(g) for g in groups for _ in g["params"]]
     if tracked.reader.rule in ("nadam", "radam", "registered") or not all(_bounded_by_adam(g) for g in groups):
         thresholds = dataclasses.replace(thresholds, bound_factor=math.inf)  # B_t bounds Adam's direction only
     state = tracked.optimizer.state
@@ -65,14 +65,14 @@ def _rules_for(
     return rules
 
 
-def _tensor_lrs(optimizer: torch.optim.Optimizer, n: int) -> np.ndarray | None:
+def _tensor_lrs(reader: StepReader, n: int) -> np.ndarray | None:
     """Each parameter's lr, in the rules' order (every group's parameters in turn), read in the
     step's post-hook: the lr the step used, before a scheduler moves it. NaN for an lr kept in a
     device tensor, which reading would cost a host sync each step; ``None`` where the groups do not
     hold ``n`` parameters."""
     lrs, sizes = [], []
-    for group in optimizer.param_groups:
-        lr = group.get("lr", math.nan)
+    for group in reader.optimizer.param_groups:
+        lr = reader.lr(group)
         if isinstance(lr, Tensor):
             lr = lr.item() if lr.device.type == "cpu" and lr.numel() == 1 else math.nan
         lrs.append(float(lr) if isinstance(lr, (int, float)) else math.nan)
@@ -429,7 +429,7 @@ class Monitor:
         if tracked.rules is None or len(tracked.rules.names) != rows.shape[0]:
             self._drain(tracked, wait=True)  # earlier steps go to the rules they were made for
             tracked.rules = _rules_for(tracked, self._named, self.options.thresholds, tracked.rules)
-        tracked.unchecked.append((step, self._axis(step), HostCopy(rows), _tensor_lrs(tracked.optimizer, len(rows))))
+        tracked.unchecked.append((step, self._axis(step), HostCopy(rows), _tensor_lrs(tracked.reader, len(rows))))
         tracked.accumulate(rows, step)
         tracked.sharpness.observe(tracked.reader, step)
         if tracked.applied == 1:
@@ -489,7 +489,7 @@ class Monitor:
 
     def _check_configuration(self, tracked: _Tracked, step: int) -> list[Alert]:
         groups = tracked.optimizer.param_groups
-        betas = [betas_of(g) for g in groups]
+        betas = [tracked.reader.betas(g) for g in groups]
         if betas == tracked.betas:
             return []
         if tracked.betas is not None:

@@ -28,6 +28,7 @@ from ..diagnostics.compiled import StateLayout, fast_adam_statistics
 from ..diagnostics.reference import adam_direction, nadam_direction, radam_direction, radam_rectification
 from ..diagnostics.rows import EPS_COUNT, NUM_STATS, UPDATE_SQ
 from ..diagnostics.sharpness import curvature_sums
+from . import schedule_free
 from .directions import registered_direction
 from .moments import dequantized, foreign_moments, low_bit, state_dtype
 
@@ -99,8 +100,10 @@ def adam_terms(reader: StepReader, group: dict, step: float) -> tuple[float, flo
 
 def step_of(state: dict, group: dict):
     """A parameter's step count: in its state (torch), else in its param group (optimi,
-    pytorch-optimizer); ``None`` where neither holds one."""
-    return state["step"] if "step" in state else group.get("step")
+    pytorch-optimizer; schedule-free's ``k``); ``None`` where neither holds one."""
+    if "step" in state:
+        return state["step"]
+    return group["k"] if schedule_free.is_schedule_free(group) else group.get("step")
 
 
 def _gradient_as_is(rule: str, decoupled: bool, group: dict) -> bool:
@@ -201,7 +204,11 @@ def update_rule(optimizer: torch.optim.Optimizer) -> tuple[str, bool] | None:
     ``overridden`` when its class has a ``step`` of its own (its update may not be the rule's);
     ``("registered", True)`` where the nearest is one with a direction registered
     (:func:`~adam_monitor.engine.directions.register_direction`), whose steps are always checked;
-    ``None`` for any other optimizer."""
+    ``("schedule_free", overridden)`` for schedule-free AdamW (:mod:`.schedule_free`); ``None`` for
+    any other optimizer."""
+    found = schedule_free.form(optimizer)
+    if found is not None:
+        return "schedule_free", _function(type(optimizer).step) is not _function(found[1].step)
     for base in type(optimizer).__mro__:
         if registered_direction(base) is not None:
             return "registered", True
@@ -225,6 +232,8 @@ def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
     if _records_statistics(optimizer):
         return None
     name = type(optimizer).__name__
+    if any(map(schedule_free.is_schedule_free, optimizer.param_groups)):
+        return _schedule_free_reason(optimizer)
     for i, group in enumerate(optimizer.param_groups):
         if "betas" not in group and ("beta2_decay" in group or "decay_rate" in group):
             return _ADAFACTOR.format(name=name)
@@ -241,6 +250,21 @@ def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
             )
         if "betas" in group and len(group["betas"]) != 2:
             return f"param group {i} of {name} has {len(group['betas'])} betas, so its update is not Adam's"
+    return None
+
+
+def _schedule_free_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    name, found = type(optimizer).__name__, schedule_free.form(optimizer)
+    if found is None:
+        return (
+            f"{name} is a schedule-free optimizer whose step adam-monitor does not read; it reads schedulefree's "
+            "AdamWScheduleFree and AdamWScheduleFreeClosure (their z takes Adam's step without momentum)"
+        )
+    if _function(type(optimizer).step) is not _function(found[1].step):
+        return (
+            f"{name} overrides the step of {found[1].__name__}, and a schedule-free step cannot be checked "
+            "against its rule from p (which holds an average of the iterates, not the point Adam's step moves)"
+        )
     return None
 
 
@@ -660,9 +684,18 @@ class StepReader:
         self.l2_folded: dict[int, bool] = {}
         self.debiased = False  # moments kept bias-corrected (found by the update check)
         self._check = UpdateCheck(self) if self.overridden else None
+        self._holds = None if self.rule != "schedule_free" else schedule_free.form(optimizer)[0]
         self._last_read: list = []  # what the last read found stepped
         self._released = False
         self._refresh_params()
+
+    def betas(self, group: dict) -> tuple[float, float]:
+        """``(β1, β2)`` of the Adam step ``group`` takes (schedule-free: ``(0, β2)``)."""
+        return schedule_free.betas(group) if self._holds else betas_of(group)
+
+    def lr(self, group: dict):
+        """The lr the last step of ``group`` moved by (schedule-free: after its own warmup)."""
+        return schedule_free.lr(group) if self._holds else group.get("lr", math.nan)
 
     def decoupled(self, group: dict) -> bool:
         """Whether ``group``'s weight decay is kept out of the gradient its moments took in."""
@@ -796,6 +829,9 @@ class StepReader:
         view = _same if self._plain else real_view
         for bucket in stepped.buckets:
             group = self.optimizer.param_groups[bucket.gi]
+            if self._holds:
+                yield bucket, schedule_free.statistics(bucket.params, bucket.states, group, self._holds, view)
+                continue
             step = stepped.step(bucket)
             beta1, beta2, terms_step = adam_terms(self, group, step)
             eps = _as_float(group["eps"])
@@ -865,6 +901,8 @@ class StepReader:
         when not given)."""
         if self.rule == "registered":
             return _registered_direction(self, p, state, group, step, grad)
+        if self._holds:
+            return schedule_free.direction(p, state, group, self._holds)
         beta1, beta2 = betas_of(group)
         if self.rule == "nadam":
             return _nadam(self._gradient_used(p, state, group, step) if grad is None else grad, state, group, step)
@@ -895,7 +933,7 @@ class StepReader:
             for p in group["params"]:
                 state = self.optimizer.state.get(p)
                 state = dequantized(state) if state and self.foreign else state
-                if not state or "exp_avg" not in state:
+                if not state or ("exp_avg" not in state and not (self._holds and p.grad is not None)):
                     continue
                 if self._in_step_statistics and hasattr(self.optimizer, "direction"):
                     yield p, self.optimizer.direction(p)

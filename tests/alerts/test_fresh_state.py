@@ -1,6 +1,7 @@
 """``fresh_state``: a tensor whose Adam state starts late, at an lr its peers' updates never reach."""
 
 import math
+import operator
 
 import numpy as np
 import pytest
@@ -160,9 +161,10 @@ def test_the_engine_reads_each_tensors_lr_without_syncing_on_a_device_lr():
         {"params": [2], "lr": 1e-3},
         {"params": [3], "lr": torch.tensor(1.0, device="meta")},  # reading it would wait for the device
     ]
-    lrs = _tensor_lrs(SimpleNamespace(param_groups=groups), 4)
+    reader = SimpleNamespace(optimizer=SimpleNamespace(param_groups=groups), lr=operator.itemgetter("lr"))
+    lrs = _tensor_lrs(reader, 4)
     assert lrs[:3].tolist() == [0.5, 0.5, 1e-3] and math.isnan(lrs[3])
-    assert _tensor_lrs(SimpleNamespace(param_groups=groups), 5) is None
+    assert _tensor_lrs(reader, 5) is None
 
 
 def test_rules_rebuilt_for_more_tensors_keep_each_tensors_state_by_name():

@@ -16,7 +16,6 @@ from adam_monitor.engine.reader import StepReader
 
 optimi = pytest.importorskip("optimi")
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
-schedulefree = pytest.importorskip("schedulefree")
 heavyball = pytest.importorskip("heavyball")
 
 LR = 1e-2
@@ -86,11 +85,6 @@ NOT_READ = {
     "pytorch_optimizer.ADOPT": (lambda ps: pytorch_optimizer.ADOPT(ps, lr=LR), "first moment of ADOPT"),
     "pytorch_optimizer.AdaBelief": (lambda ps: pytorch_optimizer.AdaBelief(ps, lr=LR), "no exp_avg_sq"),
     "pytorch_optimizer.Adan": (lambda ps: pytorch_optimizer.Adan(ps, lr=LR), "has 3 betas"),
-    # in training mode, as its users must put it: p holds the interpolation y, the state z and v
-    "schedulefree.AdamWScheduleFree": (
-        lambda ps: _training(schedulefree.AdamWScheduleFree(ps, lr=LR)),
-        "no exp_avg and no step count (its keys: ['exp_avg_sq', 'z']",
-    ),
     # its step drops p.grad by default; kept, its state is one dict per view of each parameter
     "heavyball.AdamW": (lambda ps: heavyball.AdamW(ps, lr=LR), "consume_grad=False"),
     "heavyball.AdamW-consume_grad=False": (
@@ -98,11 +92,6 @@ NOT_READ = {
         "no exp_avg or exp_avg_sq (its keys: [0]), so it is not Adam's state: it keeps one state per view",
     ),
 }
-
-
-def _training(opt):
-    opt.train()
-    return opt
 
 
 @pytest.mark.parametrize("name", NOT_READ)
