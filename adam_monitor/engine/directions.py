@@ -104,3 +104,13 @@ def timm_nadamw(state: dict, grad: Tensor, group: dict, step: float) -> Tensor:
 
 
 register_direction("timm.optim.nadamw.NAdamW", timm_nadamw)
+
+
+def heavyball_adamw(state: dict, grad: Tensor, group: dict, step: float) -> Tensor:
+    """HeavyBall's ``AdamW``: its moments are kept bias-corrected (m̂_t, v̂_t) and its denominator is
+    ``max(√v̂_t, ε)``; ``caution``, MARS, PaLM's β2 and update clipping change the step: the check
+    refuses them."""
+    return state["exp_avg"] / state["exp_avg_sq"].clamp_min(0).sqrt().clamp_min(float(group["eps"]))
+
+
+register_direction("heavyball.AdamW", heavyball_adamw)

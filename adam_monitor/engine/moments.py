@@ -8,12 +8,18 @@ Two low-bit layouts are read, both as the float32 tensors they stand for:
   optimizers ``uint8`` codes into a 256-entry map (``qmap1``/``qmap2``) with one absolute maximum
   per block of elements (``absmax1``/``absmax2``).
 
-Both step in float from the dequantized moments and the gradient and then round the new moments
+HeavyBall keeps the state of each view of a parameter in a dict of its own (``state[p][0]``), each
+moment named by the transform that keeps it (``update_by_adam_exp_avg_0``); a parameter of one view
+is read with those tensors under torch's names.
+
+The low-bit ones step in float from the dequantized moments and the gradient and then round the new moments
 into their codes: the codes after a step hold the moments the step used to their resolution only
 (:func:`state_dtype`), which the update check measures.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import Tensor
@@ -37,6 +43,22 @@ def _bnb(state: dict) -> bool:
     return "exp_avg" not in state and "state1" in state and "state2" in state
 
 
+#: HeavyBall's names for Adam's moments in a view's state: ``{transform}_{moment}_{transform index}``.
+_HEAVYBALL_KEY = re.compile(r"(?:update|scale)_by_adam_(exp_avg|exp_avg_sq)_\d+")
+
+
+def _views(state: dict) -> dict | None:
+    """The moments of a HeavyBall state of one view (``{0: {...}}``) under torch's names, else ``None``."""
+    if len(state) != 1 or not isinstance(state.get(0), dict):
+        return None
+    found = {}
+    for key, value in state[0].items():
+        match = _HEAVYBALL_KEY.fullmatch(key) if isinstance(key, str) else None
+        if match is not None and isinstance(value, Tensor):
+            found[match.group(1)] = value
+    return found if len(found) == 2 else None
+
+
 def low_bit(state: dict) -> bool:
     """Whether ``state`` keeps a moment in low-bit codes."""
     if _bnb(state):
@@ -46,8 +68,8 @@ def low_bit(state: dict) -> bool:
 
 def foreign_moments(state: dict) -> bool:
     """Whether ``state`` keeps its moments other than as tensors under torch's names (low-bit
-    codes, bitsandbytes' names): :func:`dequantized` makes a new dict of it at every call."""
-    return _bnb(state) or any(quantized(state.get(k)) for k in MOMENT_KEYS)
+    codes, bitsandbytes' or HeavyBall's names): :func:`dequantized` makes a new dict of it at every call."""
+    return _bnb(state) or any(quantized(state.get(k)) for k in MOMENT_KEYS) or _views(state) is not None
 
 
 def _blockwise(codes: Tensor, qmap: Tensor, absmax: Tensor) -> Tensor:
@@ -68,6 +90,9 @@ def dequantized(state: dict) -> dict:
             value = state[key]
             out[name] = _blockwise(value, state[qmap], state[absmax]) if qmap in state else value
         return out
+    views = _views(state) if 0 in state else None
+    if views is not None:
+        return views
     if not foreign_moments(state):
         return state
     return {k: (v.dequantize(torch.float32) if quantized(v) else v) for k, v in state.items()}
@@ -79,7 +104,8 @@ def state_dtype(state: dict, default: torch.dtype) -> torch.dtype:
     (a 256-level code: bfloat16's 8 significant bits; a 16-level code or FP8: float8_e4m3fn's 4)."""
     if _bnb(state):
         return torch.bfloat16 if "qmap2" in state else state["state2"].dtype
-    t = state.get("exp_avg_sq", state.get("exp_avg"))
+    views = _views(state) if 0 in state else None
+    t = views["exp_avg_sq"] if views is not None else state.get("exp_avg_sq", state.get("exp_avg"))
     if not isinstance(t, Tensor):
         return default
     if not quantized(t):

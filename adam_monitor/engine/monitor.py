@@ -34,7 +34,7 @@ from .moments import state_dtype
 from .names import names_by_id, optimizer_prefixes, parameter_names, unnamed_parameters, unwrap_optimizer
 from .options import MonitorOptions
 from .policy import AlertPolicy, warn
-from .reader import StepReader, UnsupportedOptimizer, nested_step
+from .reader import StepReader, UnsupportedOptimizer, nested_step, updates
 from .sharpness import SharpnessSampler
 from .tensorboard import TensorBoardSink
 
@@ -342,7 +342,7 @@ class _Tracked:
 
 def _histograms(tracked: _Tracked, named: dict[int, str]) -> Iterable[tuple[str, Tensor]]:
     names = dict(zip(map(id, tracked.reader.params), tracked.parameter_names(named)))
-    return ((names.get(id(p), "?"), u) for p, u in tracked.reader.updates())
+    return ((names.get(id(p), "?"), u) for p, u in updates(tracked.reader))
 
 
 class Monitor:

@@ -12,6 +12,7 @@ collects them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import sys
@@ -37,6 +38,7 @@ __all__ = [
     "UnsupportedOptimizer",
     "curvature",
     "unsupported_reason",
+    "updates",
     "local_tensor",
     "real_view",
     "shard_group",
@@ -50,6 +52,10 @@ __all__ = [
 #: parameters, the next ones in turn at each step: enough to tell another update from rounding, at
 #: a cost that does not grow with the model.
 VERIFIED_NUMEL, VERIFIED_TENSORS = 4096, 2
+
+#: Coordinates of low-bit moments dequantized at once: a read holds float32 copies of this many
+#: (or of its largest tensor), not of the whole model whose memory the low-bit state saves.
+DEQUANTIZED_NUMEL = 1 << 22
 
 
 def all_reduce(tensor: Tensor, group) -> None:
@@ -100,10 +106,20 @@ def adam_terms(reader: StepReader, group: dict, step: float) -> tuple[float, flo
 
 def step_of(state: dict, group: dict):
     """A parameter's step count: in its state (torch), else in its param group (optimi,
-    pytorch-optimizer; schedule-free's ``k``); ``None`` where neither holds one."""
+    pytorch-optimizer; schedule-free's ``k``; HeavyBall's ``step_count``, its ``step`` being
+    ``None`` between steps); ``None`` where neither holds one."""
     if "step" in state:
         return state["step"]
-    return group["k"] if schedule_free.is_schedule_free(group) else group.get("step")
+    if schedule_free.is_schedule_free(group):
+        return group["k"]
+    step = group.get("step")
+    return group.get("step_count") if step is None else step
+
+
+def step_lr(group: dict):
+    """The lr of the step just taken: the group's, or HeavyBall's ``prev_lr`` (its warmup scales the
+    lr during the step only, and puts ``base_lr`` back after it)."""
+    return group["prev_lr"] if "prev_lr" in group and "base_lr" in group else group["lr"]
 
 
 def _gradient_as_is(rule: str, decoupled: bool, group: dict) -> bool:
@@ -335,6 +351,7 @@ class _Bucket:
         "_take",
         "_index",
         "_views",
+        "_pieces",
     )
 
     def __init__(self, layout: _Layout, members: list[int]):
@@ -351,6 +368,22 @@ class _Bucket:
         self._take = operator.itemgetter(*self.positions) if len(self.positions) > 1 else None
         self._index: dict[torch.device, Tensor] = {}
         self._views = None
+        self._pieces: list[_Bucket] | None = None
+
+    def pieces(self, layout: _Layout) -> list[_Bucket]:
+        """This bucket as buckets of at most ``DEQUANTIZED_NUMEL`` coordinates (a larger tensor
+        alone), made once: low-bit moments are read as float32 copies, one piece at a time."""
+        if self._pieces is None:
+            pieces, size = [[]], 0
+            for c, p in zip(self.members, self.params):
+                n = local_tensor(p).numel()
+                if pieces[-1] and size + n > DEQUANTIZED_NUMEL:
+                    pieces.append([])
+                    size = 0
+                pieces[-1].append(c)
+                size += n
+            self._pieces = [self] if len(pieces) == 1 else [_Bucket(layout, m) for m in pieces]
+        return self._pieces
 
     def grads(self, grads: list) -> list:
         """This bucket's gradients out of the read's ``grads`` (one per parameter)."""
@@ -375,7 +408,8 @@ class _Bucket:
                 missing = [k for k in ("exp_avg", "exp_avg_sq") if k not in state]
                 if missing:
                     raise UnsupportedOptimizer(
-                        f"its state has no {' or '.join(missing)} (keys: {sorted(state, key=str)}), so it is not Adam's state"
+                        f"its state has no {' or '.join(missing)} (keys: {sorted(state, key=str)}), so it is not "
+                        f"Adam's state{_state_hint(state)}"
                     )
             m = [view(s["exp_avg"]) for s in states]
             v = [view(s["exp_avg_sq"]) for s in states]
@@ -624,6 +658,21 @@ class _Stepped:
 _NOTHING = _Stepped(None, [], None, None, [])
 
 
+def _state_hint(state: dict) -> str:
+    """What a state that is not Adam's holds instead, where a known layout tells."""
+    if "z" in state:
+        return ": a schedule-free optimizer's z and averaged iterate replace Adam's momentum"
+    if state and all(isinstance(k, int) for k in state):
+        inner = state[next(iter(state))]
+        keys = sorted(inner, key=str) if isinstance(inner, dict) else []
+        return (
+            ": it keeps one state per view of each parameter (HeavyBall's chainable optimizers), read as Adam's "
+            f"where a parameter has one view holding an Adam transform's moments (update_by_adam_exp_avg_0, "
+            f"update_by_adam_exp_avg_sq_0); this one holds {keys}"
+        )
+    return ""
+
+
 def _check_counted(layout: _Layout, optimizer: torch.optim.Optimizer) -> None:
     """``UnsupportedOptimizer`` where a step gave a parameter a state but no step count (in it or
     in its param group): its moments could never be read, and saying nothing would look like a
@@ -639,14 +688,7 @@ def _check_counted(layout: _Layout, optimizer: torch.optim.Optimizer) -> None:
         lacks = ([f"no {' or '.join(missing)}"] if missing else []) + ([] if counted else ["no step count"])
         lacks = lacks or ["no moments the reader could pair with a step count"]
         where = f"its keys: {keys}" + ("" if counted else "; its param group has no 'step' either")
-        if "z" in state:
-            hint = ": a schedule-free optimizer's z and averaged iterate replace Adam's momentum"
-        elif state and all(isinstance(k, int) for k in state):
-            hint = (
-                ": it keeps one state per view of each parameter (HeavyBall's chainable optimizers), in keys of its own"
-            )
-        else:
-            hint = ""
+        hint = _state_hint(state)
         raise UnsupportedOptimizer(
             f"the state of {name} has {' and '.join(lacks)} ({where}), so it is not Adam's state{hint}"
         )
@@ -684,6 +726,7 @@ class StepReader:
         self.l2_folded: dict[int, bool] = {}
         self.debiased = False  # moments kept bias-corrected (found by the update check)
         self._check = UpdateCheck(self) if self.overridden else None
+        self._given = _GivenGradients(self) if getattr(optimizer, "consume_grad", False) is True else None
         self._holds = None if self.rule != "schedule_free" else schedule_free.form(optimizer)[0]
         self._last_read: list = []  # what the last read found stepped
         self._released = False
@@ -695,7 +738,7 @@ class StepReader:
 
     def lr(self, group: dict):
         """The lr the last step of ``group`` moved by (schedule-free: after its own warmup)."""
-        return schedule_free.lr(group) if self._holds else group.get("lr", math.nan)
+        return schedule_free.lr(group) if self._holds else step_lr(group) if "lr" in group else math.nan
 
     def decoupled(self, group: dict) -> bool:
         """Whether ``group``'s weight decay is kept out of the gradient its moments took in."""
@@ -768,13 +811,20 @@ class StepReader:
         ``after_step=True`` promises one call per ``optimizer.step()`` call, right after it (a step
         post-hook): step counts kept on the device are then known without reading them.
         """
+        if self._given is None:
+            return self._read(after_step)
+        with self._given.restored():
+            return self._read(after_step)
+
+    def _read(self, after_step: bool) -> tuple[Tensor, int] | None:
         stepped = self._stepped(after_step)
         if not stepped:
             if self._check is not None and self._check.consumed():
                 raise UnsupportedOptimizer(
                     f"{type(self.optimizer).__name__}.step() cleared the gradients it was given (p.grad is None "
-                    "after it), so the gradient the step used cannot be read; keep it in p.grad (HeavyBall: "
-                    "consume_grad=False)"
+                    "after it), so the gradient the step used cannot be read; keep it in p.grad, or mark the "
+                    "optimizer with consume_grad = True (as HeavyBall's are): the monitor then holds the gradients "
+                    "given to each step until it has read it"
                 )
             return None
         if self._check is not None:
@@ -827,7 +877,8 @@ class StepReader:
 
     def _adam_rows(self, stepped: _Stepped) -> Iterable[tuple[_Bucket, Tensor]]:
         view = _same if self._plain else real_view
-        for bucket in stepped.buckets:
+        buckets = chain.from_iterable(b.pieces(stepped.layout) if b.coded else (b,) for b in stepped.buckets)
+        for bucket in buckets:
             group = self.optimizer.param_groups[bucket.gi]
             if self._holds:
                 yield bucket, schedule_free.statistics(bucket.params, bucket.states, group, self._holds, view)
@@ -835,7 +886,9 @@ class StepReader:
             step = stepped.step(bucket)
             beta1, beta2, terms_step = adam_terms(self, group, step)
             eps = _as_float(group["eps"])
-            states = stepped.states(bucket)
+            states = (
+                list(map(dequantized, bucket.states)) if bucket.coded else bucket.states
+            )  # not kept past this piece
             exp_avgs, exp_avg_sqs, max_exp_avg_sqs, layout = bucket.views(view, group.get("amsgrad", False), states)
             if _gradient_as_is(self.rule, self.decoupled(group), group):
                 grads = bucket.grads(stepped.grads)
@@ -885,7 +938,7 @@ class StepReader:
                 "holds p before the step, which is gone after it)"
             )
         param = real_view(p.detach())
-        lr = _as_float(group["lr"])
+        lr = _as_float(step_lr(group))
         if self.rule == "nadam":
             # u = a·g_used/d + b·m/d holds g_used itself, and g_used = g + λ·(p_t + η·u): solved per coordinate.
             b_m = _nadam(None, state, group, step)
@@ -927,19 +980,6 @@ class StepReader:
             eps=_as_float(group["eps"]),
         )
 
-    def updates(self) -> Iterable[tuple[Tensor, Tensor]]:
-        """(param, direction) for every parameter with Adam state (for histograms)."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p)
-                state = dequantized(state) if state and self.foreign else state
-                if not state or ("exp_avg" not in state and not (self._holds and p.grad is not None)):
-                    continue
-                if self._in_step_statistics and hasattr(self.optimizer, "direction"):
-                    yield p, self.optimizer.direction(p)
-                elif not self._in_step_statistics:
-                    yield p, self.direction(p, state, group, _as_float(step_of(state, group)))
-
     def release(self) -> None:
         """Stop what reading needed: the optimizer's in-step recording (once no other reader of
         it is left), the update check's hook. Once; later calls do nothing."""
@@ -951,6 +991,84 @@ class StepReader:
         if self._check is not None:
             self._check.remove()
             self._check = None
+        if self._given is not None:
+            self._given.remove()
+            self._given = None
+
+
+def updates(reader: StepReader) -> Iterable[tuple[Tensor, Tensor]]:
+    """(param, direction) for every parameter of ``reader``'s optimizer whose last step can be
+    rebuilt now (for histograms)."""
+    for group in reader.optimizer.param_groups:
+        for p in group["params"]:
+            state = reader.optimizer.state.get(p)
+            state = dequantized(state) if state and reader.foreign else state
+            if not state or ("exp_avg" not in state and not (reader._holds and p.grad is not None)):
+                continue
+            if reader.rule in ("nadam", "registered") and p.grad is None:
+                continue  # its direction needs the gradient, which the step cleared
+            if reader._in_step_statistics and hasattr(reader.optimizer, "direction"):
+                yield p, reader.optimizer.direction(p)
+            elif not reader._in_step_statistics:
+                yield p, reader.direction(p, state, group, _as_float(step_of(state, group)))
+
+
+def at_step_start(optimizer: torch.optim.Optimizer, callback) -> torch.utils.hooks.RemovableHandle:
+    """Call ``callback()`` where each step of ``optimizer`` starts from its gradients: when it is
+    called, or where it is given a closure (Lightning's automatic optimization), when the closure
+    returns (the gradients before it are the last step's, or none). Not inside the step of a base
+    class that a subclass's step calls."""
+
+    def before(opt, args: tuple, kwargs: dict):
+        if nested_step(opt):
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
+        if closure is None:
+            callback()
+            return None
+
+        def closure_then_callback():
+            loss = closure()
+            callback()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_callback}
+        return (args[0], closure_then_callback, *args[2:]), kwargs
+
+    return optimizer.register_step_pre_hook(before)
+
+
+class _GivenGradients:
+    """The gradients given to a step that clears them (HeavyBall's default ``consume_grad=True``):
+    held when the step starts from them (:func:`at_step_start`; references, no copies: the step
+    reads them in place), put back in ``p.grad`` while the step is read, cleared again after it."""
+
+    def __init__(self, reader: StepReader):
+        self._reader = reader
+        self._given: list[tuple[Tensor, Tensor]] = []
+        self._hook = at_step_start(reader.optimizer, self._hold)
+
+    def _hold(self) -> None:
+        params = self._reader.params
+        self._given = [(p, g) for p, g in zip(params, map(_GRAD, params)) if g is not None]
+
+    @contextlib.contextmanager
+    def restored(self):
+        given, self._given = self._given, []
+        back = [(p, g) for p, g in given if p.grad is None]
+        for p, g in back:
+            p.grad = g
+        try:
+            yield
+        finally:
+            for p, g in back:
+                if p.grad is g:
+                    p.grad = None
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self._given = []
 
 
 def _registered_direction(reader: StepReader, p: Tensor, state: dict, group: dict, step: float, grad) -> Tensor:
@@ -975,9 +1093,12 @@ def _registered_direction(reader: StepReader, p: Tensor, state: dict, group: dic
 def curvature(reader: StepReader) -> Tensor | None:
     """The ``CURVATURE_FIELDS`` sums (float64, 3) pooled over the tensors of the step ``reader``
     read last, for the preconditioned sharpness; ``None`` where the direction is not Adam's own
-    ``m̂/(√v̂+ε)`` (NAdam, RAdam, SparseAdam, amsgrad, in-step statistics) or the tensors are sharded."""
+    ``m̂/(√v̂+ε)`` (NAdam, RAdam, SparseAdam, amsgrad, in-step statistics), the tensors are sharded
+    or their moments are kept in low-bit codes."""
     if reader.rule != "adam" or reader._group is not None or not reader._last_read:
         return None
+    if any(b.coded for b in reader._last_read.buckets):
+        return None  # low-bit moments: every tensor's float32 copy would be held at once
     buckets: dict[tuple, list] = defaultdict(list)
     for gi, group, p, state, step in reader._last_read:
         if group.get("amsgrad", False):
@@ -1121,7 +1242,7 @@ def _kept(reader: StepReader, before: Tensor, after: Tensor, u: Tensor, group: d
     """What of ``before`` the step kept, decoupled weight decay being the only other change: torch's
     ``(1 − η·λ)``; for another class the factor fits the step best within ``[1 − λ, 1]`` (forms of
     decoupled decay differ: ``η·λ``, ``λ``, ``λ·η/η_max``)."""
-    lr, wd = _as_float(group["lr"]), _as_float(group.get("weight_decay", 0.0))
+    lr, wd = _as_float(step_lr(group)), _as_float(group.get("weight_decay", 0.0))
     if not wd or not reader.decoupled(group):
         return before
     if not reader.foreign:
@@ -1142,7 +1263,7 @@ class UpdateCheck:
         self._first = 0  # where in the parameters the next check's sample starts
         # (param, its first coordinates before the step, those of its moments (m, v) or None)
         self._samples: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]] = []
-        self._hook = reader.optimizer.register_step_pre_hook(lambda *_: self._sample())
+        self._hook = at_step_start(reader.optimizer, self._sample)
 
     def after_step(self, stepped) -> None:
         """Check the step just read where it was sampled (``UnsupportedOptimizer`` if not Adam's)."""
@@ -1151,8 +1272,6 @@ class UpdateCheck:
 
     def _sample(self) -> None:
         """Before a step: the first ``VERIFIED_NUMEL`` coordinates of a few parameters."""
-        if nested_step(self.reader.optimizer):
-            return  # the base's step inside the subclass's: the parameters before it are not the step's
         params = self.reader.params
         start = self._first % max(len(params), 1)
         state = self.reader.optimizer.state
@@ -1188,7 +1307,7 @@ class UpdateCheck:
             group, state, step = found
             if "exp_avg" not in state or "exp_avg_sq" not in state:
                 return False  # not Adam's state at all: the read says so
-            if _as_float(group["lr"]) == 0 or step < 2:
+            if _as_float(step_lr(group)) == 0 or step < 2:
                 return False  # Adam's first step is sign descent, which many other updates agree with
             if coded and (m_before is None or self.reader.rule != "adam" or group.get("amsgrad", False)):
                 return False  # a low-bit state's step is rebuilt from the moments before it, Adam's only
@@ -1204,7 +1323,7 @@ class UpdateCheck:
             _learn_gradient_form(self.reader, [x for x in seen if id(x[0]) not in coded_ids])
         measured, rebuilt, rounding = [], [], []
         for p, before, m_before, group, state, step in seen:
-            lr = _as_float(group["lr"])
+            lr = _as_float(step_lr(group))
             after = real_view(p.detach()).reshape(-1)[: before.numel()]
             if id(p) in coded_ids:
                 # What the step computed in float before rounding its moments back into their codes.

@@ -157,7 +157,15 @@ def test_a_step_that_consumes_the_gradient_is_named():
     model = torch.nn.Linear(8, 1)
     values, messages = monitored_run(HandAdam(model.parameters(), consume=True), model, 3)
     assert values == {} and len(messages) == 1
-    assert "cleared the gradients it was given" in messages[0] and "consume_grad=False" in messages[0]
+    assert "cleared the gradients it was given" in messages[0] and "consume_grad = True" in messages[0]
+
+
+def test_a_step_marked_as_consuming_its_gradients_is_read_from_the_gradients_it_was_given():
+    model = torch.nn.Linear(8, 1)
+    opt = HandAdam(model.parameters(), consume=True)
+    opt.consume_grad = True
+    values, messages = monitored_run(opt, model, 4)
+    assert messages == [] and 0 < values["adam/update_rms"] <= 1
 
 
 def test_moments_that_took_in_another_gradient_are_named():

@@ -192,3 +192,33 @@ def test_a_read_keeps_no_dequantized_moments_alive(name, monkeypatch):
     assert made and all(t() is None for t in made)
     rows, _ = StepReader(opt).read()  # a fresh reader's read still finds the codes of the last step
     assert rows[0, COUNT] == 64 * 64
+
+
+@pytest.mark.parametrize("name", ["torchao.AdamW8bit", "bitsandbytes.AdamW8bit"])
+def test_a_read_dequantizes_a_few_tensors_at_a_time(name, monkeypatch):
+    """The float32 copies of a read are those of a piece of the model (here one tensor, and the
+    piece before it until the next is made), with the rows of a read that dequantizes all at once."""
+    import weakref
+
+    import adam_monitor.engine.reader as reader_module
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(6)]
+    opt = LOW_BIT[name][0](ps)
+    train(opt, ps, 3)
+    whole, _ = StepReader(opt).read()
+    made, most = [], 0
+
+    def recorded(state):
+        nonlocal most
+        out = dequantized(state)
+        kept = [id(t) for t in state.values()]
+        made.extend(weakref.ref(out[k]) for k in ("exp_avg", "exp_avg_sq") if id(out[k]) not in kept)
+        most = max(most, sum(t() is not None for t in made))
+        return out
+
+    monkeypatch.setattr(reader_module, "dequantized", recorded)
+    monkeypatch.setattr(reader_module, "DEQUANTIZED_NUMEL", 64 * 64)
+    pieces, _ = StepReader(opt).read()
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=0)
+    assert len(made) == 12 and most <= 4, most

@@ -16,7 +16,6 @@ from adam_monitor.engine.reader import StepReader
 
 optimi = pytest.importorskip("optimi")
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
-heavyball = pytest.importorskip("heavyball")
 
 LR = 1e-2
 
@@ -85,12 +84,6 @@ NOT_READ = {
     "pytorch_optimizer.ADOPT": (lambda ps: pytorch_optimizer.ADOPT(ps, lr=LR), "first moment of ADOPT"),
     "pytorch_optimizer.AdaBelief": (lambda ps: pytorch_optimizer.AdaBelief(ps, lr=LR), "no exp_avg_sq"),
     "pytorch_optimizer.Adan": (lambda ps: pytorch_optimizer.Adan(ps, lr=LR), "has 3 betas"),
-    # its step drops p.grad by default; kept, its state is one dict per view of each parameter
-    "heavyball.AdamW": (lambda ps: heavyball.AdamW(ps, lr=LR), "consume_grad=False"),
-    "heavyball.AdamW-consume_grad=False": (
-        lambda ps: heavyball.AdamW(ps, lr=LR, consume_grad=False),
-        "no exp_avg or exp_avg_sq (its keys: [0]), so it is not Adam's state: it keeps one state per view",
-    ),
 }
 
 
