@@ -289,3 +289,30 @@ def test_the_example_runs(tmp_path, monkeypatch, capsys):
     (folder,) = {Path(f).parent for f in tmp_path.glob("runs/**/events.out.tfevents.*")}
     assert [s for s, _ in scalars(folder)["adam/update_rms"]] == [5, 10]
     assert callback.monitor.alerts_file == str(folder / "adam_monitor" / "alerts.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_logs_the_applied_updates_once_from_rank_zero(tmp_path):
+    # Two CPU processes under torchrun (gloo): each rank reads its replica, rank 0 alone writes.
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TENSORBOARD_LOGGING_DIR": str(tmp_path / "tb")}
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    done = subprocess.run([*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    applied = {int(k): v for k, v in json.loads((tmp_path / "applied.json").read_text()).items()}
+    logged = scalars(tmp_path / "tb")
+    assert [s for s, _ in logged["adam/update_rms"]] == sorted(applied) == list(range(1, 7))
+    errors = [abs(v - applied[s]) / applied[s] for s, v in logged["adam/update_rms"]]
+    assert max(errors) < 1e-5, errors
+    assert any(tag.endswith("/transformer.h.0.attn.c_attn.weight") for tag in logged)  # no DDP "module." prefix
+    assert not any("module." in tag for tag in logged)
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2  # the Trainer's and ours, rank 0's
+    (entry,) = json.loads((tmp_path / "tb" / "adam_monitor" / "run.json").read_text())["monitored"]
+    assert entry["steps"] == 6 and alert_records(tmp_path / "tb") == []
