@@ -288,6 +288,27 @@ def test_report_plots_runs_with_their_alerts(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_beta2_schedule_rising_through_beta1_squared_is_info_and_one_that_stops_below_it_an_error():
+    # PaLM's and Adafactor's beta2_t = 1 - t^-0.8 starts at 0, below beta1^2 = 0.81 until step 8;
+    # HeavyBall's palm=True writes it into the group's betas inside each step.
+    def run(stop_at=None):
+        p = torch.nn.Parameter(torch.zeros(8))
+        opt = torch.optim.Adam([p], betas=(0.9, 0.99))
+        monitor = Monitor(opt, log_every_n_steps=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InstabilityWarning)
+            for t in range(1, 30):
+                beta2 = 1 - min(t, stop_at or t) ** -0.8
+                opt.param_groups[0]["betas"] = (0.9, beta2)
+                p.grad = torch.randn(8)
+                opt.step()
+        monitor.close()
+        return [(a.rule, a.severity, a.step) for a in monitor.alerts]
+
+    assert run() == [("beta_order", "info", 2)]  # coupled to step 7, then beta1 >= beta2 to step 17
+    assert run(stop_at=4) == [("beta_order", "info", 2), ("beta_coupling", "error", 5)]
+
+
 def test_betas_changed_mid_run_are_checked_again():
     p = torch.nn.Parameter(torch.zeros(8))
     opt = torch.optim.Adam([p], betas=(0.9, 0.95))
@@ -368,10 +389,11 @@ def test_a_configuration_condition_that_clears_and_returns_is_a_new_episode():
     opt = torch.optim.Adam([p], betas=(0.99, 0.95))
     monitor = Monitor(opt, log_every_n_steps=None)
     with pytest.warns(InstabilityWarning):
-        for betas in [(0.99, 0.95), (0.98, 0.95), (0.9, 0.999), (0.99, 0.95)]:
+        for betas in [(0.99, 0.95), (0.98, 0.95), (0.9, 0.999), (0.99, 0.95), (0.99, 0.95)]:
             opt.param_groups[0]["betas"] = betas
             p.grad = torch.ones(8)
             opt.step()
             monitor.check_alerts()
     monitor.close()
-    assert [(a.rule, a.step) for a in monitor.alerts] == [("beta_coupling", 1), ("beta_coupling", 4)]
+    # β2 fell at step 4: judged at step 5, once it shows that no schedule is raising it again
+    assert [(a.rule, a.step) for a in monitor.alerts] == [("beta_coupling", 1), ("beta_coupling", 5)]

@@ -25,23 +25,57 @@ def configuration_alerts(
 
 
 def configuration_alerts_by_group(
-    betas_by_group: Sequence[tuple[float, float] | None], *, optimizer: str, step: int
+    betas_by_group: Sequence[tuple[float, float] | None],
+    *,
+    optimizer: str,
+    step: int,
+    rising: Sequence[bool] | None = None,
 ) -> list[tuple[int, Alert]]:
-    """:func:`configuration_alerts` with the index of the param group each alert is about."""
+    """:func:`configuration_alerts` with the index of the param group each alert is about.
+
+    ``rising``: per group, whether its β2 rose since the last check (a β2 schedule). B_t grows
+    without limit for betas that stay coupled; with β2 scheduled, the sum behind the bound is
+    ``S_t = S_{t-1}·β1²/β2_t + (1-β1)²/(1-β2_t)``, which stays finite once β2_t rises past β1²
+    (PaLM's and Adafactor's ``β2_t = 1 - t^-0.8`` starts at 0). So a coupled pair whose β2 is rising
+    is ``beta_order`` (info); where β2 stops rising below β1² (or only β1 moves, as OneCycleLR's
+    ``cycle_momentum`` does) it is ``beta_coupling``.
+    """
     found = []
     for gi, betas in enumerate(betas_by_group):
         if betas is not None:
-            alert = _group_alert(gi, float(betas[0]), float(betas[1]), optimizer, step)
+            now_rising = bool(rising[gi]) if rising is not None and gi < len(rising) else False
+            alert = _group_alert(gi, float(betas[0]), float(betas[1]), optimizer, step, now_rising)
             if alert is not None:
                 found.append((gi, alert))
     return found
 
 
-def _group_alert(gi: int, beta1: float, beta2: float, optimizer: str, step: int) -> Alert | None:
+def _scheduled_coupling(gi: int, beta1: float, beta2: float, optimizer: str, step: int) -> Alert:
+    return Alert(
+        rule="beta_order",
+        severity="info",
+        step=step,
+        message=(
+            f"param group {gi}: betas=({beta1:g}, {beta2:g}) at this step have beta1^2 >= beta2 while "
+            f"a schedule raises beta2 (it rose since the last step): the update's bound is that of the "
+            f"betas' history, which stays finite once beta2 passes beta1^2 = {beta1 * beta1:.4g} (a "
+            f"beta2 schedule such as 1 - t^-0.8 starts at 0). If beta2 stops below it, that is the "
+            f"error beta_coupling."
+        ),
+        optimizer=optimizer,
+        parameter=None,
+        value=beta1,
+        threshold=beta2,
+    )
+
+
+def _group_alert(gi: int, beta1: float, beta2: float, optimizer: str, step: int, rising: bool) -> Alert | None:
     if beta1 == 0.0:
         return None  # no momentum: |u_t| = |g_t|/√v̂_t ≤ 1/√(1-β2) whatever β2 (theory.asymptotic_bound)
     gamma = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
     per_step = beta1 / math.sqrt(beta2) if beta2 > 0 else math.inf
+    if beta1 * beta1 >= beta2 and rising:
+        return _scheduled_coupling(gi, beta1, beta2, optimizer, step)
     if beta1 * beta1 >= beta2:
         bounds = ", ".join(f"B_{t} = {worst_case_bound(beta1, beta2, t):.3g}" for t in (10, 100, 1000))
         return Alert(

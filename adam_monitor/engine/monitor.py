@@ -178,6 +178,7 @@ def _track(
             continue
         label = prefix.split("/", 1)[1] if "/" in prefix else type(opt).__name__
         tracked = _Tracked(opt, reader, prefix, label, sharpness=SharpnessSampler(sharpness_every))
+        tracked.start_betas = [reader.betas(g) for g in opt.param_groups]  # what a schedule moves from
         tracked.hook = opt.register_step_post_hook(lambda *_, tracked=tracked: _guarded(on_step, on_fault, tracked))
         tracked_all.append(tracked)
     return tracked_all
@@ -255,6 +256,8 @@ class _Tracked:
     names: list[str] = field(default_factory=list)
     rules: AlertRules | None = None
     betas: list[tuple[float, float]] | None = None
+    coupled_pending: list[bool] = field(default_factory=list)  # per group: coupled betas to judge again
+    start_betas: list[tuple[float, float]] | None = None  # as the optimizer was given to the monitor
     sums: Tensor | None = None
     pending_steps: int = 0
     step: int = 0
@@ -484,22 +487,35 @@ class Monitor:
         """Run the configuration rules (β1² ≥ β2, β1 ≥ β2) now; they also run at the first step."""
         found = []
         for tracked in self._tracked:
-            found += self._check_configuration(tracked, tracked.step + 1)
+            found += self._check_configuration(tracked, tracked.step + 1, at_step=False)
         return found
 
-    def _check_configuration(self, tracked: _Tracked, step: int) -> list[Alert]:
+    def _check_configuration(self, tracked: _Tracked, step: int, at_step: bool = True) -> list[Alert]:
+        """The configuration rules for the betas now. At a step (``at_step``), betas that turned
+        coupled (β1² ≥ β2) by a change of β2 are judged at the next step, when it shows whether a β2
+        schedule is raising β2 (HeavyBall's ``palm`` sets β2_1 = 0 inside its first step): a first
+        step's update is ±1 whatever the betas, and the bound grows only over steps."""
         groups = tracked.optimizer.param_groups
         betas = [tracked.reader.betas(g) for g in groups]
-        if betas == tracked.betas:
+        previous = tracked.betas
+        if betas == previous and not any(tracked.coupled_pending):
             return []
-        if tracked.betas is not None:
+        if previous is not None and betas != previous:
             self._drain(tracked, wait=True)  # the steps taken so far are judged with their own betas
             per_tensor = [b for b, g in zip(betas, groups) for _ in g["params"]]
             if tracked.rules is not None and len(per_tensor) == len(tracked.rules.names):
                 tracked.rules.set_betas(per_tensor)  # else (a param group added) rebuilt after this
         tracked.betas = betas
         checked = [b if _bounded_by_adam(g) else None for b, g in zip(betas, groups)]
-        found = configuration_alerts_by_group(checked, optimizer=tracked.label, step=step)
+        before = previous if previous is not None else tracked.start_betas or []
+        coupled = [b is not None and b[0] ** 2 >= b[1] for b in checked]
+        was = [gi < len(before) and before[gi][0] ** 2 >= before[gi][1] for gi in range(len(groups))]
+        rising = [gi < len(before) and b[1] > before[gi][1] for gi, b in enumerate(betas)]  # a β2 schedule
+        moved = [gi < len(before) and b[1] != before[gi][1] for gi, b in enumerate(betas)]  # β2 itself
+        deferred = [at_step and c and not w and m for c, w, m in zip(coupled, was, moved)]
+        found = configuration_alerts_by_group(checked, optimizer=tracked.label, step=step, rising=rising)
+        found = [(gi, alert) for gi, alert in found if not deferred[gi]]
+        tracked.coupled_pending = [c and (d or r) for c, d, r in zip(coupled, deferred, rising)]
         fresh, self._config_seen = _configuration_episodes(tracked.label, found, self._config_seen)
         self._policy.handle(fresh, self._axis(step))
         return fresh
