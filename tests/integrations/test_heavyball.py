@@ -27,6 +27,7 @@ READ = {
     "decoupled decay": {"weight_decay": 0.1},
     "warmup": {"warmup_steps": 5},
     "for-loop": {"multi_tensor": False},
+    "PaLM's beta2 schedule": {"palm": True},  # β2_t = 1 - t^-0.8, written into the group's betas
 }
 
 
