@@ -30,6 +30,19 @@ def monitored_run(opt, model, steps):
     return values, [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
 
 
+def small_model() -> torch.nn.Module:
+    """A seeded MLP of 8 inputs, the ones ``monitored_run`` feeds."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def assert_named_and_not_read(opt, model, says: str, steps: int = 20) -> None:
+    """A Monitor of ``opt`` logs nothing (rather than numbers that are wrong) and warns once, saying ``says``."""
+    values, messages = monitored_run(opt, model, steps)
+    assert values == {}, "nothing logged rather than numbers that are wrong"
+    assert len(messages) == 1 and says in messages[0], messages
+
+
 def with_update_spike_at_the_end(rules, runs):
     """``rules`` observe ``runs`` of (step, rows, lrs); on the last, the first tensor's update RMS is
     5x its own (an update_rms_spike). Returns (the alerts before, the last step's)."""

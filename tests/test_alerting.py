@@ -288,40 +288,38 @@ def test_report_plots_runs_with_their_alerts(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_a_beta2_schedule_rising_through_beta1_squared_is_info_and_one_that_stops_below_it_an_error():
-    # PaLM's and Adafactor's beta2_t = 1 - t^-0.8 starts at 0, below beta1^2 = 0.81 until step 8;
-    # HeavyBall's palm=True writes it into the group's betas inside each step.
-    def run(stop_at=None):
-        p = torch.nn.Parameter(torch.zeros(8))
-        opt = torch.optim.Adam([p], betas=(0.9, 0.99))
-        monitor = Monitor(opt, log_every_n_steps=None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", InstabilityWarning)
-            for t in range(1, 30):
-                beta2 = 1 - min(t, stop_at or t) ** -0.8
-                opt.param_groups[0]["betas"] = (0.9, beta2)
-                p.grad = torch.randn(8)
-                opt.step()
-        monitor.close()
-        return [(a.rule, a.severity, a.step) for a in monitor.alerts]
-
-    assert run() == [("beta_order", "info", 2)]  # coupled to step 7, then beta1 >= beta2 to step 17
-    assert run(stop_at=4) == [("beta_order", "info", 2), ("beta_coupling", "error", 5)]
-
-
-def test_betas_changed_mid_run_are_checked_again():
+def _alerts_with_betas(betas_at, steps: int, start=(0.9, 0.95)) -> list[tuple[str, str, int]]:
+    """(rule, severity, step) of the alerts of an Adam run whose group gets ``betas_at(t)`` before step t."""
     p = torch.nn.Parameter(torch.zeros(8))
-    opt = torch.optim.Adam([p], betas=(0.9, 0.95))
+    opt = torch.optim.Adam([p], betas=start)
     monitor = Monitor(opt, log_every_n_steps=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InstabilityWarning)
-        for t in range(1, 11):
-            if t == 6:
-                opt.param_groups[0]["betas"] = (0.99, 0.95)  # e.g. a momentum schedule gone wrong
+        for t in range(1, steps + 1):
+            opt.param_groups[0]["betas"] = betas_at(t)
             p.grad = torch.randn(8)
             opt.step()
     monitor.close()
-    assert [(a.rule, a.step) for a in monitor.alerts] == [("beta_coupling", 6)]
+    return [(a.rule, a.severity, a.step) for a in monitor.alerts]
+
+
+def test_a_beta2_schedule_rising_through_beta1_squared_is_info_and_one_that_stops_below_it_an_error():
+    # PaLM's and Adafactor's beta2_t = 1 - t^-0.8 starts at 0, below beta1^2 = 0.81 until step 8;
+    # HeavyBall's palm=True writes it into the group's betas inside each step.
+    def palm(stop_at=None):
+        return lambda t: (0.9, 1 - min(t, stop_at or t) ** -0.8)
+
+    assert _alerts_with_betas(palm(), 29, start=(0.9, 0.99)) == [("beta_order", "info", 2)]  # then beta1 >= beta2
+    assert _alerts_with_betas(palm(stop_at=4), 29, start=(0.9, 0.99)) == [
+        ("beta_order", "info", 2),
+        ("beta_coupling", "error", 5),
+    ]
+
+
+def test_betas_changed_mid_run_are_checked_again():
+    # e.g. a momentum schedule gone wrong at step 6
+    alerts = _alerts_with_betas(lambda t: (0.99, 0.95) if t >= 6 else (0.9, 0.95), 10)
+    assert alerts == [("beta_coupling", "error", 6)]
 
 
 def test_repeated_warnings_of_a_rule_are_condensed_and_every_alert_is_kept(tmp_path):

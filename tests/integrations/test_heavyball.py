@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from support import monitored_run
+from support import assert_named_and_not_read, small_model
 
 from adam_monitor.diagnostics import tensor_statistics
 from adam_monitor.engine.reader import StepReader
@@ -78,18 +78,14 @@ NOT_READ = {
 @pytest.mark.parametrize("name", NOT_READ)
 def test_heavyball_updates_that_are_not_adamws_are_named_and_not_read(name):
     make, says = NOT_READ[name]
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    values, messages = monitored_run(make(model.parameters()), model, 20)
-    assert values == {}, "nothing logged rather than numbers that are wrong"
-    assert len(messages) == 1 and says in messages[0], messages
+    model = small_model()
+    assert_named_and_not_read(make(model.parameters()), model, says)
 
 
 def test_a_monitored_heavyball_run_keeps_the_step_clearing_its_gradients():
     # The reader puts the gradients back while it reads and clears them again: what the user's
     # loop sees after step() is HeavyBall's behaviour, and no gradient outlives the read.
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    model = small_model()
     opt = heavyball.AdamW(model.parameters(), lr=LR)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

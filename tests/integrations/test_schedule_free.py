@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from support import monitored_run
+from support import assert_named_and_not_read, small_model
 
 from adam_monitor import Monitor
 from adam_monitor.diagnostics import tensor_statistics
@@ -142,11 +142,8 @@ NOT_READ = {
 @pytest.mark.parametrize("name", NOT_READ)
 def test_other_schedule_free_optimizers_are_named_and_not_read(name):
     make, says = NOT_READ[name]
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    model = small_model()
     opt = make(model.parameters())
     if hasattr(opt, "train"):
         opt.train()
-    values, messages = monitored_run(opt, model, 5)
-    assert values == {}, "nothing logged rather than numbers that are wrong"
-    assert len(messages) == 1 and says in messages[0], messages
+    assert_named_and_not_read(opt, model, says, steps=5)

@@ -5,12 +5,10 @@ The rebuilt-update test: the direction the monitor reports equals ``(p_before âˆ
 gradient and the state as the library keeps them. Others are named, not read.
 """
 
-import warnings
-
 import pytest
 import torch
+from support import assert_named_and_not_read, small_model
 
-from adam_monitor import Monitor
 from adam_monitor.diagnostics import tensor_statistics
 from adam_monitor.engine.reader import StepReader
 
@@ -90,18 +88,5 @@ NOT_READ = {
 @pytest.mark.parametrize("name", NOT_READ)
 def test_adam_shaped_state_with_another_update_is_named_and_not_read(name):
     make, says = NOT_READ[name]
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    opt = make(model.parameters())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        monitor = Monitor(opt, named_parameters=model.named_parameters(), log_every_n_steps=None)
-        for _ in range(20):
-            model(torch.randn(32, 16)).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-        values = monitor.compute()
-        monitor.close()
-    messages = [str(w.message) for w in caught if "adam-monitor" in str(w.message)]
-    assert values == {}, "nothing logged rather than numbers that are wrong"
-    assert len(messages) == 1 and says in messages[0], messages
+    model = small_model()
+    assert_named_and_not_read(make(model.parameters()), model, says)
