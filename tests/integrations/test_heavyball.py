@@ -13,6 +13,7 @@ import pytest
 import torch
 from support import assert_named_and_not_read, small_model
 
+from adam_monitor import Monitor
 from adam_monitor.diagnostics import tensor_statistics
 from adam_monitor.engine.reader import StepReader
 
@@ -89,8 +90,6 @@ def test_a_monitored_heavyball_run_keeps_the_step_clearing_its_gradients():
     opt = heavyball.AdamW(model.parameters(), lr=LR)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from adam_monitor import Monitor
-
         monitor = Monitor(opt, named_parameters=model.named_parameters(), log_every_n_steps=None)
         for _ in range(10):
             model(torch.randn(16, 8)).square().mean().backward()
