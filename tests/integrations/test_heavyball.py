@@ -7,13 +7,14 @@ the direction the monitor reports equals ``(kept·p_before − p_after)/lr`` to 
 row equals the float64 reference from the gradient the step was given.
 """
 
+import json
 import warnings
 
 import pytest
 import torch
-from support import assert_named_and_not_read, small_model
+from support import AdamBoring, assert_named_and_not_read, quiet_trainer, small_model
 
-from adam_monitor import Monitor
+from adam_monitor import AdamMonitor, Monitor
 from adam_monitor.diagnostics import tensor_statistics
 from adam_monitor.engine.reader import StepReader
 
@@ -109,12 +110,6 @@ def reader_holds_nothing(monitor) -> bool:
 def test_heavyball_under_lightning_is_read_from_the_gradients_its_closure_made(tmp_path):
     # Lightning's step(closure) computes the gradients inside the step, which then clears them:
     # the monitor holds them once the closure returns, and checks the update from the second step.
-    import json
-
-    from support import AdamBoring, quiet_trainer
-
-    from adam_monitor import AdamMonitor
-
     torch.manual_seed(0)
     trainer = quiet_trainer(tmp_path, callbacks=[AdamMonitor()], max_steps=8, log_every_n_steps=2)
     trainer.fit(AdamBoring(optimizer=heavyball.AdamW, weight_decay=0.01))
