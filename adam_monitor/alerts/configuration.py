@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from ..theory import asymptotic_bound, worst_case_bound
 from .records import Alert
 
-__all__ = ["configuration_alerts", "configuration_alerts_by_group"]
+__all__ = ["configuration_alerts", "configuration_alerts_by_group", "scheduled_configuration_alerts"]
 
 
 def configuration_alerts(
@@ -48,6 +48,32 @@ def configuration_alerts_by_group(
             if alert is not None:
                 found.append((gi, alert))
     return found
+
+
+def scheduled_configuration_alerts(
+    betas_by_group: Sequence[tuple[float, float] | None],
+    before: Sequence[tuple[float, float] | None],
+    *,
+    optimizer: str,
+    step: int,
+    at_step: bool,
+) -> tuple[list[tuple[int, Alert]], list[bool]]:
+    """:func:`configuration_alerts_by_group` of betas that may be scheduled: ``before`` holds each
+    group's betas at the last check. At a step (``at_step``), betas that a change of β2 made coupled
+    (β1² ≥ β2) are judged at the next step, when it shows whether a β2 schedule is raising β2
+    (HeavyBall's ``palm`` sets β2_1 = 0 inside its first step): a first step's update is ±1
+    whatever the betas, and the bound grows only over steps. Returns the alerts by group and, per
+    group, whether to judge it again at the next step though its betas did not change."""
+    n = len(betas_by_group)
+    known = [gi < len(before) and before[gi] is not None for gi in range(n)]
+    coupled = [b is not None and b[0] ** 2 >= b[1] for b in betas_by_group]
+    was = [k and before[gi][0] ** 2 >= before[gi][1] for gi, k in enumerate(known)]
+    rising = [k and b is not None and b[1] > before[gi][1] for gi, (k, b) in enumerate(zip(known, betas_by_group))]
+    moved = [k and b is not None and b[1] != before[gi][1] for gi, (k, b) in enumerate(zip(known, betas_by_group))]
+    deferred = [at_step and c and not w and m for c, w, m in zip(coupled, was, moved)]
+    found = configuration_alerts_by_group(betas_by_group, optimizer=optimizer, step=step, rising=rising)
+    found = [(gi, alert) for gi, alert in found if not deferred[gi]]
+    return found, [c and (d or r) for c, d, r in zip(coupled, deferred, rising)]
 
 
 def _scheduled_coupling(gi: int, beta1: float, beta2: float, optimizer: str, step: int) -> Alert:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._runtime import HostCopy, is_rank_zero
-from ..alerts.configuration import configuration_alerts_by_group
+from ..alerts.configuration import scheduled_configuration_alerts
 from ..alerts.log import AlertLog, summary_table
 from ..alerts.records import Alert, InstabilityError, Thresholds
 from ..alerts.rules import AlertRules, carry_over
@@ -287,6 +287,29 @@ class _Tracked:
         self.pending_steps += 1
         self.step = step
 
+    def log_point(
+        self, named: dict[int, str], *, alert_count: int, per_parameter: bool
+    ) -> tuple[dict[str, float], dict[str, list[tuple[float, str]]]]:
+        """The tags of the steps pooled since the last log point, and the worst tensors (empty: none)."""
+        if self.sums is None or self.pending_steps == 0:
+            return {}, {}
+        return log_point(
+            self.prefix,
+            self.sums,
+            self.parameter_names(named),
+            skipped=self.skipped,
+            alert_count=alert_count,
+            per_parameter=per_parameter,
+            sharpness=self.sharpness.latest(),
+        )
+
+    def give_rules_betas(self, betas: list[tuple[float, float]]) -> None:
+        """The rules judge the next steps with the groups' new ``betas`` (rules for another set of
+        tensors, a param group added, are rebuilt at the next step instead)."""
+        per_tensor = [b for b, g in zip(betas, self.optimizer.param_groups) for _ in g["params"]]
+        if self.rules is not None and len(per_tensor) == len(self.rules.names):
+            self.rules.set_betas(per_tensor)
+
     def parameter_names(self, named: dict[int, str]) -> list[str]:
         if len(self.names) != len(self.reader.params):  # parameters were added: name them anew
             self.names = parameter_names(self.optimizer, named)
@@ -491,10 +514,8 @@ class Monitor:
         return found
 
     def _check_configuration(self, tracked: _Tracked, step: int, at_step: bool = True) -> list[Alert]:
-        """The configuration rules for the betas now. At a step (``at_step``), betas that turned
-        coupled (β1² ≥ β2) by a change of β2 are judged at the next step, when it shows whether a β2
-        schedule is raising β2 (HeavyBall's ``palm`` sets β2_1 = 0 inside its first step): a first
-        step's update is ±1 whatever the betas, and the bound grows only over steps."""
+        """The configuration rules for the betas now, against those of the last check
+        (:func:`~adam_monitor.alerts.configuration.scheduled_configuration_alerts`)."""
         groups = tracked.optimizer.param_groups
         betas = [tracked.reader.betas(g) for g in groups]
         previous = tracked.betas
@@ -502,20 +523,13 @@ class Monitor:
             return []
         if previous is not None and betas != previous:
             self._drain(tracked, wait=True)  # the steps taken so far are judged with their own betas
-            per_tensor = [b for b, g in zip(betas, groups) for _ in g["params"]]
-            if tracked.rules is not None and len(per_tensor) == len(tracked.rules.names):
-                tracked.rules.set_betas(per_tensor)  # else (a param group added) rebuilt after this
+            tracked.give_rules_betas(betas)
         tracked.betas = betas
         checked = [b if _bounded_by_adam(g) else None for b, g in zip(betas, groups)]
         before = previous if previous is not None else tracked.start_betas or []
-        coupled = [b is not None and b[0] ** 2 >= b[1] for b in checked]
-        was = [gi < len(before) and before[gi][0] ** 2 >= before[gi][1] for gi in range(len(groups))]
-        rising = [gi < len(before) and b[1] > before[gi][1] for gi, b in enumerate(betas)]  # a β2 schedule
-        moved = [gi < len(before) and b[1] != before[gi][1] for gi, b in enumerate(betas)]  # β2 itself
-        deferred = [at_step and c and not w and m for c, w, m in zip(coupled, was, moved)]
-        found = configuration_alerts_by_group(checked, optimizer=tracked.label, step=step, rising=rising)
-        found = [(gi, alert) for gi, alert in found if not deferred[gi]]
-        tracked.coupled_pending = [c and (d or r) for c, d, r in zip(coupled, deferred, rising)]
+        found, tracked.coupled_pending = scheduled_configuration_alerts(
+            checked, before, optimizer=tracked.label, step=step, at_step=at_step
+        )
         fresh, self._config_seen = _configuration_episodes(tracked.label, found, self._config_seen)
         self._policy.handle(fresh, self._axis(step))
         return fresh
@@ -559,17 +573,7 @@ class Monitor:
         return metrics
 
     def _metrics(self, tracked: _Tracked) -> tuple[dict[str, float], dict[str, list[tuple[float, str]]]]:
-        if tracked.sums is None or tracked.pending_steps == 0:
-            return {}, {}
-        return log_point(
-            tracked.prefix,
-            tracked.sums,
-            tracked.parameter_names(self._named),
-            skipped=tracked.skipped,
-            alert_count=len(self.alerts),
-            per_parameter=self.options.per_parameter,
-            sharpness=tracked.sharpness.latest(),
-        )
+        return tracked.log_point(self._named, alert_count=len(self.alerts), per_parameter=self.options.per_parameter)
 
     def flush(self, step: int | None = None) -> dict[str, float]:
         """Write everything accumulated since the last flush; returns what was written.
