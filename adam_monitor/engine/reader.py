@@ -886,9 +886,8 @@ class StepReader:
             step = stepped.step(bucket)
             beta1, beta2, terms_step = adam_terms(self, group, step)
             eps = _as_float(group["eps"])
-            states = (
-                list(map(dequantized, bucket.states)) if bucket.coded else bucket.states
-            )  # not kept past this piece
+            # low-bit moments as float32 copies, dropped with this piece
+            states = list(map(dequantized, bucket.states)) if bucket.coded else bucket.states
             exp_avgs, exp_avg_sqs, max_exp_avg_sqs, layout = bucket.views(view, group.get("amsgrad", False), states)
             if _gradient_as_is(self.rule, self.decoupled(group), group):
                 grads = bucket.grads(stepped.grads)
