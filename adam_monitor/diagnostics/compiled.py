@@ -51,6 +51,8 @@ from .._runtime import (
     host_values,
     independent_sizes,
 )
+from . import ahead
+from .ahead import AHEAD_ENV, KernelUnavailable
 from .foreach import FlatRun, adam_statistics, flat_eligible
 from .rows import (
     COUNT,
@@ -136,14 +138,14 @@ def _compiled(amsgrad: bool, dtype: torch.dtype) -> Callable:
 _DUMMY_HEADS: dict[tuple, list[list[Tensor]]] = {}
 
 
-def _dummy_heads(count: int, tensors: int, dtype: torch.dtype, device: torch.device) -> list[list[Tensor]]:
-    """``count`` heads of ``tensors`` zero tensors of ``2·BLOCK`` elements that pad a step's last
-    call (distinct tensors: dynamo guards that inputs do not alias; 2 blocks, not 1, since a size
-    of 1 would specialize the graph). Their sums are computed and dropped."""
-    dummies = _DUMMY_HEADS.setdefault((dtype, device), [])
+def _dummy_heads(count: int, dtypes: tuple[torch.dtype, ...], device: torch.device) -> list[list[Tensor]]:
+    """``count`` heads of zero tensors of ``dtypes`` and ``2·BLOCK`` elements that pad a step's
+    last call (distinct tensors: dynamo guards that inputs do not alias; 2 blocks, not 1, since a
+    size of 1 would specialize the graph). Their sums are computed and dropped."""
+    dummies = _DUMMY_HEADS.setdefault((dtypes, device), [])
     while len(dummies) < count:
-        dummies.append([torch.zeros(2 * BLOCK, dtype=dtype, device=device) for _ in range(4)])
-    return [d[:tensors] for d in dummies[:count]]
+        dummies.append([torch.zeros(2 * BLOCK, dtype=dtype, device=device) for dtype in dtypes])
+    return dummies[:count]
 
 
 def _flat(t: Tensor, length: int) -> Tensor:
@@ -212,11 +214,22 @@ def fast_adam_statistics(
     state = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in state]
     device = grads[0].device
     compute_dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    dtypes = tuple(ts[large[0]].dtype for ts in state)
+    try:
+        fn = _kernel(state, large, dtypes, amsgrad, wait=compiled is True)
+    except KernelUnavailable as error:
+        if compiled:
+            raise
+        _warn_once(
+            f"adam-monitor: {error}; compiling the statistics in this process instead ({AHEAD_ENV}=0 skips the attempt)"
+        )
+        fn = _compiled(amsgrad, grads[0].dtype)
+    if fn is None:  # being built in the background: the eager rows meanwhile
+        return layout.eager_rows(grads, kw) if layout is not None else _eager_in_chunks(state, amsgrad, kw)
     s = _scalars(beta2, eps, step, compute_dtype, device)
-    fn = _compiled(amsgrad, grads[0].dtype)
     heads = [grads[i].numel() // BLOCK * BLOCK for i in large]
     aliases = [[_flat(ts[i], h) for ts in state] for i, h in zip(large, heads)]
-    aliases += _dummy_heads(-len(aliases) % HEADS_PER_CALL, len(state), grads[0].dtype, device)
+    aliases += _dummy_heads(-len(aliases) % HEADS_PER_CALL, dtypes, device)
     calls = [
         [t for head in aliases[k : k + HEADS_PER_CALL] for t in head] for k in range(0, len(aliases), HEADS_PER_CALL)
     ]
@@ -250,6 +263,26 @@ def fast_adam_statistics(
         rest_rows = adam_statistics(*rest[:3], max_exp_avg_sqs=rest[3] if amsgrad else None, **kw)
         rows.index_add_(0, host_values(small + [i for i, _ in tails], torch.long, device), rest_rows)
     return rows
+
+
+def _kernel(
+    state: list[Sequence[Tensor]], large: list[int], dtypes: tuple, amsgrad: bool, wait: bool
+) -> Callable | None:
+    """The compiled kernel for the ``large`` heads: built ahead of time where that serves their
+    device and dtypes (``None`` while it is being built, unless ``wait``), else compiled here."""
+    device = state[0][large[0]].device
+    if ahead.available(device) and all(tuple(ts[i].dtype for ts in state) == dtypes for i in large):
+        return ahead.kernel(dtypes, wait=wait)
+    return _compiled(amsgrad, dtypes[0])
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _eager_in_chunks(state: list[Sequence[Tensor]], amsgrad: bool, kw: dict) -> Tensor:

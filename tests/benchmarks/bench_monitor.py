@@ -18,6 +18,11 @@ hits them alike, and the median over rounds is reported.
 (c) peak and resident memory of (a) with and without the monitor, in fresh processes, and whether
     the resident size grows with the step count.
 (d) ``adam_monitor.optim.Adam`` with ``record_statistics`` on and off, if it exists.
+(e) time to the first step, in fresh processes: the monitor with its statistics kernel on disk,
+    with an empty kernel cache (built in a child process meanwhile: how long the first step takes,
+    how long until the kernel serves, and how many steps ran before), and compiled in the training
+    process as ``torch.compile`` does (``ADAM_MONITOR_AHEAD_OF_TIME=0``), with inductor's cache warm
+    and empty.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 from shapes import transformer_shapes  # noqa: E402  (run as a script, this folder is on sys.path)
 
 from adam_monitor import Monitor  # noqa: E402
-from adam_monitor.diagnostics import adam_statistics  # noqa: E402
+from adam_monitor.diagnostics import adam_statistics, ahead  # noqa: E402
+from adam_monitor.diagnostics.ahead import AHEAD_ENV, CACHE_ENV  # noqa: E402
 from adam_monitor.diagnostics.compiled import fast_adam_statistics  # noqa: E402
 from adam_monitor.engine import reader as state_module  # noqa: E402
 
@@ -303,17 +309,71 @@ def bench_memory(scale: float, steps: int) -> None:
     state_mib = 4 * sum(torch.Size(s).numel() for s in transformer_shapes(scale, blocks=5)) / 2**20
     print(f"    one copy of the parameters: {state_mib:.0f} MiB")
     print(f"    {'':30s}{'peak MiB':>10s}{'after 1 step':>14s}{'half-way':>10s}{'end':>8s}")
-    for mode, label in (("none", "no monitor"), ("eager", "Monitor, eager reader"), ("fast", "Monitor, fast reader")):
+    variants = (
+        ("none", "no monitor", {}),
+        ("eager", "Monitor, eager reader", {}),
+        ("fast", "Monitor, fast reader", {}),
+        ("fast", "  the same, compiled in-process", {AHEAD_ENV: "0"}),
+    )
+    for mode, label, env in variants:
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", mode, "--scale", str(scale), "--steps", str(steps)],
             capture_output=True,
             text=True,
             check=True,
+            env={**os.environ, **env},
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
             f"    {label:30s}{r['hwm_mib']:10.0f}{r['after_first_step_mib']:14.0f}{r['rss_mib'][0]:10.0f}{r['rss_mib'][1]:8.0f}"
         )
+
+
+# ---------------------------------------------------------------------------------------- (e)
+def first_step_child(scale: float) -> None:
+    """Run in a fresh process: the first step's time, then steps until the statistics kernel serves
+    (at most 60 s of them)."""
+    params = make_params(scale)
+    opt = torch.optim.AdamW(params, fused=True, lr=1e-4)
+    Monitor(opt, log_every_n_steps=None)
+    start = time.perf_counter()
+    opt.step()
+    first = time.perf_counter() - start
+    steps = 1
+    while not ahead._LOADED and os.environ.get(AHEAD_ENV) != "0" and time.perf_counter() - start < 60:
+        opt.step()
+        steps += 1
+    print(json.dumps({"first_s": first, "ready_s": time.perf_counter() - start, "steps": steps}))
+
+
+def bench_first_step(scale: float) -> None:
+    print("\n(e) time to the first step, fresh process per variant")
+    print(f"    {'':44s}{'first step':>11s}{'kernel serves after':>21s}{'steps by then':>15s}")
+    with tempfile.TemporaryDirectory() as empty:
+        variants = (
+            ("no monitor", None),
+            ("kernel on disk", {}),
+            ("empty kernel cache (built meanwhile)", {CACHE_ENV: os.path.join(empty, "kernels")}),
+            ("compiled in-process, inductor cache warm", {AHEAD_ENV: "0"}),
+            ("compiled in-process, inductor cache empty", {AHEAD_ENV: "0", "TORCHINDUCTOR_CACHE_DIR": empty}),
+        )
+        for label, env in variants:
+            if env is None:
+                params = make_params(scale)
+                opt = torch.optim.AdamW(params, fused=True, lr=1e-4)
+                start = time.perf_counter()
+                opt.step()
+                print(f"    {label:44s}{time.perf_counter() - start:10.3f}s")
+                continue
+            out = subprocess.run(
+                [sys.executable, __file__, "--first-step-child", "--scale", str(scale)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, **env},
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"    {label:44s}{r['first_s']:10.3f}s{r['ready_s']:20.1f}s{r['steps']:15d}")
 
 
 # ---------------------------------------------------------------------------------------- (d)
@@ -367,7 +427,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=None, help="width multiplier of the model in (a), (c), (d)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ab'")
+    parser.add_argument("--only", default="abcde", help="which parts to run, e.g. 'ab'")
     parser.add_argument("--device", default="cpu", help="where (a) and (d) run (cpu, cuda)")
     parser.add_argument(
         "--repeat", type=int, default=1, help="calls per timed sample in (a) and (d) (10 or so on a GPU)"
@@ -379,6 +439,7 @@ def main() -> None:
         help="CUDA: precede each step of (a) with this many ms of matrix products on the device",
     )
     parser.add_argument("--memory-child", choices=("none", "eager", "fast"), help=argparse.SUPPRESS)
+    parser.add_argument("--first-step-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE, REPEAT
     DEVICE, REPEAT = torch.device(args.device), args.repeat
@@ -389,6 +450,9 @@ def main() -> None:
     scale = args.scale if args.scale is not None else (0.5 if args.quick else 1.0)
     if args.memory_child:
         memory_child(args.memory_child, scale, args.steps or 20)
+        return
+    if args.first_step_child:
+        first_step_child(scale)
         return
     rounds = args.rounds or (3 if args.quick else 9)
     print(
@@ -403,6 +467,8 @@ def main() -> None:
         bench_memory(scale, steps=args.steps or (10 if args.quick else 40))
     if "d" in args.only:
         bench_own_optimizer(scale, rounds)
+    if "e" in args.only:
+        bench_first_step(scale)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def uncompiled_kernel(small_compiled, monkeypatch):
     # The same Python function executed eagerly: checks the fast path's math in every
     # configuration without paying one compilation each.
     monkeypatch.setattr(kernels, "_compiled", lambda amsgrad, dtype: kernels.block_sums_heads)
+    monkeypatch.setenv(kernels.AHEAD_ENV, "0")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -136,6 +137,7 @@ def test_compile_failure_falls_back_once(small_compiled, monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(kernels, "_compiled", lambda amsgrad, dtype: broken)
+    monkeypatch.setenv(kernels.AHEAD_ENV, "0")  # the kernel compiled in this process
     lists, kw = adam_state(torch.float32, steps=2)
     with pytest.warns(RuntimeWarning, match="no compiler"):
         rows = fast_adam_statistics(*lists, **kw)
