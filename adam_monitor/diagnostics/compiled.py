@@ -23,8 +23,10 @@ on real data, and counts stay exact (≤ 1024 per block); one float32 accumulato
 tensor would not be. Temporaries: a ``(numel/BLOCK, 6)`` buffer per tensor, nothing the size of a
 parameter.
 
-Compilation is lazy (first call), cached per process (and on disk by inductor), one graph per
-(compute dtype, amsgrad) with dynamic shapes and ``HEADS_PER_CALL`` tensors a call, so every
+On the CPU the kernel is built ahead of time in a child process and loaded from disk
+(:mod:`.ahead`; the eager path serves until it is ready, and a failed build falls back to
+compiling here). Elsewhere compilation is lazy (first call), cached per process (and on disk by
+inductor). Either way there is one graph per configuration (the heads' dtypes) with dynamic shapes and ``HEADS_PER_CALL`` tensors a call, so every
 tensor size and count and every step reuses it: the step-dependent scalars travel in one float64
 tensor. Set ``ADAM_MONITOR_EAGER=1`` (or pass
 ``compiled=False``) to use the foreach path; a failed compilation warns once and falls back to it.
