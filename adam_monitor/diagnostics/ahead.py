@@ -86,9 +86,14 @@ def _machine() -> str:
     return f"{platform.machine()}-{capability}"
 
 
+def _names(dtypes: Sequence[torch.dtype]) -> list[str]:
+    """``float32`` for ``torch.float32``: how a dtype is spelt in a file name and the build's argv."""
+    return [str(d).removeprefix("torch.") for d in dtypes]
+
+
 def library_path(dtypes: Sequence[torch.dtype]) -> Path:
     """Where the kernel for heads of tensors of ``dtypes`` (g, m, v[, v_den]) is kept."""
-    names = [str(d).removeprefix("torch.") for d in dtypes]
+    names = _names(dtypes)
     key = [*names, str(BLOCK), str(HEADS_PER_CALL), torch.__version__, str(torch.version.git_version), _machine()]
     digest = hashlib.sha256((" ".join(key) + _source_digest()).encode()).hexdigest()[:20]
     return cache_dir() / f"block_sums-{'-'.join(names)}-{digest}.so"
@@ -156,7 +161,7 @@ class _Build:
 
 
 def _command(path: Path, dtypes: Sequence[torch.dtype]) -> list[str]:
-    return [sys.executable, "-m", __name__, str(path), *(str(d).removeprefix("torch.") for d in dtypes)]
+    return [sys.executable, "-m", __name__, str(path), *_names(dtypes)]
 
 
 _PATHS: dict[tuple, Path] = {}  # (dtypes, the cache's environment) -> library_path
