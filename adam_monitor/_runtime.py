@@ -26,9 +26,9 @@ BLOCK = 1024
 #: (guards, launch) larger than the foreach kernels spend on a bias or a norm
 #: (tests/benchmarks/bench_monitor.py).
 MIN_COMPILED_NUMEL = 1 << 16
-#: The eager path holds about three temporaries the size of its input: it runs on runs of tensors
-#: of at most this many elements in all (a larger tensor alone), so they stay within 3 x 128 MiB
-#: in float32, or three times the largest tensor.
+#: The eager foreach path (off the CPU) holds about three temporaries the size of its input: it
+#: runs on runs of tensors of at most this many elements in all (a larger tensor alone), so they
+#: stay within 3 x 128 MiB in float32, or three times the largest tensor.
 EAGER_CHUNK_NUMEL = 1 << 25
 #: Tensors summed by one compiled call. A call costs guards, wrappers and output allocation
 #: whatever its size, so a few tensors a call beat one (tests/benchmarks/bench_monitor.py); the
@@ -42,6 +42,10 @@ EAGER_ENV = "ADAM_MONITOR_EAGER"
 #: most this many elements in all: a handful of single kernels then replace ~20 foreach passes,
 #: each of which costs a fixed dispatch per tensor (the copies are cheap at this size).
 FLAT_MAX_NUMEL = 1 << 20
+#: Larger CPU calls run the numpy path on pieces of this many elements: its half-dozen working
+#: buffers then stay in the cache, and its memory stays flat whatever the model's size
+#: (tests/benchmarks/bench_monitor.py, first step and memory).
+PIECE_NUMEL = 1 << 18
 
 # The optimizer step (``adam_monitor.optim``), set by ``tests/benchmarks/bench_optim.py``.
 #: Below this many elements in all, ``compiled=None`` steps eagerly: the first step's compilation

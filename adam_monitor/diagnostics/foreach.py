@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._runtime import FLAT_MAX_NUMEL, host_values
+from .._runtime import FLAT_MAX_NUMEL, PIECE_NUMEL, host_values
 from .rows import (
     COUNT,
     EPS_COUNT,
@@ -83,6 +83,54 @@ def _numpy_adam_statistics(g, m, v, v_den, *, beta1, beta2, eps, step, compute_d
     v_den = v if v_den is None else cat(v_den)
     segments = Segments(sizes)
     return segments.rows(g, m, v, v_den, beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype)
+
+
+def pieces(sizes: Sequence[int], limit: int) -> list[list[tuple[int, int, int]]]:
+    """Tensors of ``sizes`` elements laid end to end, cut into pieces of at most ``limit``
+    elements: per piece its ``(tensor, start, stop)`` slices, in order (a large tensor spans
+    several pieces, small ones share one)."""
+    cut: list[list[tuple[int, int, int]]] = [[]]
+    room = limit
+    for i, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            if room == 0:
+                cut.append([])
+                room = limit
+            stop = min(size, start + room)
+            cut[-1].append((i, start, stop))
+            room -= stop - start
+            start = stop
+    return cut if cut[0] else []
+
+
+def _piece(flats: list[Tensor], piece: list[tuple[int, int, int]], dtype: torch.dtype, copy: bool) -> np.ndarray:
+    """The ``piece``'s slices of the 1-D tensors ``flats``, end to end in ``dtype``: a copy where
+    ``copy`` (the statistics overwrite it), else possibly a view."""
+    parts = [flats[i][a:b] for i, a, b in piece]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if flat.dtype != dtype:
+        return flat.to(dtype).numpy()  # a copy already
+    return flat.numpy().copy() if copy and len(parts) == 1 else flat.numpy()
+
+
+def _pieced_numpy_adam_statistics(grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kw) -> Tensor:
+    """``adam_statistics`` of CPU tensors too large for one buffer: the numpy path on pieces of
+    at most ``PIECE_NUMEL`` elements, each piece's rows added to its tensors' (every statistic is
+    a sum over coordinates). Its memory stays a few pieces' worth whatever the model's size, where
+    the foreach path holds three temporaries the size of its input."""
+    compute_dtype = kw["compute_dtype"]
+    with torch.no_grad():
+        views = [[t.detach().reshape(-1) for t in ts] for ts in (grads, exp_avgs, exp_avg_sqs)]
+        views.append(views[2] if max_exp_avg_sqs is None else [t.detach().reshape(-1) for t in max_exp_avg_sqs])
+        rows = np.zeros((len(grads), NUM_STATS), dtype=np.float64)
+        for piece in pieces([t.numel() for t in grads], PIECE_NUMEL):
+            g, m = _piece(views[0], piece, compute_dtype, True), _piece(views[1], piece, compute_dtype, True)
+            v = _piece(views[2], piece, compute_dtype, False)
+            v_den = v if max_exp_avg_sqs is None else _piece(views[3], piece, compute_dtype, False)
+            index = [i for i, _, _ in piece]
+            rows[index] += Segments([b - a for _, a, b in piece]).array(g, m, v, v_den, **kw)
+    return torch.from_numpy(rows)
 
 
 class Segments:
@@ -229,8 +277,9 @@ def adam_statistics(
 
     ``flat``: ``None`` concatenates CPU tensors into one numpy buffer when they hold at most
     ``FLAT_MAX_NUMEL`` elements in all (elementwise terms in the compute dtype, per-tensor sums
-    in float64); ``False`` runs the per-tensor ``torch._foreach_*`` passes (always used on other
-    devices, where they are batched kernels already); ``True`` takes the buffer whatever the size.
+    in float64), and runs larger ones through it in pieces of ``PIECE_NUMEL``; ``False`` runs the
+    per-tensor ``torch._foreach_*`` passes (always used on other devices, where they are batched
+    kernels already); ``True`` takes one buffer whatever the size.
     """
     n = len(grads)
     device = grads[0].device if n else torch.device("cpu")
@@ -241,9 +290,15 @@ def adam_statistics(
     def up(ts: Sequence[Tensor]) -> list[Tensor]:
         return [t if t.dtype == compute_dtype else t.to(compute_dtype) for t in ts]
 
+    if flat is None and device.type == "cpu" and sum(t.numel() for t in grads) > FLAT_MAX_NUMEL:
+        kw = dict(beta1=beta1, beta2=beta2, eps=eps, step=step, compute_dtype=compute_dtype)
+        try:
+            return _pieced_numpy_adam_statistics(grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kw)
+        except (TypeError, RuntimeError):  # a tensor numpy cannot view (conjugate/negative bit, ...)
+            flat = False
     g, m, v = up(grads), up(exp_avgs), up(exp_avg_sqs)
     if flat is None:
-        flat = sum(t.numel() for t in grads) <= FLAT_MAX_NUMEL
+        flat = True
     if flat and device.type == "cpu" and all(t.numel() for t in g):  # reduceat needs non-empty segments
         v_den = None if max_exp_avg_sqs is None else up(max_exp_avg_sqs)
         try:

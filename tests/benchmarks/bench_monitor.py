@@ -332,7 +332,7 @@ def bench_memory(scale: float, steps: int) -> None:
 # ---------------------------------------------------------------------------------------- (e)
 def first_step_child(scale: float) -> None:
     """Run in a fresh process: the first step's time, then steps until the statistics kernel serves
-    (at most 60 s of them)."""
+    (at most 60 s of them), and the peak resident size over them (VmHWM)."""
     params = make_params(scale)
     opt = torch.optim.AdamW(params, fused=True, lr=1e-4)
     Monitor(opt, log_every_n_steps=None)
@@ -343,12 +343,13 @@ def first_step_child(scale: float) -> None:
     while not ahead._LOADED and os.environ.get(AHEAD_ENV) != "0" and time.perf_counter() - start < 60:
         opt.step()
         steps += 1
-    print(json.dumps({"first_s": first, "ready_s": time.perf_counter() - start, "steps": steps}))
+    ready = time.perf_counter() - start
+    print(json.dumps({"first_s": first, "ready_s": ready, "steps": steps, "hwm_mib": _status_kib("VmHWM") / 1024}))
 
 
 def bench_first_step(scale: float) -> None:
     print("\n(e) time to the first step, fresh process per variant")
-    print(f"    {'':44s}{'first step':>11s}{'kernel serves after':>21s}{'steps by then':>15s}")
+    print(f"    {'':44s}{'first step':>11s}{'kernel serves after':>21s}{'steps by then':>15s}{'peak MiB':>10s}")
     with tempfile.TemporaryDirectory() as empty:
         variants = (
             ("no monitor", None),
@@ -373,7 +374,7 @@ def bench_first_step(scale: float) -> None:
                 env={**os.environ, **env},
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"    {label:44s}{r['first_s']:10.3f}s{r['ready_s']:20.1f}s{r['steps']:15d}")
+            print(f"    {label:44s}{r['first_s']:10.3f}s{r['ready_s']:20.1f}s{r['steps']:15d}{r['hwm_mib']:10.0f}")
 
 
 # ---------------------------------------------------------------------------------------- (d)

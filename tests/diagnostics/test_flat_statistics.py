@@ -3,6 +3,7 @@ statistics against the per-tensor foreach passes and the one-tensor specificatio
 (numpy) alert rules on rows whose alert follows from the mechanism."""
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from adam_monitor.diagnostics import (
     adam_statistics,
     diagnostics_from_statistics,
 )
+from adam_monitor.diagnostics import foreach as foreach_module
+from adam_monitor.diagnostics.foreach import pieces
 from adam_monitor.engine.metrics import log_point
 from adam_monitor.engine.reader import StepReader
 
@@ -92,6 +95,66 @@ def test_flat_path_eps_dominated_and_non_contiguous():
     foreach = adam_statistics(*lists, **dict(kw, eps=1.0), flat=False)
     torch.testing.assert_close(flat, foreach, rtol=2e-5, atol=1e-12)
     assert flat[:, EPS_COUNT].sum() > 0
+
+
+def test_pieces_cover_every_tensor_once_in_order():
+    sizes = [5, 0, 3, 10, 1]
+    cut = pieces(sizes, 4)
+    assert all(sum(b - a for _, a, b in piece) <= 4 for piece in cut)
+    assert [sum(b - a for _, a, b in piece) for piece in cut[:-1]] == [4] * (len(cut) - 1)  # only the last is short
+    slices = [s for piece in cut for s in piece]
+    for i, size in enumerate(sizes):
+        own = [(a, b) for j, a, b in slices if j == i]
+        assert [x for a, b in own for x in range(a, b)] == list(range(size))
+    assert pieces([], 4) == [] and pieces([0, 0], 4) == []
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of 50 elements for calls above 100: every tensor of SHAPES but the smallest spans
+    piece boundaries, and pieces hold slices of several tensors."""
+    monkeypatch.setattr(foreach_module, "FLAT_MAX_NUMEL", 100)
+    monkeypatch.setattr(foreach_module, "PIECE_NUMEL", 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_pieced_path_matches_one_buffer_and_foreach(small_pieces, dtype, steps, amsgrad):
+    lists, kw, maxes = stepped_state(torch.float64 if dtype == torch.float64 else torch.float32, steps, amsgrad)
+    lists = [[t.to(dtype) for t in ts] for ts in lists]
+    maxes = None if maxes is None else [t.to(dtype) for t in maxes]
+    # an empty tensor, and a transposed (non-contiguous) one among them
+    lists = [ts[:2] + [ts[0].new_zeros(0), ts[2].t()] + ts[3:] for ts in lists]
+    if maxes is not None:
+        maxes = maxes[:2] + [maxes[0].new_zeros(0), maxes[2].t()] + maxes[3:]
+    kw = dict(kw, max_exp_avg_sqs=maxes)
+    with (
+        patch.object(foreach_module, "_numpy_adam_statistics", wraps=foreach_module._numpy_adam_statistics) as whole,
+        patch.object(foreach_module, "_piece", wraps=foreach_module._piece) as piece,
+    ):
+        pieced = adam_statistics(*lists, **kw)
+    assert not whole.called and piece.call_count >= 3 * 40  # the call took the pieces, not one buffer
+    one_buffer = adam_statistics(*lists, **kw, flat=True)
+    foreach = adam_statistics(*lists, **kw, flat=False)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(pieced, one_buffer, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(pieced, foreach, rtol=rtol, atol=1e-12)
+    counts = [JUMP_COUNT, EPS_COUNT, GRAD_COUNT, COUNT]
+    assert torch.equal(pieced[:, counts], foreach[:, counts])
+    assert pieced[:, COUNT].tolist() == [t.numel() for t in lists[0]]
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_pieced_path_propagates_nonfinite_to_its_tensor_only(small_pieces, poison):
+    lists, kw, _ = stepped_state(torch.float32, steps=3)
+    lists = [[t.clone() for t in ts] for ts in lists]
+    lists[0][2].view(-1)[70] = poison  # in the second of the tensor's pieces
+    pieced = adam_statistics(*lists, **kw)
+    foreach = adam_statistics(*lists, **kw, flat=False)
+    assert torch.equal(torch.isnan(pieced), torch.isnan(foreach))
+    assert torch.equal(torch.isfinite(pieced), torch.isfinite(foreach))
+    assert torch.isfinite(pieced[[0, 1, 3, 4, 5, 6]]).all()
 
 
 def test_reader_rows_unchanged_by_the_fast_paths():
