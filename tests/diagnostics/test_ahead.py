@@ -82,6 +82,10 @@ def test_steps_take_the_eager_rows_while_the_kernel_is_built(cache, monkeypatch)
         assert_rows_close(fast_adam_statistics(*lists, **kw), eager, 0)
     (build,) = ahead._BUILDS.values()
     assert build.process.poll() is None
+    # At a lower priority, in this process's session (where Linux's autogroup weighs the two).
+    nice = max(ahead.BUILD_NICE, os.getpriority(os.PRIO_PROCESS, 0))
+    assert os.getpriority(os.PRIO_PROCESS, build.process.pid) == nice
+    assert os.getsid(build.process.pid) == os.getsid(0) and os.getpgid(build.process.pid) != os.getpgid(0)
     release.touch()
     build.process.wait(timeout=30)
     # The build exited without a library: one warning, then the kernel compiled in this process.
