@@ -164,7 +164,12 @@ class _Build:
 # A Ctrl-C meant for training (a signal to the terminal's foreground process group) does not kill
 # the build half way. A process group of its own, not a session: Linux's autogroup schedules each
 # session as one unit against the others, which would void the nice level below.
-_OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+if sys.platform == "win32":  # a console's Ctrl-C skips a new process group
+    _OWN_PROCESS_GROUP: dict = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+elif sys.version_info >= (3, 11):
+    _OWN_PROCESS_GROUP = {"process_group": 0}
+else:
+    _OWN_PROCESS_GROUP = {"preexec_fn": os.setpgrp}
 
 #: The build's nice level. Until the kernel serves, every step runs the eager statistics, several
 #: times slower than the kernel, so the build is not starved: at the idle policy or nice 19 a
@@ -175,7 +180,8 @@ BUILD_NICE = 10
 
 
 def _lower_priority(pid: int) -> None:
-    """Set from here, before the child has imported anything; its compiler's processes inherit it."""
+    """Set from here as soon as the child exists (its torch import has only begun); the
+    compiler's processes it starts inherit it. Never above this process's own level."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, max(BUILD_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
     except (AttributeError, OSError):
